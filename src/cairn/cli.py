@@ -1,0 +1,245 @@
+"""`cairn train | eval | generate`: parse, call the library, print. Errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from .errors import CairnError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, instead of usage + message
+        raise CairnError(f"{message} (see `{self.prog} --help`)")
+
+
+def _overrides(extra: list[str]) -> dict[str, str]:
+    """`--key value` / `--key=value` pairs for any config field; a lone `--flag` means true."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise CairnError(f"unexpected argument {arg!r}: options are --key value (see `cairn train --help`)")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            value = extra[i + 1]
+            i += 1
+        else:
+            value = "true"
+        out[key] = value
+        i += 1
+    return out
+
+
+def _add_train(sub) -> None:
+    from .config import PRESETS, describe_options
+
+    p = sub.add_parser(
+        "train", help="train a model from scratch",
+        description="Train a GPT-style model. Settings come from a preset, then a TOML config file, then "
+                    "--key value overrides (any option below, with - or _, e.g. --lr 1e-3 --d-model 256).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config options (as --key value; in a TOML file under [model], [data], [train]):\n"
+               + describe_options())
+    p.add_argument("--preset", help=f"named preset: {', '.join(PRESETS)} (default: plain defaults)")
+    p.add_argument("--config", help="TOML config file applied after the preset")
+    p.add_argument("--data", help="data source: hub dataset id (default roneneldan/TinyStories), or a local "
+                                  ".txt/.jsonl/.parquet file, a directory or a glob of them")
+    p.add_argument("--out", help="run directory for config, metrics and checkpoints (default runs/<name>)")
+    p.add_argument("--max-steps", type=int, help="cap on optimizer steps; the schedule is planned for it")
+    p.add_argument("--resume", metavar="RUN_DIR|auto",
+                   help="continue the run in RUN_DIR from its newest checkpoint; 'auto': resume --out if it "
+                        "has a checkpoint, else start it")
+    p.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="save a checkpoint and stop once step N is done, keeping the planned schedule")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (report lines only)")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte of a trained model",
+                       description="Evaluate a run's final checkpoint (or the given checkpoint directory).")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--data", help="evaluate every story of this source (no split) instead of the run's split")
+    p.add_argument("--split", choices=("val", "test"), default="test", help="split of the run's data (default test)")
+    p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: the run's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, bits_per_byte, tokens")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a trained model",
+                       description="Continue a prompt, printing tokens as they come; stops at <|endoftext|>.")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--prompt", required=True, help="text to continue (a prompt longer than the context keeps its end)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1 = all)")
+    p.add_argument("--seed", type=int, default=1234, help="random seed: same seed, same text (default 1234)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
+def build_parser() -> Parser:
+    from . import __version__
+
+    parser = Parser(prog="cairn", description="Train GPT-style language models from scratch.")
+    parser.add_argument("--version", action="version", version=f"cairn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_train(args, extra: list[str]) -> int:
+    from .config import RunConfig, apply_overrides, load_toml, preset, validate
+    from .training import train
+
+    overrides = _overrides(extra)
+    resume = False
+    if args.resume and args.resume != "auto":
+        run = Path(args.resume)
+        if args.out and Path(args.out) != run:
+            raise CairnError("--resume RUN_DIR and --out name different directories: give one of them")
+        if not (run / "config.toml").is_file():
+            raise CairnError(f"{run} is not a cairn run directory (no config.toml): check the path")
+        cfg = load_toml(run / "config.toml", RunConfig())
+        if args.preset or args.config:
+            raise CairnError("--resume RUN_DIR uses the run's saved config: drop --preset/--config "
+                             "(overrides like --max-steps are allowed)")
+        out, resume = run, True
+    else:
+        cfg = preset(args.preset) if args.preset else RunConfig()
+        if args.config:
+            cfg = load_toml(args.config, cfg)
+        out = Path(args.out) if args.out else Path("runs") / cfg.name
+        resume = args.resume == "auto"
+    if args.data:
+        overrides["source"] = args.data
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if progress:
+        from tqdm import tqdm
+
+        log = tqdm.write
+    else:
+        def log(msg: str) -> None:
+            print(msg, flush=True)
+    train(cfg, out, resume=resume, stop_after=args.stop_after, log=log, progress=progress)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import PackedDataset, PaddedDataset, SplitTokens, clean_texts, load_texts, make_loader, prepare_data
+    from .evaluate import evaluate
+    from .loading import load
+    from .runtime import resolve_precision, set_threads
+
+    set_threads(0)
+    loaded = load(args.path, args.device)
+    cfg, tok = loaded.config, loaded.tokenizer
+    if args.data:
+        d = cfg.data
+        texts = clean_texts(load_texts(args.data, d.text_field, d.txt_separator, d.hub_split))
+        if not texts:
+            raise CairnError(f"no text left in {args.data!r} after dropping empty stories: check the file and --text-field")
+        split = SplitTokens.from_texts(texts, tok)
+        what = f"{args.data} ({len(texts)} stories)"
+    else:
+        data = prepare_data(cfg.data, cfg.seed, tok, log=lambda m: print(m, file=sys.stderr))
+        split = getattr(data, args.split)
+        if split.n_stories == 0:
+            raise CairnError(f"the run's {args.split} split is empty: evaluate --split val, or pass --data")
+        what = f"{args.split} split ({split.n_stories} stories)"
+    Dataset = PackedDataset if cfg.data.batching == "pack" else PaddedDataset
+    ds = Dataset(split, cfg.data.seq_len)
+    if len(ds) == 0:
+        raise CairnError(f"{what} is shorter than one window of {cfg.data.seq_len} tokens: give more text")
+    bs = args.batch_size or cfg.train.batch_size
+    loader = make_loader(ds, bs, shuffle=False, seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
+    precision = resolve_precision(cfg.train.precision, loaded.device)
+    with torch.no_grad():
+        r = evaluate(loaded.model, loader, loaded.device, precision, tok.token_bytes)
+    if args.json:
+        print(json.dumps({k: r[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens")}))
+    else:
+        print(f"{loaded.path} on {what}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+              f"{r['bits_per_byte']:.4f} bits/byte, {r['tokens']:,} tokens")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import SamplingConfig, generate_text
+    from .loading import load
+    from .runtime import set_threads
+
+    if not args.prompt.strip():
+        raise CairnError("--prompt is empty: give some text to continue, e.g. --prompt 'Once upon a time'")
+    if args.max_new_tokens <= 0:
+        raise CairnError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise CairnError(f"--temperature must be zero (greedy) or more, got {args.temperature}")
+    if args.top_k < 0:
+        raise CairnError(f"--top-k must be zero (off) or more, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise CairnError(f"--top-p must be in (0, 1], got {args.top_p}")
+    set_threads(0)
+    loaded = load(args.path, args.device)
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, seed=args.seed)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    counter = {"n": 0}
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    start = time.perf_counter()
+    text = generate_text(loaded.model, loaded.tokenizer, args.prompt, s, on_text=show, use_cache=not args.no_cache)
+    elapsed = time.perf_counter() - start
+    counter["n"] = len(loaded.tokenizer.encode(text))
+    sys.stdout.write("\n")
+    print(f"[{counter['n']} tokens in {elapsed:.2f}s, {counter['n'] / max(elapsed, 1e-9):.1f} tokens/s]",
+          file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        if args.command == "train":
+            return cmd_train(args, extra)
+        if extra:
+            raise CairnError(f"unknown option {extra[0]!r} for `cairn {args.command}` (see `cairn {args.command} --help`)")
+        return cmd_eval(args) if args.command == "eval" else cmd_generate(args)
+    except CairnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -1,0 +1,169 @@
+"""Turning a tokenized split into training rows and batches, in a fixed, resumable order.
+
+Two ways to make rows:
+
+- pack (`PackedDataset`): the split's stream (stories joined by <|endoftext|>) cut into windows of
+  `seq_len` tokens. No padding, every row full; a row may span story boundaries, which the model
+  learns to read through the EOT.
+- pad (`PaddedDataset`): the tutorial's way, one story per row, padded to the longest row of the
+  batch; padding is masked out of attention and loss.
+
+The batch order depends only on (seed, epoch), so a run stopped after batch k of an epoch and
+restarted with `start_batch=k` sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .cache import SplitTokens
+
+IGNORE_INDEX = -100  # labels with this value are skipped by torch's cross_entropy
+
+
+def _as_long(window: np.ndarray) -> torch.Tensor:
+    # Only the window is copied out of the memmap; int64 is what embedding and cross_entropy take.
+    return torch.from_numpy(np.asarray(window, dtype=np.int64))
+
+
+class PackedDataset(Dataset):
+    """Non-overlapping windows over the split's token stream, no padding.
+
+    Item i: input_ids = stream[i*T : i*T+T], labels = stream[i*T+1 : i*T+T+1] (T = seq_len), so
+    every token of the stream after the first is a target exactly once. The last
+    (n_tokens - 1) % T tokens, too few for a full window, are dropped: len = (n_tokens - 1) // T.
+    """
+
+    def __init__(self, split: SplitTokens, seq_len: int):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.split = split
+        self.seq_len = seq_len
+        self._len = max(0, (split.n_tokens - 1) // seq_len)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self._len:
+            raise IndexError(f"window {i} out of range ({self._len} windows)")
+        start = i * self.seq_len
+        window = _as_long(self.split.tokens[start:start + self.seq_len + 1])
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+    @property
+    def n_target_tokens(self) -> int:
+        return self._len * self.seq_len
+
+
+class PaddedDataset(Dataset):
+    """One story per row, the tutorial's way, with stories longer than a row cut into chunks.
+
+    The row of story i is [EOT] + story + [EOT]: the leading EOT stands for "beginning of text" so
+    the story's first token is predicted too (in pack mode it follows the previous story's EOT),
+    and the final EOT teaches the model to end a story. input = row[:-1], labels = row[1:].
+
+    A row with more than T = seq_len inputs is cut into consecutive chunks: chunk k has inputs
+    row[k*T : k*T+T] and labels row[k*T+1 : k*T+T+1]. Every token of the story (and its EOT) is
+    thus a target exactly once and none is lost; a later chunk just does not see the earlier
+    chunk's text as context. Items have different lengths: batch them with `collate_padded`.
+    """
+
+    def __init__(self, split: SplitTokens, seq_len: int, eot_id: Optional[int] = None):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.split = split
+        self.seq_len = seq_len
+        self.eot_id = split.eot_id if eot_id is None else int(eot_id)
+        # A story of n tokens plus its EOT gives a row with n + 1 inputs: ceil((n + 1) / T) chunks.
+        n_inputs = np.diff(split.offsets)
+        n_chunks = -(-n_inputs // seq_len)
+        self._story = np.repeat(np.arange(split.n_stories, dtype=np.int64), n_chunks)
+        first_item = np.cumsum(n_chunks) - n_chunks
+        self._chunk = np.arange(len(self._story), dtype=np.int64) - np.repeat(first_item, n_chunks)
+
+    def __len__(self) -> int:
+        return len(self._story)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self._story):
+            raise IndexError(f"row {i} out of range ({len(self._story)} rows)")
+        story, chunk = int(self._story[i]), int(self._chunk[i])
+        lo, hi = int(self.split.offsets[story]), int(self.split.offsets[story + 1])
+        row_len = hi - lo + 1  # the leading EOT, then the story with its own EOT
+        start, end = chunk * self.seq_len, min(chunk * self.seq_len + self.seq_len + 1, row_len)
+        # Row position p is the leading EOT for p = 0, else stream token lo + p - 1.
+        if start == 0:
+            window = np.concatenate([[self.eot_id], self.split.tokens[lo:lo + end - 1]])
+        else:
+            window = self.split.tokens[lo + start - 1:lo + end - 1]
+        window = _as_long(window)
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+def collate_padded(batch: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest row in this batch (not to a fixed length).
+
+    input_ids gets `pad_id` at padding, labels get -100 (never in the loss), attention_mask is
+    1 on real tokens and 0 on padding. All three are int64 [B, L].
+    """
+    length = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[row, :n] = item["input_ids"]
+        labels[row, :n] = item["labels"]
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_packed(batch: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Stack equal-length packed windows: input_ids and labels, int64 [B, T], no mask needed."""
+    return {
+        "input_ids": torch.stack([item["input_ids"] for item in batch]),
+        "labels": torch.stack([item["labels"] for item in batch]),
+    }
+
+
+def num_batches(n_items: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one epoch of `n_items` rows."""
+    return n_items // batch_size if drop_last else -(-n_items // batch_size)
+
+
+def epoch_order(n_items: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The row order of one epoch: a function of (seed, epoch) only, so it can be rebuilt on resume."""
+    if not shuffle:
+        return np.arange(n_items, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(n_items).astype(np.int64)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
+                start_batch: int = 0, drop_last: bool, num_workers: int = 0, pad_id: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over batches `start_batch`.. of the given epoch.
+
+    The batches are fixed from `epoch_order`; resuming with start_batch=k yields exactly batches
+    k, k+1, ... of the uninterrupted epoch. `PaddedDataset` batches are padded with
+    `collate_padded`; any other dataset's items are stacked with `collate_packed`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = len(dataset)
+    total = num_batches(n, batch_size, drop_last)
+    if not 0 <= start_batch <= total:
+        raise ValueError(f"start_batch {start_batch} is outside the epoch's {total} batches")
+    order = epoch_order(n, seed, epoch, shuffle)
+    batches = [order[b * batch_size:(b + 1) * batch_size].tolist() for b in range(start_batch, total)]
+    if isinstance(dataset, PaddedDataset):
+        collate = functools.partial(collate_padded, pad_id=pad_id)
+    else:
+        collate = collate_packed
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+                      pin_memory=pin_memory)

@@ -1,0 +1,316 @@
+"""Tokenize once, then memory-map: each split becomes one flat token file on disk.
+
+A split is stored as the packed stream itself, every story followed by <|endoftext|>:
+
+    s0 EOT s1 EOT s2 EOT ...
+
+plus the story boundaries (`offsets`), so packed windows are plain slices of the file and padded
+rows are found through the offsets. Files live in `<cache root>/tokens/<key>/`, where the key
+hashes the data's content and everything that changes the tokens; a second run with the same data
+and settings maps the files instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from ..config import DataConfig
+from ..errors import CairnError
+from .sources import clean_texts, load_texts, source_fingerprint
+from .splits import SPLITS, split_stories
+
+# Bump when the file layout or the meaning of the cache changes: old caches are then ignored.
+FORMAT_VERSION = 1
+_ENCODE_BATCH = 1024  # stories per encode_batch call: enough to keep tiktoken's threads busy
+_STALE_TMP_S = 24 * 3600  # temp folders older than this were left by a killed prepare
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    # Little-endian on disk whatever the machine, so a cache can be copied between machines.
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+class SplitTokens:
+    """One split as a flat token stream (each story followed by EOT) and its story boundaries.
+
+    `tokens[offsets[i]:offsets[i + 1]]` is story i with its trailing EOT. `n_bytes` is the UTF-8
+    size of the split's story texts (EOTs add none), the denominator of bits per byte.
+    """
+
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, n_bytes: int, eot_id: int,
+                 path: Optional[Path] = None):
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(tokens):
+            raise ValueError("offsets must start at 0 and end at len(tokens)")
+        self.tokens = tokens
+        self.offsets = offsets
+        self.n_bytes = int(n_bytes)
+        self.eot_id = int(eot_id)
+        self.path = path  # the token file when memory-mapped; lets workers re-map instead of copying
+
+    @property
+    def n_stories(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def story(self, i: int) -> np.ndarray:
+        """Story i's tokens, ending with its EOT (a view, no copy)."""
+        if not -self.n_stories <= i < self.n_stories:
+            raise IndexError(f"story {i} out of range ({self.n_stories} stories)")
+        i %= self.n_stories
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def __len__(self) -> int:
+        return self.n_stories
+
+    def __repr__(self) -> str:
+        return f"SplitTokens(stories={self.n_stories}, tokens={self.n_tokens}, bytes={self.n_bytes})"
+
+    # DataLoader workers started with "spawn" pickle the dataset; a memmap would be pickled as a
+    # full in-memory copy, so send the file's path and map it again on the other side.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if self.path is not None:
+            state["tokens"] = None
+            state["_dtype"] = self.tokens.dtype.str
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        dtype = state.pop("_dtype", None)
+        self.__dict__.update(state)
+        if self.tokens is None:
+            self.tokens = _map_tokens(self.path, np.dtype(dtype), int(self.offsets[-1]))
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str], tokenizer, progress: bool = False) -> "SplitTokens":
+        """Tokenize `texts` in memory (e.g. to evaluate an arbitrary file). Texts are used as given."""
+        chunks, offsets, n_bytes = [], [0], 0
+        for batch_tokens, batch_offsets, batch_bytes in _encode(texts, tokenizer, progress, "tokenize"):
+            chunks.append(batch_tokens)
+            offsets.extend((batch_offsets + offsets[-1]).tolist())
+            n_bytes += batch_bytes
+        dtype = token_dtype(tokenizer.vocab_size)
+        tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+        return cls(tokens, np.array(offsets, dtype=np.int64), n_bytes, tokenizer.eot_id)
+
+    @classmethod
+    def load(cls, directory: Path, split: str, meta: dict) -> "SplitTokens":
+        info = meta["splits"][split]
+        path = Path(directory) / f"{split}.tokens"
+        tokens = _map_tokens(path, np.dtype(meta["dtype"]), info["tokens"])
+        offsets = np.load(Path(directory) / f"{split}.offsets.npy")
+        return cls(tokens, offsets, info["bytes"], meta["eot_id"], path=path)
+
+
+def _map_tokens(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:
+    if n_tokens == 0:
+        return np.zeros(0, dtype=dtype)  # mmap cannot map an empty file (an empty test split)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
+
+
+def _encode(texts: Sequence[str], tokenizer, progress: bool, desc: str):
+    """Yield (tokens, end offsets within the batch, utf-8 bytes) per batch of stories."""
+    from tqdm.auto import tqdm
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    eot = [tokenizer.eot_id]
+    # disable=None turns the bar off when stderr is not a terminal (logs, tests).
+    with tqdm(total=len(texts), desc=desc, unit="story", disable=None if progress else True) as bar:
+        for start in range(0, len(texts), _ENCODE_BATCH):
+            batch = list(texts[start:start + _ENCODE_BATCH])
+            encoded = tokenizer.encode_batch(batch)
+            lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+            flat = np.fromiter(itertools.chain.from_iterable(ids + eot for ids in encoded),
+                               dtype=np.int64, count=int(lengths.sum()))
+            if len(flat) and (flat.min() < 0 or flat.max() >= tokenizer.vocab_size):
+                raise ValueError(f"tokenizer {tokenizer.name} returned ids outside its vocabulary")
+            yield flat.astype(dtype), np.cumsum(lengths), sum(len(t.encode("utf-8")) for t in batch)
+            bar.update(len(batch))
+
+
+def _write_split(directory: Path, split: str, texts: Sequence[str], tokenizer) -> dict:
+    """Stream a split's tokens to `<split>.tokens` batch by batch; return its counts."""
+    offsets, n_bytes = [np.zeros(1, dtype=np.int64)], 0
+    with open(directory / f"{split}.tokens", "wb") as f:
+        for batch_tokens, batch_offsets, batch_bytes in _encode(texts, tokenizer, True, f"tokenize {split}"):
+            batch_tokens.tofile(f)
+            offsets.append(batch_offsets + offsets[-1][-1])
+            n_bytes += batch_bytes
+    offsets_arr = np.concatenate(offsets)
+    np.save(directory / f"{split}.offsets.npy", offsets_arr)
+    return {"stories": len(texts), "tokens": int(offsets_arr[-1]), "bytes": n_bytes}
+
+
+# ---------------------------------------------------------------- the prepared data
+
+@dataclass
+class PreparedData:
+    """The three tokenized splits of one data configuration, and where they are cached."""
+
+    train: SplitTokens
+    val: SplitTokens
+    test: SplitTokens
+    cache_dir: Path
+    key: str
+    meta: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> SplitTokens:
+        if name not in SPLITS:
+            raise KeyError(f"unknown split {name!r}: choose one of {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    """`cache_dir`, else $CAIRN_CACHE, else ~/.cache/cairn; tokens go in its `tokens` folder."""
+    base = cache_dir or os.environ.get("CAIRN_CACHE") or "~/.cache/cairn"
+    return Path(os.path.expanduser(base)) / "tokens"
+
+
+def cache_key(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> str:
+    """sha256 of everything that decides the cached tokens (the source's content, not its path)."""
+    ident = {
+        "format": FORMAT_VERSION,
+        "source_fingerprint": fingerprint,
+        "text_field": data_cfg.text_field,
+        "txt_separator": data_cfg.txt_separator,
+        "hub_split": data_cfg.hub_split,
+        "seed": seed,
+        "n_samples": data_cfg.n_samples,
+        "train_frac": data_cfg.train_frac,
+        "val_frac": data_cfg.val_frac,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _read_valid_meta(directory: Path) -> Optional[dict]:
+    """The cache's meta if every file is there with the size it promises, else None."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT_VERSION:
+            return None
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in SPLITS:
+            info = meta["splits"][split]
+            if (directory / f"{split}.tokens").stat().st_size != info["tokens"] * itemsize:
+                return None
+            if not (directory / f"{split}.offsets.npy").is_file():
+                return None
+        return meta
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _load_cached(directory: Path, key: str, meta: dict) -> PreparedData:
+    splits = {s: SplitTokens.load(directory, s, meta) for s in SPLITS}
+    return PreparedData(cache_dir=directory, key=key, meta=meta, **splits)
+
+
+def _remove_stale_temps(root: Path) -> None:
+    # A prepare killed outright (SIGKILL, power loss) cannot clean up after itself; the next one does.
+    now = time.time()
+    for tmp in root.glob(".tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _make_meta(data_cfg: DataConfig, seed: int, tokenizer, key: str, fingerprint: str,
+               n_loaded: int, n_kept: int, counts: dict) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "source": data_cfg.source,
+        "source_fingerprint": fingerprint,
+        "text_field": data_cfg.text_field,
+        "txt_separator": data_cfg.txt_separator,
+        "hub_split": data_cfg.hub_split,
+        "seed": seed,
+        "n_samples": data_cfg.n_samples,
+        "train_frac": data_cfg.train_frac,
+        "val_frac": data_cfg.val_frac,
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "dtype": token_dtype(tokenizer.vocab_size).str,
+        "stories_loaded": n_loaded,
+        "stories_dropped_empty": n_loaded - n_kept,
+        "splits": counts,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, log: Callable[[str], Any] = print) -> PreparedData:
+    """Load, clean, split and tokenize the data once; later calls with the same settings map the cache.
+
+    The cache is written into a temporary folder and renamed into place in one step, so an
+    interrupted prepare never leaves a partial cache that a later run would trust.
+    """
+    root = cache_root(data_cfg.cache_dir)
+    fingerprint = source_fingerprint(data_cfg.source, data_cfg.text_field, data_cfg.txt_separator,
+                                     data_cfg.hub_split)
+    key = cache_key(data_cfg, seed, tokenizer, fingerprint)
+    final = root / key
+
+    meta = _read_valid_meta(final)
+    if meta is not None:
+        log(f"using cached tokens at {final}")
+        return _load_cached(final, key, meta)
+    if final.exists():
+        log(f"cache at {final} is incomplete or from another version: rebuilding it")
+        shutil.rmtree(final, ignore_errors=True)
+
+    log(f"loading {data_cfg.source}")
+    raw = load_texts(data_cfg.source, data_cfg.text_field, data_cfg.txt_separator, data_cfg.hub_split)
+    texts = clean_texts(raw)
+    if not texts:
+        raise CairnError(f"no text left in {data_cfg.source} after dropping empty stories: "
+                         f"check the data and --text-field / --txt-separator")
+    splits = split_stories(texts, seed, data_cfg.n_samples, data_cfg.train_frac, data_cfg.val_frac)
+    log(f"{len(raw)} stories loaded, {len(raw) - len(texts)} empty dropped; "
+        + ", ".join(f"{s} {len(splits[s])}" for s in SPLITS))
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CairnError(f"cannot create the cache folder {root} ({e.strerror}): set --cache-dir or CAIRN_CACHE") from None
+    _remove_stale_temps(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
+    try:
+        try:
+            counts = {s: _write_split(tmp, s, splits[s], tokenizer) for s in SPLITS}
+            meta = _make_meta(data_cfg, seed, tokenizer, key, fingerprint, len(raw), len(texts), counts)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise CairnError(f"cannot write the token cache in {root} ({e.strerror or e}): "
+                             "free disk space or set --cache-dir") from None
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process (another rank, a parallel run) finished the same cache first: use it.
+            meta = _read_valid_meta(final)
+            if meta is None:
+                raise
+    finally:
+        # Whatever stopped us (an error, Ctrl-C), the half-written folder must not linger.
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"cached tokens at {final}: " + ", ".join(f"{s} {counts[s]['tokens']:,}" for s in SPLITS) + " tokens")
+    return _load_cached(final, key, meta)

@@ -1,0 +1,169 @@
+"""The decoder-only transformer of the reference tutorial, written to be read top to bottom.
+
+It is GPT-2's architecture with the tutorial's three differences: fixed sinusoidal positions, exact
+(erf) GELU and an untied output head. Its configuration (vocab 50257, width 768, 4 blocks, 12
+heads, MLP 3072) counts 105,547,776 parameters, the tutorial's figure: one fused q/k/v projection
+holds exactly the weights of the tutorial's twelve per-head q, k and v linears.
+
+What it fixes in the tutorial: attention is causal; positions are taken for the actual length of
+the input (and offset during cached decoding), so nothing has to be padded to the context length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
+    """The fixed position table of "Attention Is All You Need": sin on even, cos on odd dims."""
+    position = torch.arange(n_positions, dtype=torch.float64).unsqueeze(1)
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table.float()
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, one preallocated buffer per layer."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype):
+        shape = (batch_size, cfg.n_heads, cfg.context_len, cfg.d_model // cfg.n_heads)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.length = 0  # tokens already in the cache
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(layer, k, v)
+        if past == 0:
+            mask, causal = None, True
+        elif T == 1:
+            mask, causal = None, False  # one new token may see every cached one
+        else:  # several new tokens after a cached prefix: causal within, all of the prefix
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+            causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.proj(F.gelu(self.fc(x))), self.dropout, self.training)  # exact erf GELU
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Not a parameter and not saved: it is a fixed function of (context_len, d_model).
+        self.register_buffer("pos_table", sinusoidal_table(cfg.context_len, cfg.d_model), persistent=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's initialisation: weights N(0, 0.02), biases zero, LayerNorm weight one, and the
+        two projections that write into the residual stream scaled by 1/sqrt(2 * n_layers) so the
+        stream's variance does not grow with depth."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+        """Token ids [B, T] -> logits [B, T, vocab]. With a cache, idx holds only the new tokens."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.context_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.context_len})")
+        x = self.wte(idx) + self.pos_table[start:start + T]
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.ln_f(x))
+
+    # ------------------------------------------------------------ accounting
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper / nanoGPT:
+        6 per weight of every matrix product, plus the attention scores and their use."""
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6.0 * matmul + 12.0 * self.cfg.n_layers * self.cfg.d_model * seq_len
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over real targets, and their count.
+
+    labels are already shifted (labels[t] is the token after input[t]); -100 marks padding, which
+    is never in the loss. Returning the sum lets the caller take the mean over all real tokens of
+    an optimizer step, however they are spread over micro-batches.
+    """
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    return loss_sum, (labels != -100).sum()

@@ -1,0 +1,71 @@
+"""Where and how tensors run: device choice, autocast precision, CPU threads, seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from .errors import CairnError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CairnError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CairnError(f"device {name!r} asked for but CUDA is not available: use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CairnError(f"device {name!r} asked for but MPS is not available: use --device cpu or auto")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> bf16 autocast on GPUs that support it, float32 elsewhere."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CairnError("this GPU does not support bf16: use --precision fp32")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast context for the forward pass; master weights stay float32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_threads(n: int = 0) -> int:
+    """One torch thread per usable core unless told otherwise (oversubscription slows CPU runs)."""
+    if n <= 0:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

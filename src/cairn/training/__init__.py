@@ -1,0 +1,3 @@
+from .loop import TrainState, train
+
+__all__ = ["train", "TrainState"]

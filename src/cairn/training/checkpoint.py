@@ -1,0 +1,212 @@
+"""Checkpoints: one directory each, written atomically, loaded without executing code.
+
+A checkpoint directory holds
+  model.safetensors  the weights (safetensors: plain tensors, no code can hide in it)
+  trainer.pt         optimizer state and torch RNG states, read back with weights_only=True
+                     (only for checkpoints that can resume training)
+  state.json         step, epoch, position in the epoch, early-stopping state, Python/NumPy RNG,
+                     the resolved config, the tokenizer identity, cairn's version
+
+It is written into a temporary directory beside its final place, every file flushed and fsynced,
+then renamed into place: a crash leaves either the old checkpoint or the new one, never half of
+one. `checkpoints/latest` names the newest checkpoint that can resume, and moves only after the
+rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..errors import CairnError
+
+FORMAT = "cairn-checkpoint"
+FORMAT_VERSION = 1
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], meta: dict,
+                    trainer_state: Optional[dict] = None) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **meta},
+                                                   indent=1), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+        if path.exists():  # replacing best/final: move the old one aside first, drop it after
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def set_latest(checkpoint_dir: Path) -> None:
+    write_atomic_text(checkpoint_dir.parent / LATEST, checkpoint_dir.name + "\n")
+
+
+def latest(checkpoints: Path) -> Optional[Path]:
+    pointer = checkpoints / LATEST
+    if not pointer.is_file():
+        return None
+    target = checkpoints / pointer.read_text(encoding="utf-8").strip()
+    return target if (target / "state.json").is_file() else None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        f = self.path / "model.safetensors"
+        if not f.is_file():
+            raise CairnError(f"{f} is missing: the checkpoint is incomplete, use another one")
+        try:
+            return load_file(str(f))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CairnError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}): use another checkpoint") from None
+
+    def trainer_state(self) -> dict:
+        f = self.path / "trainer.pt"
+        if not f.is_file():
+            raise CairnError(f"{self.path} holds no optimizer state, so training cannot resume from it: "
+                             "resume from a step or epoch checkpoint")
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CairnError(f"refusing {f}: it holds pickled objects that are not plain tensors "
+                             f"({str(e).splitlines()[0][:120]}); cairn never runs code from a checkpoint") from None
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CairnError(f"{f} is corrupt or truncated ({str(e).splitlines()[0][:120]}): "
+                             "use another checkpoint") from None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise CairnError(f"checkpoint {str(path)!r} does not exist: pass a run directory or a checkpoint directory")
+    state = path / "state.json"
+    if not path.is_dir() or not state.is_file():
+        raise CairnError(f"{str(path)!r} is not a cairn checkpoint (no state.json): "
+                         "pass a run directory or one of its checkpoints/ entries")
+    try:
+        meta = json.loads(state.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CairnError(f"{state} is corrupt (not JSON): use another checkpoint") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CairnError(f"{str(path)!r} is not a cairn checkpoint (state.json lacks format={FORMAT!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CairnError(f"{str(path)!r} was written by a newer cairn (format {meta['format_version']}): upgrade cairn")
+    return Checkpoint(path, meta)
+
+
+def resolve(path: str | Path, prefer: str = "final") -> Path:
+    """A checkpoint directory as given, or for a run directory its final checkpoint (else the
+    newest resumable one)."""
+    p = Path(path)
+    if not p.exists():
+        raise CairnError(f"{str(p)!r} does not exist: pass a run directory or a checkpoint directory")
+    if (p / "state.json").is_file():
+        return p
+    ckpts = p / "checkpoints"
+    if ckpts.is_dir():
+        if prefer == "final":
+            finals = sorted(ckpts.glob("*_final"))
+            if finals and (finals[0] / "state.json").is_file():
+                return finals[0]
+        newest = latest(ckpts)
+        if newest is not None:
+            return newest
+    raise CairnError(f"{str(p)!r} holds no cairn checkpoint: pass a run directory written by `cairn train` "
+                     "or a checkpoint directory")
+
+
+def prune(checkpoints: Path, prefix: str, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (never the one `latest` names)."""
+    if keep <= 0:
+        return
+    steps = sorted(checkpoints.glob(f"{prefix}_checkpoint_step*"))
+    current = latest(checkpoints)
+    for old in steps[:-keep]:
+        if current is None or old.resolve() != current.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    py = random.getstate()
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

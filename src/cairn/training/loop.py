@@ -1,0 +1,400 @@
+"""The training loop: data -> model -> AdamW steps -> evaluation, early stopping, checkpoints.
+
+Read it top to bottom: `train()` prepares everything, then runs `Trainer.run()`, whose body is the
+loop. One optimizer step consumes `grad_accum` micro-batches; its loss is the mean over every real
+(non-padding) target token of those micro-batches, so padding and uneven micro-batches never
+change the weight of a token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import __version__
+from ..config import RunConfig, from_dict, to_toml, validate
+from ..data import PackedDataset, PaddedDataset, make_loader, num_batches, prepare_data
+from ..errors import CairnError
+from ..evaluate import evaluate
+from ..model import Transformer, lm_loss
+from ..runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
+from ..tokenizer import get_tokenizer
+from . import checkpoint as ckpt
+from .optim import lr_at, make_optimizer, warmup_steps
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer that decides the rest of a run."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch (0-based)
+    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    best_val_loss: float = math.inf
+    bad_evals: int = 0  # evaluations since the best one (early stopping)
+    tokens_seen: int = 0  # real target tokens trained on
+    last_eval_step: int = -1
+
+
+@dataclass
+class Plan:
+    micro_batches_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    epochs: int
+
+
+class MetricsLog:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _json_float(x: float):
+    return x if math.isfinite(x) else None
+
+
+class StopRequest:
+    """First Ctrl-C or SIGTERM: finish the step, checkpoint, exit. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, stop_after: int, log: Callable[[str], None],
+                 progress: bool):
+        self.cfg, self.out, self.log, self.progress = cfg, out_dir, log, progress
+        self.stop_after = stop_after
+        t = cfg.train
+        self.threads = set_threads(t.num_threads)
+        self.device = pick_device(t.device)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.tokenizer = get_tokenizer(cfg.tokenizer)
+        cfg.model.vocab_size = self.tokenizer.vocab_size
+
+        self.ckpt_dir = out_dir / "checkpoints"
+        resume_from = self._check_run_dir(resume)
+        seed_everything(cfg.seed)
+
+        data = prepare_data(cfg.data, cfg.seed, self.tokenizer, log=log)
+        self.data = data
+        Dataset = PackedDataset if cfg.data.batching == "pack" else PaddedDataset
+        self.train_ds = Dataset(data.train, cfg.data.seq_len)
+        # a split too short for one window is treated as absent (no evaluation on it)
+        self.val_ds = Dataset(data.val, cfg.data.seq_len) if data.val.n_stories else None
+        self.test_ds = Dataset(data.test, cfg.data.seq_len) if data.test.n_stories else None
+        self.val_ds = self.val_ds if self.val_ds is not None and len(self.val_ds) else None
+        self.test_ds = self.test_ds if self.test_ds is not None and len(self.test_ds) else None
+        self.plan = self._plan()
+
+        self.model = Transformer(cfg.model).to(self.device)
+        self.optimizer = make_optimizer(self.model, t, self.device)
+        self.forward = torch.compile(self.model) if t.compile else self.model
+        self.state = TrainState()
+        self.metrics = MetricsLog(out_dir / "metrics.jsonl")
+        if resume_from is not None:
+            self._load(resume_from)
+        self._write_run_files()
+
+    # ------------------------------------------------------------ set-up
+
+    def _check_run_dir(self, resume: bool) -> Optional[Path]:
+        has_run = (self.out / "config.toml").exists() or self.ckpt_dir.exists()
+        if resume:
+            newest = ckpt.latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
+            if newest is not None:
+                return newest
+            if has_run:
+                raise CairnError(f"{self.out} has no complete checkpoint to resume from: "
+                                 "start a new run with another --out")
+            return None  # nothing to resume: start
+        if has_run:
+            raise CairnError(f"{self.out} already holds a run: resume it with --resume {self.out}, "
+                             "or choose another --out")
+        return None
+
+    def _plan(self) -> Plan:
+        t, n_items = self.cfg.train, len(self.train_ds)
+        micro = num_batches(n_items, t.batch_size, drop_last=True)
+        steps_per_epoch = micro // t.grad_accum
+        if steps_per_epoch == 0:
+            unit = "windows" if self.cfg.data.batching == "pack" else "rows"
+            raise CairnError(f"the train split has {n_items} {unit} of up to {self.cfg.data.seq_len} tokens, "
+                             f"too few for one step of {t.batch_size} x {t.grad_accum}: "
+                             "lower --batch-size, --grad-accum or --seq-len, or add data")
+        total = steps_per_epoch * t.epochs
+        if t.max_steps:
+            total = min(total, t.max_steps)
+        return Plan(micro, steps_per_epoch, total, warmup_steps(t, total), t.epochs)
+
+    def _write_run_files(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_atomic_text(self.out / "config.toml", to_toml(self.cfg))
+        info = {
+            "cairn_version": __version__,
+            "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
+            "parameters": self.model.num_params(),
+            "device": str(self.device), "precision": self.precision, "threads": self.threads,
+            "plan": asdict(self.plan),
+            "data": {"cache": str(self.data.cache_dir), **self.data.meta},
+        }
+        ckpt.write_atomic_text(self.out / "run.json", json.dumps(info, indent=1, default=str))
+
+    def _meta(self, kind: str) -> dict:
+        return {
+            "kind": kind, "cairn_version": __version__, "config": self.cfg.to_dict(),
+            "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
+            "state": {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self.state).items()},
+            "plan": asdict(self.plan), "rng": ckpt.rng_state(),
+        }
+
+    def _save(self, name: str, kind: str, resumable: bool) -> Path:
+        trainer_state = None
+        if resumable:
+            trainer_state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        path = ckpt.save_checkpoint(self.ckpt_dir / name, self.model.state_dict(), self._meta(kind), trainer_state)
+        if resumable:
+            ckpt.set_latest(path)
+            ckpt.prune(self.ckpt_dir, self.cfg.name, self.cfg.train.keep_checkpoints)
+        return path
+
+    def _load(self, path: Path) -> None:
+        c = ckpt.read_checkpoint(path)
+        saved = from_dict(c.meta["config"])
+        diff = [f"model.{k} ({v} -> {getattr(self.cfg.model, k)})" for k, v in asdict(saved.model).items()
+                if getattr(self.cfg.model, k) != v]
+        if diff:
+            raise CairnError(f"cannot resume {path}: the model config differs: {', '.join(diff)}; "
+                             "resume with the saved model config or start a new run")
+        if c.meta["tokenizer"]["name"] != self.tokenizer.name:
+            raise CairnError(f"cannot resume {path}: it was trained with tokenizer {c.meta['tokenizer']['name']!r}, "
+                             f"this run uses {self.tokenizer.name!r}")
+        for section in ("data", "train"):
+            for k, v in asdict(getattr(saved, section)).items():
+                if getattr(getattr(self.cfg, section), k) != v:
+                    self.log(f"resume: {section}.{k} changed {v!r} -> {getattr(getattr(self.cfg, section), k)!r}")
+        self.model.load_state_dict(c.model_state())
+        trainer = c.trainer_state()
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        state = dict(c.meta["state"])
+        state["best_val_loss"] = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
+        self.state = TrainState(**state)
+        torch.set_rng_state(trainer["torch_rng"])
+        if "cuda_rng" in trainer and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+        ckpt.set_rng_state(c.meta["rng"])
+        self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch + 1}, "
+                 f"batch {self.state.batch_in_epoch})")
+
+    # ------------------------------------------------------------ pieces of the loop
+
+    def loader(self, ds, epoch: int, start: int = 0, train: bool = True):
+        t = self.cfg.train
+        return make_loader(ds, t.batch_size, shuffle=train, seed=self.cfg.seed, epoch=epoch, start_batch=start,
+                           drop_last=train, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id)
+
+    def validate(self, full: bool) -> Optional[dict]:
+        if self.val_ds is None:
+            return None
+        limit = 0 if full else self.cfg.train.eval_batches
+        result = evaluate(self.model, self.loader(self.val_ds, 0, train=False), self.device, self.precision,
+                          self.tokenizer.token_bytes, max_batches=limit)
+        s = self.state
+        s.last_eval_step = s.step
+        improved = result["loss"] < s.best_val_loss
+        if improved:
+            s.best_val_loss, s.bad_evals = result["loss"], 0
+        else:
+            s.bad_evals += 1
+        self.metrics.write({"kind": "val", "step": s.step, "epoch": s.epoch + 1, "val_loss": result["loss"],
+                            "val_perplexity": result["perplexity"], "val_bits_per_byte": result["bits_per_byte"],
+                            "val_tokens": result["tokens"], "full": full})
+        self.log(f"step {s.step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+                 f"{result['bits_per_byte']:.3f} bits/byte{' (best)' if improved else ''}")
+        if improved:
+            self._save(f"{self.cfg.name}_best", "best", resumable=False)
+        return result
+
+    def should_stop_early(self) -> bool:
+        p = self.cfg.train.patience
+        return p > 0 and self.state.bad_evals >= p
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
+        """One optimizer step over several micro-batches; returns (mean loss, grad norm, tokens)."""
+        t, s = self.cfg.train, self.state
+        lr = lr_at(s.step, t, self.plan.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+        loss_total = torch.zeros((), device=self.device)
+        for b in micro_batches:
+            x, y = b["input_ids"].to(self.device, non_blocking=True), b["labels"].to(self.device, non_blocking=True)
+            with autocast(self.device, self.precision):
+                logits = self.forward(x)
+            loss_sum, _ = lm_loss(logits, y)
+            (loss_sum / n_tokens).backward()  # each token weighs 1/n_tokens of the step
+            loss_total += loss_sum.detach()
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        loss = float(loss_total) / max(n_tokens, 1)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            newest = ckpt.latest(self.ckpt_dir)
+            raise CairnError(f"loss {loss} / gradient norm {grad_norm} is not finite at step {s.step + 1}: "
+                             f"stopped; the last good checkpoint is {newest or 'none'}; "
+                             "lower --lr or raise --warmup-steps and resume or restart")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.tokens_seen += n_tokens
+        return loss, grad_norm, n_tokens
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        cfg, t, s, plan = self.cfg, self.cfg.train, self.state, self.plan
+        n_params = self.model.num_params()
+        self.log(f"model: {n_params:,} parameters; device {self.device}, {self.precision}, {self.threads} threads")
+        splits = self.data.meta.get("splits", {})
+        counts = ", ".join(f"{k} {v.get('stories', 0):,} stories / {v.get('tokens', 0):,} tokens"
+                           for k, v in splits.items())
+        self.log(f"data: {counts}; train has {len(self.train_ds):,} "
+                 f"{'windows' if cfg.data.batching == 'pack' else 'rows'} of <= {cfg.data.seq_len} tokens")
+        self.log(f"plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch, {plan.epochs} epoch(s)), "
+                 f"batch {t.batch_size} x {t.grad_accum} accumulation, warm-up {plan.warmup_steps} steps, "
+                 f"{t.schedule} schedule, peak lr {t.lr:g}")
+        from tqdm import tqdm
+
+        stopped = None
+        window_loss, window_tokens, window_steps = 0.0, 0, 0
+        window_start = time.perf_counter()
+        with StopRequest() as stop:
+            while s.epoch < plan.epochs and s.step < plan.total_steps and stopped is None:
+                epoch_loss, epoch_tokens = 0.0, 0
+                left = min(plan.steps_per_epoch - s.batch_in_epoch // t.grad_accum, plan.total_steps - s.step)
+                bar = tqdm(total=left, desc=f"epoch {s.epoch + 1}/{plan.epochs}", disable=not self.progress,
+                           leave=False, dynamic_ncols=True)
+                micro: list[dict] = []
+                for batch in self.loader(self.train_ds, s.epoch, s.batch_in_epoch):
+                    micro.append(batch)
+                    if len(micro) < t.grad_accum:
+                        continue
+                    loss, grad_norm, n_tok = self.train_step(micro)
+                    s.batch_in_epoch += len(micro)
+                    micro = []
+                    epoch_loss += loss * n_tok
+                    epoch_tokens += n_tok
+                    window_loss += loss * n_tok
+                    window_tokens += n_tok
+                    window_steps += 1
+                    lr = lr_at(s.step - 1, t, plan.total_steps)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+
+                    if s.step % t.report_every == 0 or s.step == plan.total_steps:
+                        elapsed = time.perf_counter() - window_start
+                        tps = window_tokens / max(elapsed, 1e-9)
+                        mean = window_loss / max(window_tokens, 1)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                        self.metrics.write({"kind": "train", "step": s.step, "epoch": s.epoch + 1,
+                                            "train_loss": mean, "train_perplexity": math.exp(min(mean, 700)),
+                                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                                            "tokens": s.tokens_seen, "time": time.time()})
+                        self.log(f"step {s.step}/{plan.total_steps}: loss {mean:.4f}, lr {lr:.2e}, "
+                                 f"{tps:,.0f} tok/s")
+                        window_loss, window_tokens = 0.0, 0
+                        window_start = time.perf_counter()
+
+                    if t.eval_every and s.step % t.eval_every == 0:
+                        self.validate(full=False)
+                        window_start = time.perf_counter()  # evaluation time is not training throughput
+                    if t.checkpoint_every and s.step % t.checkpoint_every == 0:
+                        self._save(f"{cfg.name}_checkpoint_step{s.step:07d}", "step", resumable=True)
+                        window_start = time.perf_counter()
+                    if self.should_stop_early():
+                        stopped = "early stopping"
+                    elif self.stop_after and s.step >= self.stop_after:
+                        stopped = f"stop-after {self.stop_after}"
+                    elif stop.requested:
+                        stopped = "signal"
+                    if stopped or s.step >= plan.total_steps:
+                        break
+                bar.close()
+                epoch_done = s.batch_in_epoch >= plan.steps_per_epoch * t.grad_accum
+                if epoch_tokens:
+                    mean = epoch_loss / epoch_tokens
+                    self.log(f"epoch {s.epoch + 1}: train loss {mean:.4f}, perplexity {math.exp(min(mean, 700)):.2f}")
+                if epoch_done:
+                    self.validate(full=True)
+                    s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                    self._save(f"{cfg.name}_checkpoint_epoch{s.epoch}", "epoch", resumable=True)
+                    if stopped is None and self.should_stop_early():
+                        stopped = "early stopping"
+
+            if stopped in ("signal",) or (stopped or "").startswith("stop-after"):
+                path = self._save(f"{cfg.name}_checkpoint_step{s.step:07d}", "step", resumable=True)
+                self.log(f"stopped ({stopped}) at step {s.step}; checkpoint {path}; "
+                         f"resume with: cairn train --resume {self.out}")
+                return {"stopped": stopped, "step": s.step, "checkpoint": str(path)}
+
+        if stopped == "early stopping":
+            self.log(f"early stopping at step {s.step}: no better validation loss in {t.patience} evaluations "
+                     f"(best {s.best_val_loss:.4f})")
+        if s.last_eval_step != s.step:
+            self.validate(full=True)
+        final = self._save(f"{cfg.name}_final", "final", resumable=True)
+        summary = {"step": s.step, "tokens": s.tokens_seen, "best_val_loss": _json_float(s.best_val_loss),
+                   "final": str(final), "stopped": stopped}
+        if t.test_at_end and self.test_ds is not None:
+            r = evaluate(self.model, self.loader(self.test_ds, 0, train=False), self.device, self.precision,
+                         self.tokenizer.token_bytes)
+            self.metrics.write({"kind": "test", "step": s.step, "epoch": s.epoch, "test_loss": r["loss"],
+                                "test_perplexity": r["perplexity"], "test_bits_per_byte": r["bits_per_byte"],
+                                "test_tokens": r["tokens"]})
+            self.log(f"test: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, "
+                     f"{r['bits_per_byte']:.3f} bits/byte over {r['tokens']:,} tokens")
+            summary["test"] = r
+        self.log(f"final checkpoint: {final}")
+        return summary
+
+
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int = 0,
+          log: Callable[[str], None] = print, progress: bool = False) -> dict:
+    """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary."""
+    validate(cfg)
+    trainer = Trainer(cfg, Path(out_dir), resume, stop_after, log, progress)
+    return trainer.run()

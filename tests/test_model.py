@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from cairn.config import ModelConfig, preset
+from cairn.model import KVCache, Transformer, lm_loss, sinusoidal_table
+
+
+def small(**kw) -> Transformer:
+    cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, d_mlp=64, context_len=40, **kw)
+    torch.manual_seed(0)
+    return Transformer(cfg)
+
+
+def test_reference_model_has_the_tutorials_parameter_count():
+    model = Transformer(preset("reference-105m").model)
+    assert model.num_params() == 105_547_776
+
+
+def test_causal_changing_future_tokens_leaves_past_logits_unchanged():
+    model = small().eval()
+    x = torch.randint(0, 97, (2, 30))
+    t = 12
+    y = x.clone()
+    y[:, t + 1:] = torch.randint(0, 97, (2, 30 - t - 1))
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
+    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3  # and the future does change
+
+
+def test_positions_work_at_any_length_not_only_the_context():
+    model = small().eval()
+    x = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        full = model(x)
+        short = model(x[:, :7])
+    torch.testing.assert_close(full[:, :7], short, rtol=0, atol=1e-5)
+
+
+def test_sinusoidal_table_matches_the_formula():
+    table = sinusoidal_table(50, 16)
+    pos, i = 7, 3  # dims 2i and 2i+1
+    angle = pos / (10000 ** (2 * i / 16))
+    assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+    assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def test_padding_never_changes_the_loss():
+    model = small().eval()
+    story = torch.randint(0, 96, (1, 15))
+    labels = torch.roll(story, -1, 1)
+    labels[0, -1] = 96
+    with torch.no_grad():
+        alone, n_alone = lm_loss(model(story), labels)
+        for pad_len, pad_id in ((5, 0), (20, 96), (9, 3)):
+            padded = torch.cat([story, torch.full((1, pad_len), pad_id)], 1)
+            padded_labels = torch.cat([labels, torch.full((1, pad_len), -100)], 1)
+            s, n = lm_loss(model(padded), padded_labels)
+            assert n == n_alone == 15
+            assert s.item() == pytest.approx(alone.item(), rel=1e-5)
+            # what stands in the padding does not matter either
+            junk = padded.clone()
+            junk[0, 15:] = torch.randint(0, 97, (pad_len,))
+            s2, _ = lm_loss(model(junk), padded_labels)
+            assert s2.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+    model = small().eval()
+    x = torch.randint(0, 97, (2, 25))
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.cfg, 2, "cpu", torch.float32)
+        parts = [model(x[:, :10], cache)]  # prefill
+        parts += [model(x[:, i:i + 1], cache) for i in range(10, 20)]  # one token at a time
+        parts.append(model(x[:, 20:], cache))  # a chunk after a prefix
+    torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+
+
+def test_longer_than_context_is_refused():
+    model = small()
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+
+
+def test_gpt2_initialisation():
+    model = Transformer(ModelConfig(vocab_size=1000, d_model=256, n_layers=8, n_heads=8, d_mlp=1024, context_len=64))
+    assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.blocks[0].attn.qkv.bias.abs().max().item() == 0
+
+
+def test_a_small_model_overfits_one_batch():
+    model = small()
+    torch.manual_seed(1)
+    x = torch.randint(0, 97, (4, 32))
+    y = torch.randint(0, 97, (4, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        s, n = lm_loss(model(x), y)
+        loss = s / n
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0 and loss.item() < 0.1
