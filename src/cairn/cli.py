@@ -97,16 +97,36 @@ def build_parser() -> Parser:
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    sub.add_parser("bench", help="time training steps and generation against plain PyTorch references "
+                                 "(`cairn bench --help`)", add_help=False)
     return parser
 
 
 # ---------------------------------------------------------------- commands
+
+def _check_out(out: Path) -> None:
+    """The run directory must be a directory, or creatable as one (checked before any work)."""
+    if out.exists() and not out.is_dir():
+        raise CairnError(f"--out {str(out)!r} is a file, not a directory: choose another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CairnError(f"cannot create run directory {str(out)!r}: {str(parent)!r} is a file; "
+                                 "choose another --out")
+            break
+
 
 def cmd_train(args, extra: list[str]) -> int:
     from .config import RunConfig, apply_overrides, load_toml, preset, validate
     from .training import train
 
     overrides = _overrides(extra)
+    for flag in ("preset", "config", "data", "out", "resume"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise CairnError(f"--{flag} is empty: give a value or leave the option out (see `cairn train --help`)")
+    if args.stop_after < 0:
+        raise CairnError(f"--stop-after must be zero (off) or a step number, got {args.stop_after}")
     resume = False
     if args.resume and args.resume != "auto":
         run = Path(args.resume)
@@ -120,12 +140,16 @@ def cmd_train(args, extra: list[str]) -> int:
                              "(overrides like --max-steps are allowed)")
         out, resume = run, True
     else:
-        cfg = preset(args.preset) if args.preset else RunConfig()
+        base = preset(args.preset) if args.preset else None
         if args.config:
-            cfg = load_toml(args.config, cfg)
+            # without --preset, a `preset = "..."` line in the file picks the base
+            cfg = load_toml(args.config, base)
+        else:
+            cfg = base or RunConfig()
         out = Path(args.out) if args.out else Path("runs") / cfg.name
         resume = args.resume == "auto"
-    if args.data:
+    _check_out(out)
+    if args.data is not None:
         overrides["source"] = args.data
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
@@ -151,10 +175,14 @@ def cmd_eval(args) -> int:
     from .loading import load
     from .runtime import resolve_precision, set_threads
 
+    if args.batch_size < 0:
+        raise CairnError(f"--batch-size must be positive (or 0 for the run's), got {args.batch_size}")
+    if args.data is not None and not args.data.strip():
+        raise CairnError("--data is empty: give a data file or directory, or leave --data out to use the run's split")
     set_threads(0)
     loaded = load(args.path, args.device)
     cfg, tok = loaded.config, loaded.tokenizer
-    if args.data:
+    if args.data is not None:
         d = cfg.data
         texts = clean_texts(load_texts(args.data, d.text_field, d.txt_separator, d.hub_split))
         if not texts:
@@ -191,18 +219,15 @@ def cmd_generate(args) -> int:
 
     if not args.prompt.strip():
         raise CairnError("--prompt is empty: give some text to continue, e.g. --prompt 'Once upon a time'")
-    if args.max_new_tokens <= 0:
-        raise CairnError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise CairnError(f"--temperature must be zero (greedy) or more, got {args.temperature}")
-    if args.top_k < 0:
-        raise CairnError(f"--top-k must be zero (off) or more, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise CairnError(f"--top-p must be in (0, 1], got {args.top_p}")
-    set_threads(0)
-    loaded = load(args.path, args.device)
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8 in argv arrive as lone surrogates
+        raise CairnError("--prompt is not valid UTF-8 text: pass the prompt in UTF-8") from None
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                        top_p=args.top_p, seed=args.seed)
+    s.check(flags=True)
+    set_threads(0)
+    loaded = load(args.path, args.device)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     counter = {"n": 0}
@@ -223,6 +248,10 @@ def cmd_generate(args) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .model import Transformer, lm_loss
+from .model import Transformer
 from .runtime import autocast
 
 
@@ -36,8 +36,7 @@ def evaluate(model: Transformer, loader, device: torch.device, precision: str, t
             break
         x, y = batch["input_ids"].to(device), batch["labels"].to(device)
         with autocast(device, precision):
-            logits = model(x)
-        s, n = lm_loss(logits, y)
+            s, n = model(x, labels=y)
         loss_sum += float(s)
         tokens += int(n)
         real = batch["labels"][batch["labels"] != -100]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 
+from .errors import CairnError
 from .model import KVCache, Transformer
 
 
@@ -18,6 +20,25 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
     seed: int = 1234
     stop_at_eot: bool = True
+
+    def check(self, flags: bool = False) -> "SamplingConfig":
+        """Raise CairnError for a setting that cannot sample (named as a CLI flag when `flags`)."""
+        def name(field: str) -> str:
+            return "--" + field.replace("_", "-") if flags else field
+
+        if self.max_new_tokens <= 0:
+            raise CairnError(f"{name('max_new_tokens')} must be positive, got {self.max_new_tokens}: "
+                             "ask for at least 1 token")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise CairnError(f"{name('temperature')} must be zero (greedy) or a positive number, "
+                             f"got {self.temperature}: use e.g. 0.8")
+        if self.top_k < 0:
+            raise CairnError(f"{name('top_k')} must be zero (off) or more, got {self.top_k}: use e.g. 50")
+        if not (0 < self.top_p <= 1):  # also false for nan
+            raise CairnError(f"{name('top_p')} must be in (0, 1], got {self.top_p}: use e.g. 0.9, or 1 for off")
+        if not -2**63 <= self.seed < 2**64:
+            raise CairnError(f"{name('seed')} {self.seed} is out of range: use a number from 0 to 2**64 - 1")
+        return self
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -53,6 +74,7 @@ def generate_ids(model: Transformer, prompt: list[int], s: SamplingConfig, eot_i
     tokens must drop out, and with absolute positions every kept token then moves: the cache is
     invalid, so from there on each step recomputes the last context_len tokens (as nanoGPT does).
     """
+    s.check()
     model.eval()
     ctx = model.cfg.context_len
     device = next(model.parameters()).device

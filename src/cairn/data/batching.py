@@ -165,5 +165,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, 
         collate = functools.partial(collate_padded, pad_id=pad_id)
     else:
         collate = collate_packed
+    # A private generator: otherwise every new iterator draws its base seed from the global torch
+    # RNG, which dropout also uses, and a resumed run (one more iterator) would drift from the
+    # uninterrupted one.
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
-                      pin_memory=pin_memory)
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))

@@ -95,6 +95,14 @@ def resolve_files(source: str) -> Optional[tuple[Path, list[Path]]]:
 
 # ---------------------------------------------------------------- readers
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CairnError(f"cannot read data file {str(path)!r} ({e.strerror or e}): "
+                         "check that it exists and that you may read it") from None
+
+
 def _decode(raw: bytes, path: Path) -> str:
     try:
         # utf-8-sig: a byte-order mark from a Windows editor is not part of the first story.
@@ -106,7 +114,7 @@ def _decode(raw: bytes, path: Path) -> str:
 
 def _read_txt(path: Path, separator: str) -> list[str]:
     # Windows line ends are normalised so a file tokenizes the same whichever OS wrote it.
-    text = _decode(path.read_bytes(), path).replace("\r\n", "\n")
+    text = _decode(_read_bytes(path), path).replace("\r\n", "\n")
     stories, current = [], []
     blank_mode = separator == "blank"
     sep = separator.strip()
@@ -128,7 +136,7 @@ def _read_txt(path: Path, separator: str) -> list[str]:
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
-    text = _decode(path.read_bytes(), path)
+    text = _decode(_read_bytes(path), path)
     out = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
@@ -137,6 +145,9 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise CairnError(f"{path}:{lineno}: not valid JSON ({e.msg}): each line must be one JSON object") from None
+        except RecursionError:
+            raise CairnError(f"{path}:{lineno}: JSON nested too deeply to read: "
+                             "each line must be one JSON object holding the text") from None
         if not isinstance(record, dict) or field not in record:
             have = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
             raise CairnError(f"{path}:{lineno}: no field {field!r} (found {have or 'nothing'}): "
@@ -298,8 +309,12 @@ def source_fingerprint(source: str, text_field: str = "text", txt_separator: str
     base, files = resolved
     for path in files:
         name = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.name
-        h.update(f"\0{name}\0{path.stat().st_size}\0".encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        try:
+            h.update(f"\0{name}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            raise CairnError(f"cannot read data file {str(path)!r} ({e.strerror or e}): "
+                             "check that it exists and that you may read it") from None
     return "files-" + h.hexdigest()

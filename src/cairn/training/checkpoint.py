@@ -95,6 +95,23 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], meta: dict
     return path
 
 
+def cleanup(checkpoints: Path) -> None:
+    """Remove what a killed writer left behind: temporary directories and files, and put back a
+    checkpoint that was moved aside for replacement when its replacement never arrived."""
+    if not checkpoints.is_dir():
+        return
+    for p in checkpoints.iterdir():
+        if not p.name.startswith("."):
+            continue
+        if ".old-" in p.name:
+            original = checkpoints / p.name[1:].split(".old-")[0]
+            if not original.exists():
+                os.replace(p, original)
+                continue
+        if ".tmp-" in p.name or ".old-" in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def set_latest(checkpoint_dir: Path) -> None:
     write_atomic_text(checkpoint_dir.parent / LATEST, checkpoint_dir.name + "\n")
 

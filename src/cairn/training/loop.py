@@ -24,7 +24,7 @@ from ..config import RunConfig, from_dict, to_toml, validate
 from ..data import PackedDataset, PaddedDataset, make_loader, num_batches, prepare_data
 from ..errors import CairnError
 from ..evaluate import evaluate
-from ..model import Transformer, lm_loss
+from ..model import Transformer
 from ..runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
 from ..tokenizer import get_tokenizer
 from . import checkpoint as ckpt
@@ -41,6 +41,12 @@ class TrainState:
     bad_evals: int = 0  # evaluations since the best one (early stopping)
     tokens_seen: int = 0  # real target tokens trained on
     last_eval_step: int = -1
+    skipped_steps: int = 0  # updates skipped for a non-finite loss
+    # running sums behind the logged train losses, so a resumed run logs what the original would
+    window_loss_sum: float = 0.0
+    window_tokens: int = 0
+    epoch_loss_sum: float = 0.0
+    epoch_tokens: int = 0
 
 
 @dataclass
@@ -59,6 +65,20 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (and a torn last line): a resumed run redoes them."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step and record.get("kind") not in ("test",):
+                keep.append(line)
+        ckpt.write_atomic_text(self.path, "".join(k + "\n" for k in keep))
 
 
 def _json_float(x: float):
@@ -133,13 +153,14 @@ class Trainer:
     def _check_run_dir(self, resume: bool) -> Optional[Path]:
         has_run = (self.out / "config.toml").exists() or self.ckpt_dir.exists()
         if resume:
+            ckpt.cleanup(self.ckpt_dir)
             newest = ckpt.latest(self.ckpt_dir) if self.ckpt_dir.is_dir() else None
             if newest is not None:
                 return newest
-            if has_run:
-                raise CairnError(f"{self.out} has no complete checkpoint to resume from: "
-                                 "start a new run with another --out")
-            return None  # nothing to resume: start
+            if has_run:  # stopped before its first checkpoint: nothing trained is lost by starting over
+                self.log(f"{self.out} has no checkpoint yet: starting it from the beginning")
+                MetricsLog(self.out / "metrics.jsonl").truncate_after(-1)
+            return None
         if has_run:
             raise CairnError(f"{self.out} already holds a run: resume it with --resume {self.out}, "
                              "or choose another --out")
@@ -186,7 +207,14 @@ class Trainer:
             trainer_state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
             if torch.cuda.is_available():
                 trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        path = ckpt.save_checkpoint(self.ckpt_dir / name, self.model.state_dict(), self._meta(kind), trainer_state)
+        try:
+            path = ckpt.save_checkpoint(self.ckpt_dir / name, self.model.state_dict(), self._meta(kind),
+                                        trainer_state)
+        except OSError as e:
+            newest = ckpt.latest(self.ckpt_dir)
+            raise CairnError(f"could not write checkpoint {self.ckpt_dir / name} ({e.strerror or e}) at step "
+                             f"{self.state.step}: stopped; the newest good checkpoint is {newest or 'none'}; "
+                             f"free space and resume with: cairn train --resume {self.out}") from None
         if resumable:
             ckpt.set_latest(path)
             ckpt.prune(self.ckpt_dir, self.cfg.name, self.cfg.train.keep_checkpoints)
@@ -217,6 +245,7 @@ class Trainer:
         if "cuda_rng" in trainer and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer["cuda_rng"])
         ckpt.set_rng_state(c.meta["rng"])
+        self.metrics.truncate_after(self.state.step)
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch + 1}, "
                  f"batch {self.state.batch_in_epoch})")
 
@@ -264,8 +293,7 @@ class Trainer:
         for b in micro_batches:
             x, y = b["input_ids"].to(self.device, non_blocking=True), b["labels"].to(self.device, non_blocking=True)
             with autocast(self.device, self.precision):
-                logits = self.forward(x)
-            loss_sum, _ = lm_loss(logits, y)
+                loss_sum, _ = self.forward(x, labels=y)
             (loss_sum / n_tokens).backward()  # each token weighs 1/n_tokens of the step
             loss_total += loss_sum.detach()
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
@@ -273,10 +301,16 @@ class Trainer:
         loss = float(loss_total) / max(n_tokens, 1)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            if s.skipped_steps < t.skip_nonfinite:
+                s.skipped_steps += 1
+                s.step += 1  # the batch is used up and the schedule moves on, the weights do not
+                self.log(f"step {s.step}: loss {loss} / gradient norm {grad_norm} is not finite: update skipped "
+                         f"({s.skipped_steps} of at most {t.skip_nonfinite})")
+                return loss, grad_norm, 0
             newest = ckpt.latest(self.ckpt_dir)
             raise CairnError(f"loss {loss} / gradient norm {grad_norm} is not finite at step {s.step + 1}: "
                              f"stopped; the last good checkpoint is {newest or 'none'}; "
-                             "lower --lr or raise --warmup-steps and resume or restart")
+                             "lower --lr, raise --warmup-steps or allow --skip-nonfinite N, then resume or restart")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         s.step += 1
@@ -300,11 +334,9 @@ class Trainer:
         from tqdm import tqdm
 
         stopped = None
-        window_loss, window_tokens, window_steps = 0.0, 0, 0
-        window_start = time.perf_counter()
+        timed_tokens, window_start = 0, time.perf_counter()  # throughput since the last report
         with StopRequest() as stop:
             while s.epoch < plan.epochs and s.step < plan.total_steps and stopped is None:
-                epoch_loss, epoch_tokens = 0.0, 0
                 left = min(plan.steps_per_epoch - s.batch_in_epoch // t.grad_accum, plan.total_steps - s.step)
                 bar = tqdm(total=left, desc=f"epoch {s.epoch + 1}/{plan.epochs}", disable=not self.progress,
                            leave=False, dynamic_ncols=True)
@@ -316,19 +348,19 @@ class Trainer:
                     loss, grad_norm, n_tok = self.train_step(micro)
                     s.batch_in_epoch += len(micro)
                     micro = []
-                    epoch_loss += loss * n_tok
-                    epoch_tokens += n_tok
-                    window_loss += loss * n_tok
-                    window_tokens += n_tok
-                    window_steps += 1
+                    s.epoch_loss_sum += loss * n_tok
+                    s.epoch_tokens += n_tok
+                    s.window_loss_sum += loss * n_tok
+                    s.window_tokens += n_tok
+                    timed_tokens += n_tok
                     lr = lr_at(s.step - 1, t, plan.total_steps)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
                     if s.step % t.report_every == 0 or s.step == plan.total_steps:
                         elapsed = time.perf_counter() - window_start
-                        tps = window_tokens / max(elapsed, 1e-9)
-                        mean = window_loss / max(window_tokens, 1)
+                        tps = timed_tokens / max(elapsed, 1e-9)
+                        mean = s.window_loss_sum / max(s.window_tokens, 1)
                         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
                         self.metrics.write({"kind": "train", "step": s.step, "epoch": s.epoch + 1,
                                             "train_loss": mean, "train_perplexity": math.exp(min(mean, 700)),
@@ -336,8 +368,8 @@ class Trainer:
                                             "tokens": s.tokens_seen, "time": time.time()})
                         self.log(f"step {s.step}/{plan.total_steps}: loss {mean:.4f}, lr {lr:.2e}, "
                                  f"{tps:,.0f} tok/s")
-                        window_loss, window_tokens = 0.0, 0
-                        window_start = time.perf_counter()
+                        s.window_loss_sum, s.window_tokens = 0.0, 0
+                        timed_tokens, window_start = 0, time.perf_counter()
 
                     if t.eval_every and s.step % t.eval_every == 0:
                         self.validate(full=False)
@@ -355,12 +387,12 @@ class Trainer:
                         break
                 bar.close()
                 epoch_done = s.batch_in_epoch >= plan.steps_per_epoch * t.grad_accum
-                if epoch_tokens:
-                    mean = epoch_loss / epoch_tokens
+                if epoch_done and s.epoch_tokens:
+                    mean = s.epoch_loss_sum / s.epoch_tokens
                     self.log(f"epoch {s.epoch + 1}: train loss {mean:.4f}, perplexity {math.exp(min(mean, 700)):.2f}")
                 if epoch_done:
                     self.validate(full=True)
-                    s.epoch, s.batch_in_epoch = s.epoch + 1, 0
+                    s.epoch, s.batch_in_epoch, s.epoch_loss_sum, s.epoch_tokens = s.epoch + 1, 0, 0.0, 0
                     self._save(f"{cfg.name}_checkpoint_epoch{s.epoch}", "epoch", resumable=True)
                     if stopped is None and self.should_stop_early():
                         stopped = "early stopping"
