@@ -288,11 +288,6 @@ def _gen(*args) -> Callable[[Ctx], list]:
 OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": None, "ALL_PROXY": None, "all_proxy": None,
            "HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None}  # port 9: connection refused at once
 
-PICKLE_XFAIL = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="checkpoint.py Checkpoint.trainer_state quotes torch's UnpicklingError cut at 120 chars (ANSI escapes, "
-           "'re-run with weights_only=False' advice) and says nothing to do: name the refused global instead")
-
 CASES = [
     # ---- data sources
     C("data-path-missing", lambda c: c.train("--data", c.tmp / "nope.jsonl"), r"data path .*nope\.jsonl.* does not exist",
@@ -398,9 +393,8 @@ CASES = [
     C("resume-with-other-out", lambda c: ["train", "--resume", c.run(), "--out", c.out], r"different directories"),
     C("resume-architecture-differs", lambda c: ["train", "--resume", c.run(), "--d-model", "32", "--no-progress"],
       r"model config differs: model\.d_model \(64 -> 32\)"),
-    C("resume-pickle-payload-legacy", _pickle_legacy, r"refusing .*trainer\.pt", sub=True, payload=True,
-      marks=PICKLE_XFAIL),
-    C("resume-pickle-payload-zip", _pickle_zip, r"refusing .*trainer\.pt", payload=True, marks=PICKLE_XFAIL),
+    C("resume-pickle-payload-legacy", _pickle_legacy, r"refusing .*trainer\.pt", sub=True, payload=True),
+    C("resume-pickle-payload-zip", _pickle_zip, r"refusing .*trainer\.pt", payload=True),
     C("resume-trainer-state-truncated", _resume_after(lambda p: _truncate(p / "trainer.pt")),
       r"trainer\.pt is corrupt or truncated"),
     C("resume-trainer-state-missing", _resume_after(lambda p: (p / "trainer.pt").unlink()),
@@ -409,20 +403,14 @@ CASES = [
       r"state\.json is corrupt \(not JSON\)"),
     C("resume-state-json-without-config",
       _resume_after(lambda p: _replace(p / "state.json", b'{"format": "cairn-checkpoint", "format_version": 1}')),
-      r"state\.json", marks=pytest.mark.xfail(
-          strict=True, raises=AssertionError,
-          reason="loop.py Trainer._load reads c.meta['config'] / ['tokenizer'] / ['state'] / ['rng'] unguarded: "
-                 "KeyError escapes")),
+      r"state\.json"),
     # ---- eval / generate on bad paths and checkpoints
     C("eval-path-missing", lambda c: ["eval", c.tmp / "nope"], r"does not exist: pass a run directory"),
     C("eval-dir-not-a-run", lambda c: ["eval", c.folder("notrun", {"x.txt": "hi"})], r"holds no cairn checkpoint"),
     C("eval-state-json-not-json", _eval_after(lambda p: _replace(p / "state.json", b"{not json")),
       r"state\.json is corrupt \(not JSON\)"),
     C("eval-state-json-foreign", _eval_after(lambda p: _replace(p / "state.json", b'{"step": 3}')),
-      r"is not a cairn checkpoint", marks=pytest.mark.xfail(
-          strict=True, raises=AssertionError,
-          reason="checkpoint.py read_checkpoint: 'is not a cairn checkpoint (state.json lacks format=...)' "
-                 "says what is wrong but not what to do")),
+      r"is not a cairn checkpoint"),
     C("eval-state-json-config-not-a-table", _eval_after(lambda p: _edit_state(p, lambda m: m.update(config=5))),
       r"holds no valid config"),
     C("eval-state-json-newer-format",

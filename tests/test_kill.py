@@ -40,6 +40,16 @@ def wait_for_training(proc: subprocess.Popen, timeout: float = 60) -> bool:
     return False
 
 
+def wait_for_write(ckpts: Path, proc: subprocess.Popen, delay: float, timeout: float = 20) -> None:
+    """Poll until a checkpoint's temporary directory exists, then wait `delay` more seconds."""
+    end = time.time() + timeout
+    while time.time() < end and proc.poll() is None:
+        if ckpts.is_dir() and any(".tmp-" in p.name for p in ckpts.iterdir()):
+            time.sleep(delay)
+            return
+        time.sleep(0.0005)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A data file and the uninterrupted reference run."""
@@ -85,7 +95,10 @@ def test_sigkill_at_random_moments_then_resume_gives_the_uninterrupted_weights(t
             assert proc.returncode == 0, out
             break
         if wait_for_training(proc):
-            time.sleep(rng.uniform(0.0, 0.8))
+            if attempt % 2:  # every other kill: the moment a checkpoint write is under way
+                wait_for_write(run / "checkpoints", proc, rng.uniform(0, 0.002))
+            else:
+                time.sleep(rng.uniform(0.0, 0.8))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         if proc.returncode == 0:  # it finished before the kill landed: start a fresh run

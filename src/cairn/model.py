@@ -121,6 +121,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            # one matrix for both: the input embedding then learns from every output position's
+            # gradient instead of only from the tokens present in the batch
+            self.lm_head.weight = self.wte.weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -161,6 +165,22 @@ class Transformer(nn.Module):
             loss_sum = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, labels.reshape(-1))
             return loss_sum, (labels != -100).sum()
         return self.lm_head(x)
+
+    # ------------------------------------------------------------ saving
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict with each tensor once (a tied head is the embedding, not a copy)."""
+        state = self.state_dict()
+        if self.cfg.tie_embeddings:
+            del state["lm_head.weight"]
+        return state
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `weights()`; raises RuntimeError naming missing or unexpected tensors."""
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if self.cfg.tie_embeddings else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
 
     # ------------------------------------------------------------ accounting
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,12 @@ def latest(checkpoints: Path) -> Optional[Path]:
     pointer = checkpoints / LATEST
     if not pointer.is_file():
         return None
-    target = checkpoints / pointer.read_text(encoding="utf-8").strip()
-    return target if (target / "state.json").is_file() else None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (UnicodeDecodeError, OSError):
+        return None
+    target = checkpoints / name
+    return target if name and "/" not in name and (target / "state.json").is_file() else None
 
 
 @dataclass
@@ -139,7 +144,7 @@ class Checkpoint:
         try:
             return load_file(str(f))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CairnError(f"{f} is corrupt or truncated ({str(e).splitlines()[0]}): use another checkpoint") from None
+            raise CairnError(f"{f} is corrupt or truncated ({_first_words(e)}): use another checkpoint") from None
 
     def trainer_state(self) -> dict:
         f = self.path / "trainer.pt"
@@ -149,11 +154,18 @@ class Checkpoint:
         try:
             return torch.load(f, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            raise CairnError(f"refusing {f}: it holds pickled objects that are not plain tensors "
-                             f"({str(e).splitlines()[0][:120]}); cairn never runs code from a checkpoint") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CairnError(f"{f} is corrupt or truncated ({str(e).splitlines()[0][:120]}): "
-                             "use another checkpoint") from None
+            found = re.search(r"GLOBAL (\S+)", str(e))
+            what = f"pickled code ({found.group(1)})" if found else "pickled objects"
+            raise CairnError(f"refusing {f}: it holds {what}, not plain tensors; cairn never runs code from a "
+                             "checkpoint: use a checkpoint written by cairn") from None
+        except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
+            raise CairnError(f"{f} is corrupt or truncated ({_first_words(e)}): use another checkpoint") from None
+
+
+def _first_words(e: BaseException, limit: int = 100) -> str:
+    """The first line of an error, cut at a word boundary, printable only."""
+    text = "".join(ch for ch in str(e).splitlines()[0] if ch.isprintable()) if str(e) else type(e).__name__
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -169,7 +181,10 @@ def read_checkpoint(path: Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CairnError(f"{state} is corrupt (not JSON): use another checkpoint") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CairnError(f"{str(path)!r} is not a cairn checkpoint (state.json lacks format={FORMAT!r})")
+        raise CairnError(f"{str(path)!r} is not a cairn checkpoint (state.json lacks format={FORMAT!r}): pass a run "
+                         "directory written by cairn train or one of its checkpoints/ entries")
+    if not isinstance(meta.get("format_version", 0), int):
+        raise CairnError(f"{state} is corrupt (format_version is not a number): use another checkpoint")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CairnError(f"{str(path)!r} was written by a newer cairn (format {meta['format_version']}): upgrade cairn")
     return Checkpoint(path, meta)

@@ -208,7 +208,7 @@ class Trainer:
             if torch.cuda.is_available():
                 trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
         try:
-            path = ckpt.save_checkpoint(self.ckpt_dir / name, self.model.state_dict(), self._meta(kind),
+            path = ckpt.save_checkpoint(self.ckpt_dir / name, self.model.weights(), self._meta(kind),
                                         trainer_state)
         except OSError as e:
             newest = ckpt.latest(self.ckpt_dir)
@@ -222,6 +222,13 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         c = ckpt.read_checkpoint(path)
+        try:
+            self._restore(path, c)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CairnError(f"{path}/state.json is incomplete ({type(e).__name__}: {e}): "
+                             "resume from another checkpoint") from None
+
+    def _restore(self, path: Path, c) -> None:
         saved = from_dict(c.meta["config"])
         diff = [f"model.{k} ({v} -> {getattr(self.cfg.model, k)})" for k, v in asdict(saved.model).items()
                 if getattr(self.cfg.model, k) != v]
@@ -235,7 +242,7 @@ class Trainer:
             for k, v in asdict(getattr(saved, section)).items():
                 if getattr(getattr(self.cfg, section), k) != v:
                     self.log(f"resume: {section}.{k} changed {v!r} -> {getattr(getattr(self.cfg, section), k)!r}")
-        self.model.load_state_dict(c.model_state())
+        self.model.load_weights(c.model_state())
         trainer = c.trainer_state()
         self.optimizer.load_state_dict(trainer["optimizer"])
         state = dict(c.meta["state"])
