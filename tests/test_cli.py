@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 TINY = ["--preset", "tiny", "--n-samples", "800", "--seq-len", "64", "--batch-size", "8", "--eval-every", "10",
-        "--eval-batches", "0", "--checkpoint-every", "15", "--report-every", "5", "--lr", "3e-3"]
+        "--eval-batches", "4", "--checkpoint-every", "15", "--report-every", "5", "--lr", "3e-3"]
 
 
 def cairn(*args, cwd=None, check=True):
@@ -83,14 +83,6 @@ def test_generate_prints_a_continuation_reproducibly(trained):
     greedy = cairn("generate", run / "checkpoints" / "tiny_best", "--prompt", "Lily", "--temperature", 0,
                    "--max-new-tokens", 10)
     assert greedy.stdout.startswith("Lily")
-
-
-def test_same_config_and_seed_give_the_same_losses(trained, tmp_path):
-    shared, run, _ = trained
-    again = tmp_path / "again"
-    cairn("train", *TINY, "--data", shared, "--out", again, "--max-steps", 40, "--no-progress")
-    strip = lambda recs: [{k: v for k, v in m.items() if k not in ("tokens_per_s", "time")} for m in recs]
-    assert strip(metrics(again)) == strip(metrics(run))
 
 
 def test_existing_run_directory_is_never_overwritten(trained):

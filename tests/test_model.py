@@ -108,3 +108,18 @@ def test_a_small_model_overfits_one_batch():
         loss.backward()
         opt.step()
     assert first > 4.0 and loss.item() < 0.1
+
+
+def test_tied_embeddings_share_one_matrix_and_save_it_once():
+    tied = small(tie_embeddings=True)
+    untied = small()
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32
+    w = tied.weights()
+    assert "lm_head.weight" not in w and "wte.weight" in w
+    other = small(tie_embeddings=True)
+    other.load_weights({k: v.clone() for k, v in w.items()})
+    assert other.lm_head.weight is other.wte.weight
+    assert torch.equal(other.lm_head.weight, tied.wte.weight)
+    with pytest.raises(RuntimeError, match="missing"):
+        untied.load_weights(w)  # an untied model needs its own head

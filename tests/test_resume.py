@@ -150,3 +150,11 @@ def test_non_finite_loss_stops_or_is_skipped(tmp_path, stories_file, monkeypatch
     assert out["step"] == 10 and any("update skipped" in m for m in logs)
     w = final_weights(tmp_path / "skip")
     assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_same_config_and_seed_give_the_same_losses_and_another_seed_does_not(tmp_path, stories_file):
+    for name, seed in (("a", 42), ("b", 42), ("c", 7)):
+        train(config(stories_file, max_steps=8, report_every=2, seed=seed), tmp_path / name, log=lambda m: None)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    assert losses(tmp_path / "a") != losses(tmp_path / "c")

@@ -88,6 +88,55 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
 
 
+def _add_plot(sub) -> None:
+    p = sub.add_parser("plot", help="draw training curves of one or more runs into a PNG",
+                       description="Draw loss (train and validation) against steps and against tokens seen, the "
+                                   "learning rate and the throughput of one or more runs, read from their "
+                                   "metrics.jsonl, into one picture; one colour per run. Needs matplotlib: "
+                                   "pip install 'cairn-lm[plot]'.")
+    p.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.jsonl)")
+    p.add_argument("--out", metavar="FILE.png",
+                   help="picture to write (.png; .svg and .pdf work too); default RUN_DIR/plot.png for one run, "
+                        "runs.png in the current directory for several")
+    p.add_argument("--title", help="figure title (default: the run name, or the number of runs)")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a trained model to Hugging Face GPT-2 format",
+                       description="Write a run's final checkpoint (or the given checkpoint) as a Hugging Face "
+                                   "GPT-2 model: config.json, generation_config.json, model.safetensors and "
+                                   "tokenizer files, loadable offline with transformers' AutoModelForCausalLM "
+                                   "and AutoTokenizer.")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--format", choices=("hf",), default="hf", help="export format (default hf)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory to write")
+
+
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train an own byte-level BPE tokenizer (`tokenizer train`)",
+                       description="Own tokenizers: `cairn tokenizer train` writes a directory that "
+                                   "`cairn train --tokenizer DIR` uses.")
+    tsub = p.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", parser_class=Parser)
+    t = tsub.add_parser("train", help="train a byte-level BPE on a data source",
+                        description="Learn a byte-level BPE (GPT-2's kind, with <|endoftext|> as a special token) "
+                                    "on the cleaned stories of --data, by default only on the training split "
+                                    "(`cairn train`'s seeded shuffle and cut), and report its compression on the "
+                                    "held-out stories against GPT-2's.")
+    t.add_argument("--data", required=True, help="data source, as for `cairn train --data`")
+    t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary (at most; >= 257)")
+    t.add_argument("--out", required=True, metavar="DIR", help="directory to write tokenizer.json into")
+    t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)")
+    t.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/hub data")
+    t.add_argument("--txt-separator", default="<|endoftext|>", help="story separator line in .txt files")
+    t.add_argument("--hub-split", default="train", help="split of a hub dataset (default train)")
+    t.add_argument("--seed", type=int, default=42, help="shuffle seed of the split (default 42, as cairn train)")
+    t.add_argument("--train-frac", type=float, default=0.8,
+                   help="learn from the first fraction of the shuffled stories (default 0.8); use the "
+                        "train_frac of your runs or less")
+    t.add_argument("--n-samples", type=int, default=0, help="keep the first N shuffled stories (0 = all)")
+    t.add_argument("--all", action="store_true", help="learn from every story (no held-out stories)")
+
+
 def build_parser() -> Parser:
     from . import __version__
 
@@ -97,6 +146,9 @@ def build_parser() -> Parser:
     _add_train(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_plot(sub)
+    _add_export(sub)
+    _add_tokenizer(sub)
     sub.add_parser("bench", help="time training steps and generation against plain PyTorch references "
                                  "(`cairn bench --help`)", add_help=False)
     return parser
@@ -135,6 +187,8 @@ def cmd_train(args, extra: list[str]) -> int:
         if not (run / "config.toml").is_file():
             raise CairnError(f"{run} is not a cairn run directory (no config.toml): check the path")
         cfg = load_toml(run / "config.toml", RunConfig())
+        if cfg.tokenizer != "gpt2" and not Path(cfg.tokenizer).is_dir() and (run / "tokenizer").is_dir():
+            cfg.tokenizer = str(run / "tokenizer")  # its tokenizer directory moved: the run keeps a copy
         if args.preset or args.config:
             raise CairnError("--resume RUN_DIR uses the run's saved config: drop --preset/--config "
                              "(overrides like --max-steps are allowed)")
@@ -230,8 +284,6 @@ def cmd_generate(args) -> int:
     loaded = load(args.path, args.device)
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
-    counter = {"n": 0}
-
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -239,10 +291,55 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     text = generate_text(loaded.model, loaded.tokenizer, args.prompt, s, on_text=show, use_cache=not args.no_cache)
     elapsed = time.perf_counter() - start
-    counter["n"] = len(loaded.tokenizer.encode(text))
+    n_tokens = len(loaded.tokenizer.encode(text))  # re-encoding gives the count (up to BPE merges)
     sys.stdout.write("\n")
-    print(f"[{counter['n']} tokens in {elapsed:.2f}s, {counter['n'] / max(elapsed, 1e-9):.1f} tokens/s]",
-          file=sys.stderr)
+    print(f"[{n_tokens} tokens in {elapsed:.2f}s, {n_tokens / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import default_out, plot_runs
+
+    out = args.out if args.out is not None else default_out(args.paths)
+    if not str(out).strip():
+        raise CairnError("--out is empty: give a file name such as plot.png, or leave --out out")
+    plot_runs(args.paths, out, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_hf
+
+    if not args.out.strip():
+        raise CairnError("--out is empty: give a new directory to write the export into")
+    out = export_hf(args.path, args.out)
+    print(f"wrote {out} (Hugging Face GPT-2 format)")
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from .tokenizer import gpt2
+    from .tokenizer_train import bytes_per_token, train_bpe, training_texts
+
+    if args.tokenizer_command != "train":
+        raise CairnError("give a subcommand: cairn tokenizer train --data SOURCE --vocab-size N --out DIR")
+    for flag in ("data", "out"):
+        if not getattr(args, flag).strip():
+            raise CairnError(f"--{flag} is empty: give a value (see `cairn tokenizer train --help`)")
+    if args.seed < 0 or args.n_samples < 0:
+        raise CairnError("--seed and --n-samples must be zero or more")
+    learn, held_out = training_texts(args.data, text_field=args.text_field, txt_separator=args.txt_separator,
+                                     hub_split=args.hub_split, seed=args.seed, n_samples=args.n_samples,
+                                     train_frac=args.train_frac, all_stories=args.all)
+    start = time.perf_counter()
+    tok = train_bpe(learn, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"trained {tok.name}: {tok.vocab_size} tokens, <|endoftext|> = id {tok.eot_id}, on {len(learn)} stories "
+          f"in {time.perf_counter() - start:.1f}s; wrote {Path(args.out) / 'tokenizer.json'}")
+    if held_out:
+        own, ref = bytes_per_token(tok, held_out), bytes_per_token(gpt2(), held_out)
+        print(f"held-out {len(held_out)} stories: {own:.3f} bytes/token ({tok.name}) vs {ref:.3f} (gpt2)")
+    print(f"use it with: cairn train --tokenizer {args.out} ...")
     return 0
 
 
@@ -262,6 +359,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_train(args, extra)
         if extra:
             raise CairnError(f"unknown option {extra[0]!r} for `cairn {args.command}` (see `cairn {args.command} --help`)")
+        if args.command == "plot":
+            return cmd_plot(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "tokenizer":
+            return cmd_tokenizer(args)
         return cmd_eval(args) if args.command == "eval" else cmd_generate(args)
     except CairnError as e:
         print(f"error: {e}", file=sys.stderr)

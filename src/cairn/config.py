@@ -80,6 +80,7 @@ class TrainConfig:
     num_threads: int = 0  # CPU threads for torch (0 = one per core)
     num_workers: int = 0  # DataLoader worker processes
     test_at_end: bool = True  # evaluate the test split at the end of training
+    tensorboard: bool = False  # also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')
     skip_nonfinite: int = 0  # skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)
 
 

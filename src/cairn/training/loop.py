@@ -26,7 +26,7 @@ from ..errors import CairnError
 from ..evaluate import evaluate
 from ..model import Transformer
 from ..runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
-from ..tokenizer import get_tokenizer
+from ..tokenizer import run_tokenizer
 from . import checkpoint as ckpt
 from .optim import lr_at, make_optimizer, warmup_steps
 
@@ -61,10 +61,13 @@ class Plan:
 class MetricsLog:
     def __init__(self, path: Path):
         self.path = path
+        self.sink: Optional[Callable[[dict], None]] = None  # e.g. TensorBoardLogger.write
 
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.sink is not None:
+            self.sink(record)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (and a torn last line): a resumed run redoes them."""
@@ -118,10 +121,13 @@ class Trainer:
         self.cfg, self.out, self.log, self.progress = cfg, out_dir, log, progress
         self.stop_after = stop_after
         t = cfg.train
+        if t.tensorboard:  # fail before the data is prepared, not after
+            from ..tensorboard import require_tensorboard
+            require_tensorboard()
         self.threads = set_threads(t.num_threads)
         self.device = pick_device(t.device)
         self.precision = resolve_precision(t.precision, self.device)
-        self.tokenizer = get_tokenizer(cfg.tokenizer)
+        self.tokenizer = run_tokenizer(cfg.tokenizer, out_dir)  # an own tokenizer that moved: the run's copy
         cfg.model.vocab_size = self.tokenizer.vocab_size
 
         self.ckpt_dir = out_dir / "checkpoints"
@@ -147,6 +153,12 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         self._write_run_files()
+        self.tb = None
+        if t.tensorboard:
+            from ..tensorboard import TensorBoardLogger
+            # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
+            self.tb = TensorBoardLogger(out_dir, purge_step=self.state.step + 1)
+            self.metrics.sink = self.tb.write
 
     # ------------------------------------------------------------ set-up
 
@@ -182,6 +194,7 @@ class Trainer:
 
     def _write_run_files(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save(self.out / "tokenizer")  # own tokenizers: the run keeps a copy (gpt2: nothing)
         ckpt.write_atomic_text(self.out / "config.toml", to_toml(self.cfg))
         info = {
             "cairn_version": __version__,
@@ -230,14 +243,14 @@ class Trainer:
 
     def _restore(self, path: Path, c) -> None:
         saved = from_dict(c.meta["config"])
+        if c.meta["tokenizer"]["name"] != self.tokenizer.name:
+            raise CairnError(f"cannot resume {path}: it was trained with tokenizer {c.meta['tokenizer']['name']!r}, "
+                             f"this run uses {self.tokenizer.name!r}")
         diff = [f"model.{k} ({v} -> {getattr(self.cfg.model, k)})" for k, v in asdict(saved.model).items()
                 if getattr(self.cfg.model, k) != v]
         if diff:
             raise CairnError(f"cannot resume {path}: the model config differs: {', '.join(diff)}; "
                              "resume with the saved model config or start a new run")
-        if c.meta["tokenizer"]["name"] != self.tokenizer.name:
-            raise CairnError(f"cannot resume {path}: it was trained with tokenizer {c.meta['tokenizer']['name']!r}, "
-                             f"this run uses {self.tokenizer.name!r}")
         for section in ("data", "train"):
             for k, v in asdict(getattr(saved, section)).items():
                 if getattr(getattr(self.cfg, section), k) != v:
@@ -404,7 +417,7 @@ class Trainer:
                     if stopped is None and self.should_stop_early():
                         stopped = "early stopping"
 
-            if stopped in ("signal",) or (stopped or "").startswith("stop-after"):
+            if stopped is not None and stopped != "early stopping":  # a pause: resumable, no final model
                 path = self._save(f"{cfg.name}_checkpoint_step{s.step:07d}", "step", resumable=True)
                 self.log(f"stopped ({stopped}) at step {s.step}; checkpoint {path}; "
                          f"resume with: cairn train --resume {self.out}")
@@ -436,4 +449,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_aft
     """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary."""
     validate(cfg)
     trainer = Trainer(cfg, Path(out_dir), resume, stop_after, log, progress)
-    return trainer.run()
+    try:
+        return trainer.run()
+    finally:
+        if trainer.tb is not None:
+            trainer.tb.close()

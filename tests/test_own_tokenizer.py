@@ -1,0 +1,164 @@
+"""Own byte-level BPE tokenizers: train, exact round trips, content-derived names, a run end to end."""
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from cairn.cli import main
+from cairn.config import apply_overrides, preset
+from cairn.errors import CairnError
+from cairn.loading import load
+from cairn.tokenizer import get_tokenizer
+from cairn.tokenizer_train import train_bpe
+from cairn.training import train
+from conftest import make_stories
+
+EXTRA = ["Zoë's café served crème brûlée. 日本語のテキスト. Emoji: 🐱🚀!", "Tabs\tand\nnew lines  and   spaces. "]
+TRICKY = "Lily’s cat said: “héllo” 123!\n\nThe end. <|endoftext|> ok 🐱 日本 \t x  "
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "bpe"
+    train_bpe(make_stories(300) + EXTRA, 512, out)
+    return out
+
+
+def test_trained_tokenizer_files_and_identity(tokdir):
+    tok = get_tokenizer(str(tokdir))
+    info = json.loads((tokdir / "cairn-tokenizer.json").read_text())
+    raw = (tokdir / "tokenizer.json").read_bytes()
+    assert tok.name == info["name"] == "bpe-" + hashlib.sha256(raw).hexdigest()[:16]
+    assert tok.vocab_size == info["vocab_size"] <= 512 and tok.vocab_size > 300
+    assert tok.eot_id == info["eot_id"] == tok.tok.token_to_id("<|endoftext|>")
+    # the story end is one token; in text it is ordinary characters
+    assert tok.eot_id not in tok.encode("a <|endoftext|> b")
+
+
+def test_round_trips_exactly_and_counts_bytes(tokdir):
+    tok = get_tokenizer(str(tokdir))
+    for text in [TRICKY, *EXTRA, make_stories(1, seed=99)[0], "", " ", "\U0001f600" * 3]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert tok.decode_bytes(ids) == text.encode("utf-8")
+        assert int(tok.token_bytes[ids].sum()) == len(text.encode("utf-8"))
+    assert tok.token_bytes[tok.eot_id] == 0
+    assert tok.encode_batch([TRICKY, "Once upon a time"]) == [tok.encode(TRICKY), tok.encode("Once upon a time")]
+    # training text compresses: far fewer tokens than bytes
+    story = make_stories(1, seed=7)[0]
+    assert len(tok.encode(story)) < len(story.encode()) / 2.5
+
+
+def test_name_follows_the_content(tmp_path, tokdir):
+    stories = make_stories(300) + EXTRA
+    again = train_bpe(stories, 512, tmp_path / "again")
+    assert again.name == get_tokenizer(str(tokdir)).name  # same data, same tokenizer, same name
+    other = train_bpe(stories[:150], 512, tmp_path / "other")
+    assert other.name != again.name
+    smaller = train_bpe(stories, 290, tmp_path / "smaller")
+    assert smaller.name != again.name
+    # a hand-edited tokenizer.json no longer matches its cairn-tokenizer.json: refused
+    edited = tmp_path / "edited"
+    shutil.copytree(tmp_path / "again", edited)
+    (edited / "tokenizer.json").write_text((edited / "tokenizer.json").read_text() + "\n")
+    with pytest.raises(CairnError, match="changed after training"):
+        get_tokenizer(str(edited))
+
+
+def test_cli_tokenizer_train(tmp_path, stories_file, capsys):
+    out = tmp_path / "cli-tok"
+    assert main(["tokenizer", "train", "--data", str(stories_file), "--vocab-size", "300", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    tok = get_tokenizer(str(out))
+    assert tok.name in printed and f"id {tok.eot_id}" in printed and "bytes/token" in printed
+    assert main(["tokenizer", "train", "--data", str(stories_file), "--vocab-size", "100", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "at least 257" in capsys.readouterr().err
+
+
+def tiny(source: Path, tokenizer: Path, **kw):
+    cfg = preset("tiny")
+    base = {"source": str(source), "tokenizer": str(tokenizer), "d_model": 32, "n_heads": 4, "n_layers": 2,
+            "d_mlp": 64, "context_len": 64, "seq_len": 32, "batch_size": 4, "max_steps": 6, "eval_every": 3,
+            "eval_batches": 2, "checkpoint_every": 3, "report_every": 2}
+    return apply_overrides(cfg, {**base, **kw})
+
+
+def test_train_eval_generate_with_an_own_tokenizer(tmp_path, tokdir, stories_file, capsys):
+    tokcopy = tmp_path / "mytok"
+    shutil.copytree(tokdir, tokcopy)
+    tok = get_tokenizer(str(tokcopy))
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--tokenizer", str(tokcopy),
+                 "--out", str(run), "--max-steps", "6", "--d-model", "32", "--n-heads", "4", "--d-mlp", "64",
+                 "--seq-len", "32", "--batch-size", "4", "--eval-every", "3", "--checkpoint-every", "3",
+                 "--no-progress"]) == 0
+    info = json.loads((run / "run.json").read_text())
+    assert info["tokenizer"] == {"name": tok.name, "vocab_size": tok.vocab_size}
+    loaded = load(run, device="cpu")
+    assert loaded.config.model.vocab_size == tok.vocab_size == loaded.model.lm_head.weight.shape[0]
+    assert loaded.tokenizer.name == tok.name
+    capsys.readouterr()
+    assert main(["eval", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["bits_per_byte"] > 0
+    assert main(["generate", str(run), "--prompt", "Once upon a time", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time")
+
+    # the run keeps its own copy of the tokenizer: it still loads when the original moves away
+    assert (run / "tokenizer" / "tokenizer.json").is_file(), "the training loop must save RUN/tokenizer"
+    shutil.move(str(tokcopy), str(tmp_path / "moved"))
+    assert load(run, device="cpu").tokenizer.name == tok.name
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--max-steps", "8", "--no-progress"]) == 0
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path, tokdir, stories_file):
+    # another tokenizer of the same vocabulary size: only its name (content hash) tells them apart
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "tokenizer.json").write_text((tokdir / "tokenizer.json").read_text() + "\n")
+    assert get_tokenizer(str(other)).name != get_tokenizer(str(tokdir)).name
+    run = tmp_path / "run"
+    train(tiny(stories_file, tokdir), run, stop_after=3, log=lambda m: None)
+    with pytest.raises(CairnError, match="tokenizer"):
+        train(tiny(stories_file, other), run, resume=True, log=lambda m: None)
+
+
+def test_two_tokenizers_never_share_a_token_cache(tmp_path, tokdir, stories_file):
+    from cairn.data import prepare_data
+
+    other = train_bpe(make_stories(300, seed=1), 512, tmp_path / "other")
+    cfg = tiny(stories_file, tokdir)
+    a = prepare_data(cfg.data, cfg.seed, get_tokenizer(str(tokdir)), log=lambda m: None)
+    b = prepare_data(cfg.data, cfg.seed, other, log=lambda m: None)
+    assert a.cache_dir != b.cache_dir
+    assert a.train.n_bytes == b.train.n_bytes
+
+
+@pytest.mark.skipif(os.environ.get("CAIRN_SKIP_HF") == "1", reason="asked to skip transformers")
+def test_export_with_an_own_tokenizer(tmp_path, tokdir, stories_file):
+    pytest.importorskip("transformers")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cairn.export import export_hf
+
+    run = tmp_path / "run"
+    train(tiny(stories_file, tokdir), run, log=lambda m: None)
+    out = export_hf(run, tmp_path / "hf")
+    tok = get_tokenizer(str(tokdir))
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    story = make_stories(1, seed=3)[0]
+    assert hf_tok(story)["input_ids"] == tok.encode(story)
+    assert hf_tok.decode(tok.encode(TRICKY)) == TRICKY
+    assert hf_tok.eos_token_id == tok.eot_id
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    loaded = load(run, device="cpu")
+    x = torch.tensor([([tok.eot_id] + tok.encode(story))[:64]])
+    with torch.no_grad():
+        assert (loaded.model(x) - hf(x).logits).abs().max().item() <= 1e-4
