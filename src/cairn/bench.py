@@ -167,14 +167,14 @@ def bench_training(d, layers, heads, seq, batch, vocab, rounds, variants, tutori
         m = NanoGPT(vocab, d, layers, heads, seq)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         n = sum(p.numel() for mod in m.modules() if isinstance(mod, nn.Linear) for p in [mod.weight])
-        out.append(Variant("nanogpt", make_step(m, opt, lambda: m(x, y)), batch * seq, batch * seq,
+        out.append(Variant("nanogpt", make_step(m, opt, lambda m=m: m(x, y)), batch * seq, batch * seq,
                            (6 * n + 12 * layers * d * seq) * batch * seq, []))
     if "cairn" in variants:
         cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, d_mlp=4 * d, context_len=seq)
         m = Transformer(cfg)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
         fl = m.flops_per_token(seq) * batch * seq
-        out.append(Variant("cairn", make_step(m, opt, lambda: (lambda s: s[0] / s[1])(m(x, labels=y))),
+        out.append(Variant("cairn", make_step(m, opt, lambda m=m: (lambda s: s[0] / s[1])(m(x, labels=y))),
                            batch * seq, batch * seq, fl, []))
     if "tutorial" in variants:
         ctx = 1000
@@ -185,7 +185,7 @@ def bench_training(d, layers, heads, seq, batch, vocab, rounds, variants, tutori
         for i, n_real in enumerate(lengths):
             xt[i, n_real:] = 0
         n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-        out.append(Variant("tutorial", make_step(m, opt, lambda: m(xt, xt)), tutorial_batch * ctx,
+        out.append(Variant("tutorial", make_step(m, opt, lambda m=m: m(xt, xt)), tutorial_batch * ctx,
                            int((lengths - 1).sum()), (6 * n + 12 * layers * d * ctx) * tutorial_batch * ctx, []))
     for v in out:  # warm-up step each
         v.step()
