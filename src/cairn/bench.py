@@ -134,7 +134,7 @@ def measured_peak_flops(dtype=torch.float32, n=2048) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = math.inf
-    for _ in range(3):
+    for _ in range(10):  # the best of several: a busy machine only ever makes one slower
         t = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - t)

@@ -434,7 +434,8 @@ class Trainer:
         if t.test_at_end and self.test_ds is not None:
             r = evaluate(self.model, self.loader(self.test_ds, 0, train=False), self.device, self.precision,
                          self.tokenizer.token_bytes)
-            self.metrics.write({"kind": "test", "step": s.step, "epoch": s.epoch, "test_loss": r["loss"],
+            self.metrics.write({"kind": "test", "step": s.step, "epoch": min(s.epoch + 1, plan.epochs),
+                                "test_loss": r["loss"],
                                 "test_perplexity": r["perplexity"], "test_bits_per_byte": r["bits_per_byte"],
                                 "test_tokens": r["tokens"]})
             self.log(f"test: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, "
