@@ -41,7 +41,8 @@ def test_train_lowers_validation_loss_and_writes_its_run_directory(trained):
     val = [m["val_loss"] for m in recs if m["kind"] == "val"]
     assert len(val) >= 4 and val[-1] < val[0] - 0.5, val
     train = [m for m in recs if m["kind"] == "train"]
-    assert {"step", "epoch", "train_loss", "lr", "tokens_per_s"} <= set(train[0])
+    assert {"step", "epoch", "train_loss", "lr", "tokens_per_s", "mfu"} <= set(train[0])
+    assert all(0 < m["mfu"] < 1 for m in train)
     assert {"val_loss", "val_perplexity"} <= set(next(m for m in recs if m["kind"] == "val"))
     test = [m for m in recs if m["kind"] == "test"]
     assert len(test) == 1 and test[0]["test_loss"] > 0 and test[0]["test_perplexity"] > 1

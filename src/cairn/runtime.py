@@ -69,3 +69,38 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, for MFU on GPUs.
+GPU_BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
+                  "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Float32 matmul FLOP/s of this CPU, the best of a few runs (values do not matter: ones keep
+    the RNG untouched)."""
+    import time
+
+    a = torch.ones(n, n)
+    b = torch.ones(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | tuple[None, str]:
+    """(peak FLOP/s, where it comes from) for MFU, or (None, reason) when unknown."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_BF16_PEAKS.items():
+            if key in name:
+                # float32 runs on tensor cores as TF32 at about half the bf16 rate
+                return (peak if precision == "bf16" else peak / 2), f"{name} data sheet"
+        return None, f"no peak known for {name}"
+    if device.type == "cpu":
+        return measured_matmul_flops(), "measured float32 matmul"
+    return None, f"no peak known for {device.type}"

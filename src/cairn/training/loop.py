@@ -25,7 +25,7 @@ from ..data import PackedDataset, PaddedDataset, make_loader, num_batches, prepa
 from ..errors import CairnError
 from ..evaluate import evaluate
 from ..model import Transformer
-from ..runtime import autocast, pick_device, resolve_precision, seed_everything, set_threads
+from ..runtime import autocast, peak_flops, pick_device, resolve_precision, seed_everything, set_threads
 from ..tokenizer import run_tokenizer
 from . import checkpoint as ckpt
 from .optim import lr_at, make_optimizer, warmup_steps
@@ -146,6 +146,8 @@ class Trainer:
         self.plan = self._plan()
 
         self.model = Transformer(cfg.model).to(self.device)
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.precision)
+        self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
         self.optimizer = make_optimizer(self.model, t, self.device)
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.state = TrainState()
@@ -343,6 +345,9 @@ class Trainer:
         cfg, t, s, plan = self.cfg, self.cfg.train, self.state, self.plan
         n_params = self.model.num_params()
         self.log(f"model: {n_params:,} parameters; device {self.device}, {self.precision}, {self.threads} threads")
+        if self.peak_flops:
+            self.log(f"MFU against {self.peak_flops / 1e9:,.0f} GFLOP/s ({self.peak_source}), "
+                     f"{self.flops_per_token / 1e6:,.1f} MFLOP per token")
         splits = self.data.meta.get("splits", {})
         counts = ", ".join(f"{k} {v.get('stories', 0):,} stories / {v.get('tokens', 0):,} tokens"
                            for k, v in splits.items())
@@ -381,13 +386,17 @@ class Trainer:
                         elapsed = time.perf_counter() - window_start
                         tps = timed_tokens / max(elapsed, 1e-9)
                         mean = s.window_loss_sum / max(s.window_tokens, 1)
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                        # MFU of the real (non-padding) tokens: padding is compute that teaches nothing
+                        mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else None
+                        mfu_text = f", MFU {mfu:.1%}" if mfu is not None else ""
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                        mfu=mfu_text[6:] or "n/a")
                         self.metrics.write({"kind": "train", "step": s.step, "epoch": s.epoch + 1,
                                             "train_loss": mean, "train_perplexity": math.exp(min(mean, 700)),
-                                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps, "mfu": mfu,
                                             "tokens": s.tokens_seen, "time": time.time()})
                         self.log(f"step {s.step}/{plan.total_steps}: loss {mean:.4f}, lr {lr:.2e}, "
-                                 f"{tps:,.0f} tok/s")
+                                 f"{tps:,.0f} tok/s{mfu_text}")
                         s.window_loss_sum, s.window_tokens = 0.0, 0
                         timed_tokens, window_start = 0, time.perf_counter()
 
