@@ -180,9 +180,9 @@ def cache_root(cache_dir: str = "") -> Path:
     return Path(os.path.expanduser(base)) / "tokens"
 
 
-def cache_key(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> str:
-    """sha256 of everything that decides the cached tokens (the source's content, not its path)."""
-    ident = {
+def _identity(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> dict:
+    """Everything that decides the cached tokens (the source's content, not its path)."""
+    return {
         "format": FORMAT_VERSION,
         "source_fingerprint": fingerprint,
         "text_field": data_cfg.text_field,
@@ -195,6 +195,11 @@ def cache_key(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> s
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
     }
+
+
+def cache_key(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> str:
+    """sha256 of the cache's identity."""
+    ident = _identity(data_cfg, seed, tokenizer, fingerprint)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -235,19 +240,9 @@ def _remove_stale_temps(root: Path) -> None:
 def _make_meta(data_cfg: DataConfig, seed: int, tokenizer, key: str, fingerprint: str,
                n_loaded: int, n_kept: int, counts: dict) -> dict:
     return {
-        "format": FORMAT_VERSION,
+        **_identity(data_cfg, seed, tokenizer, fingerprint),
         "key": key,
         "source": data_cfg.source,
-        "source_fingerprint": fingerprint,
-        "text_field": data_cfg.text_field,
-        "txt_separator": data_cfg.txt_separator,
-        "hub_split": data_cfg.hub_split,
-        "seed": seed,
-        "n_samples": data_cfg.n_samples,
-        "train_frac": data_cfg.train_frac,
-        "val_frac": data_cfg.val_frac,
-        "tokenizer": tokenizer.name,
-        "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "dtype": token_dtype(tokenizer.vocab_size).str,
         "stories_loaded": n_loaded,
