@@ -23,7 +23,7 @@ def config(source: Path, **overrides):
 
 def losses(run: Path) -> list[dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s")} for r in recs]
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "mfu")} for r in recs]
 
 
 def final_weights(run: Path) -> dict:
