@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .model import Transformer, sinusoidal_table
+from .runtime import measured_matmul_flops, set_threads
 
 
 # ---------------------------------------------------------------- references
@@ -130,17 +131,6 @@ def make_step(model, opt, loss_fn):
     return step
 
 
-def measured_peak_flops(dtype=torch.float32, n=2048) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(10):  # the best of several: a busy machine only ever makes one slower
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
 def story_lengths(n: int, seed: int = 0) -> np.ndarray:
     """GPT-2 token lengths of TinyStories stories: from the shared sample when present, else a
     log-normal with the sample's mean (~206 tokens)."""
@@ -232,8 +222,8 @@ def main(argv=None) -> int:
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
-    peak = measured_peak_flops()
+    set_threads(0)
+    peak = measured_matmul_flops(n=2048, repeats=10)
     print(f"# shape d{a.d_model} L{a.n_layers} H{a.n_heads} T{a.seq_len} B{a.batch_size} V{a.vocab_size}; "
           f"{torch.get_num_threads()} threads; measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     variants = bench_training(a.d_model, a.n_layers, a.n_heads, a.seq_len, a.batch_size, a.vocab_size, a.rounds,

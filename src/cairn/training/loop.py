@@ -138,11 +138,8 @@ class Trainer:
         self.data = data
         Dataset = PackedDataset if cfg.data.batching == "pack" else PaddedDataset
         self.train_ds = Dataset(data.train, cfg.data.seq_len)
-        # a split too short for one window is treated as absent (no evaluation on it)
-        self.val_ds = Dataset(data.val, cfg.data.seq_len) if data.val.n_stories else None
-        self.test_ds = Dataset(data.test, cfg.data.seq_len) if data.test.n_stories else None
-        self.val_ds = self.val_ds if self.val_ds is not None and len(self.val_ds) else None
-        self.test_ds = self.test_ds if self.test_ds is not None and len(self.test_ds) else None
+        # a held-out split too short for one row is treated as absent (no evaluation on it)
+        self.val_ds, self.test_ds = (Dataset(split, cfg.data.seq_len) or None for split in (data.val, data.test))
         self.plan = self._plan()
 
         self.model = Transformer(cfg.model).to(self.device)
