@@ -143,3 +143,64 @@ def test_a_tied_model_exports_as_gpt2_with_tied_embeddings(tmp_path):
     x = torch.tensor([[50256] + gpt2().encode(STORY)])
     with torch.no_grad():
         assert (load(tmp_path / "run", device="cpu").model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- the Llama block exports as Llama
+
+def llama_model(bias: bool, tied: bool, seed: int = 2):
+    cfg = preset("tiny")
+    m = cfg.model
+    m.positions, m.norm, m.mlp, m.bias, m.tie_embeddings = "rope", "rmsnorm", "swiglu", bias, tied
+    m.context_len, m.rope_theta, m.d_mlp = 96, 500.0, 96  # an unusual theta: a wrong one would show
+    torch.manual_seed(seed)
+    model = Transformer(m)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if "ln" in name else 0.0))
+    return cfg, model.eval()
+
+
+@pytest.mark.parametrize("bias,tied", [(False, True), (True, False)])
+def test_the_llama_block_exports_as_llama_with_the_same_logits_and_generation(tmp_path, bias, tied):
+    from transformers import AutoModelForCausalLM
+
+    cfg, model = llama_model(bias, tied)
+    save_run(tmp_path / "run", cfg, model)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["tie_word_embeddings"] is tied
+    assert config["attention_bias"] is bias and config["mlp_bias"] is bias
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) is tied
+    ids = [50256] + gpt2().encode(STORY)
+    x = torch.tensor([ids])
+    loaded = load(tmp_path / "run", device="cpu")
+    with torch.no_grad():
+        ours_logits = loaded.model(x)
+        diff = (ours_logits - hf(x).logits).abs().max().item()
+    # float32 round-off relative to the logits' size; transformers computes the rotary angles in
+    # float32, cairn in float64 (a wrong theta or mapping differs by whole units, not 1e-5)
+    assert diff <= 2e-5 * ours_logits.abs().max().item(), diff
+
+    prompt = ids[:12]
+    s = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    ours = list(generate_ids(loaded.model, list(prompt), s, 50256, True))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=30, do_sample=False)[0, len(prompt):].tolist()
+    if theirs and theirs[-1] == 50256:
+        theirs = theirs[:-1]
+    assert ours == theirs and len(ours) > 0
+
+
+def test_a_block_mixing_gpt2_and_llama_is_refused_naming_the_fields(tmp_path, capsys):
+    cfg, model = tiny_model()
+    cfg.model.positions = "rope"  # rotary positions with LayerNorm + GELU: neither format computes it
+    torch.manual_seed(0)
+    save_run(tmp_path / "run", cfg, Transformer(cfg.model))
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    assert "positions=rope" in err and "norm=layernorm" in err and "mlp=gelu" in err
+    assert not (tmp_path / "hf").exists()

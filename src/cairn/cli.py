@@ -102,7 +102,7 @@ def _add_plot(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a trained model to Hugging Face GPT-2 format",
+    p = sub.add_parser("export", help="export a trained model to Hugging Face format (GPT-2 or Llama, as its architecture)",
                        description="Write a run's final checkpoint (or the given checkpoint) as a Hugging Face "
                                    "GPT-2 model: config.json, generation_config.json, model.safetensors and "
                                    "tokenizer files, loadable offline with transformers' AutoModelForCausalLM "
@@ -314,7 +314,8 @@ def cmd_export(args) -> int:
     if not args.out.strip():
         raise CairnError("--out is empty: give a new directory to write the export into")
     out = export_hf(args.path, args.out)
-    print(f"wrote {out} (Hugging Face GPT-2 format)")
+    kind = json.loads((out / "config.json").read_text(encoding="utf-8"))["architectures"][0]
+    print(f"wrote {out} (Hugging Face format, {kind})")
     return 0
 
 

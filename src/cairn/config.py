@@ -36,6 +36,10 @@ class ModelConfig:
     dropout: float = 0.0  # dropout on attention output, MLP output and embeddings
     norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as the tutorial)
     tie_embeddings: bool = False  # share the token embedding with the output head (GPT-2, nanoGPT); the tutorial: no
+    positions: str = "sinusoidal"  # "sinusoidal" (fixed table added to the embeddings, the tutorial's) or "rope" (rotary, in attention)
+    rope_theta: float = 10000.0  # base of the rotary frequencies (positions = "rope")
+    norm: str = "layernorm"  # "layernorm" (the tutorial's) or "rmsnorm" (no mean, no bias: cheaper)
+    mlp: str = "gelu"  # "gelu" (fc -> exact GELU -> proj, the tutorial's) or "swiglu" (silu(gate) * up -> down)
 
 
 @dataclass
@@ -346,6 +350,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.d_model // m.n_heads % 2:
         raise CairnError(f"head size d_model/n_heads = {m.d_model // m.n_heads} must be even: "
                          "change --d-model or --n-heads")
+    for name, allowed in (("positions", ("sinusoidal", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                          ("mlp", ("gelu", "swiglu"))):
+        if getattr(m, name) not in allowed:
+            raise CairnError(f"model.{name} must be {' or '.join(repr(a) for a in allowed)}, got {getattr(m, name)!r}: "
+                             f"set --{name} to one of them")
+    positive("model", "rope_theta", m.rope_theta)
     if not 0 <= m.dropout < 1:
         raise CairnError(f"model.dropout must be in [0, 1), got {m.dropout}: set --dropout to e.g. 0.1")
     positive("model", "norm_eps", m.norm_eps)

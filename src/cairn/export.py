@@ -1,6 +1,11 @@
-"""Export a trained cairn model to Hugging Face's GPT-2 format (`cairn export --format hf`).
+"""Export a trained cairn model to Hugging Face format (`cairn export --format hf`).
 
-cairn's model is GPT-2's architecture with three choices GPT-2 can express:
+The format follows the architecture: the tutorial's block (sinusoidal positions, LayerNorm, GELU
+MLP, biases) becomes GPT-2; the Llama block (rotary positions, RMSNorm, SwiGLU) becomes Llama,
+with or without biases and with the head tied or not. A mix of the two (say, rotary positions with
+a GELU MLP) has no Hugging Face class that computes it, and is refused with the fields to change.
+
+For GPT-2, cairn's model has three choices GPT-2 can express:
   - fixed sinusoidal positions: the (scaled) table becomes GPT-2's learned position embedding `wpe`,
     with exactly its values, so the exported model computes the same function;
   - exact erf GELU: `activation_function = "gelu"` (not GPT-2's tanh "gelu_new");
@@ -27,11 +32,88 @@ from .errors import CairnError
 from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer, TiktokenTokenizer
 
 
-def _refuse(cfg) -> None:
+GPT2_BLOCK = {"positions": "sinusoidal", "norm": "layernorm", "mlp": "gelu", "bias": True}
+LLAMA_BLOCK = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+
+
+def hf_architecture(cfg) -> str:
+    """'gpt2' or 'llama': the Hugging Face class that computes exactly this model; else refuse."""
     m = cfg.model
-    if not m.bias:
+    if all(getattr(m, k) == v for k, v in GPT2_BLOCK.items()):
+        return "gpt2"
+    if all(getattr(m, k) == v for k, v in LLAMA_BLOCK.items()):
+        return "llama"
+    if m.positions == "sinusoidal" and m.norm == "layernorm" and m.mlp == "gelu":  # only the biases are off
         raise CairnError("this model has no biases (model.bias = false), which GPT-2's format cannot express: "
-                         "only models trained with biases export to --format hf")
+                         "only models trained with biases export to --format hf in GPT-2 form "
+                         "(or train the Llama block: --positions rope --norm rmsnorm --mlp swiglu)")
+    gpt2_off = [f"{k}={getattr(m, k)}" for k, v in GPT2_BLOCK.items() if getattr(m, k) != v]
+    llama_off = [f"{k}={getattr(m, k)}" for k, v in LLAMA_BLOCK.items() if getattr(m, k) != v]
+    raise CairnError(f"this model mixes GPT-2's and Llama's blocks, which no Hugging Face format computes "
+                     f"(not GPT-2 because of {', '.join(gpt2_off)}; not Llama because of {', '.join(llama_off)}): "
+                     "it cannot be exported; use it with cairn, or train one of the two blocks")
+
+
+def llama_state_dict(model) -> dict[str, torch.Tensor]:
+    """cairn weights -> LlamaForCausalLM weights. cairn's rotary form is Llama's (rotate_half), so
+    q and k need no permutation; the fused q/k/v projection is cut into q_proj, k_proj, v_proj."""
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    tied = bool(model.cfg.tie_embeddings)
+    if tied:
+        sd.pop("lm_head.weight", None)
+    out: dict[str, torch.Tensor] = {}
+    names = ("weight", "bias") if model.cfg.bias else ("weight",)
+
+    def take(src: str, dst: str) -> None:
+        out[dst] = sd.pop(src).contiguous().clone()
+
+    take("wte.weight", "model.embed_tokens.weight")
+    for i in range(model.cfg.n_layers):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        take(b + "ln_1.weight", h + "input_layernorm.weight")
+        take(b + "ln_2.weight", h + "post_attention_layernorm.weight")
+        for n in names:
+            for part, t in zip(("q", "k", "v"), sd.pop(b + f"attn.qkv.{n}").chunk(3, dim=0)):
+                out[h + f"self_attn.{part}_proj.{n}"] = t.contiguous().clone()
+            take(b + f"attn.proj.{n}", h + f"self_attn.o_proj.{n}")
+            for src, dst in (("gate", "gate_proj"), ("up", "up_proj"), ("proj", "down_proj")):
+                take(b + f"mlp.{src}.{n}", h + f"mlp.{dst}.{n}")
+    take("ln_f.weight", "model.norm.weight")
+    if not tied:
+        take("lm_head.weight", "lm_head.weight")
+    if sd:
+        raise CairnError(f"the model has weights Llama's format has no place for ({', '.join(sorted(sd)[:3])}): "
+                         "it cannot be exported to --format hf")
+    return out
+
+
+def llama_config(cfg, eot_id: int) -> dict:
+    m = cfg.model
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "intermediate_size": m.d_mlp,
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": m.n_heads,
+        "head_dim": m.d_model // m.n_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.context_len,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,  # transformers < 5
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},  # transformers >= 5
+        "attention_bias": m.bias,
+        "mlp_bias": m.bias,
+        "attention_dropout": m.dropout,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "tie_word_embeddings": m.tie_embeddings,
+        "torch_dtype": "float32",
+    }
 
 
 def gpt2_state_dict(model) -> dict[str, torch.Tensor]:
@@ -154,12 +236,13 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CairnError(f"--out {str(out)!r} already exists and is not an empty directory: choose a new one")
     loaded = load(path, device="cpu")
-    _refuse(loaded.config)
+    arch = hf_architecture(loaded.config)
     cfg, tok = loaded.config, loaded.tokenizer
     if cfg.model.vocab_size != tok.vocab_size:
         raise CairnError(f"the model's vocabulary ({cfg.model.vocab_size}) does not match its tokenizer's "
                          f"({tok.vocab_size}): cannot export")
-    tensors = gpt2_state_dict(loaded.model)
+    tensors = gpt2_state_dict(loaded.model) if arch == "gpt2" else llama_state_dict(loaded.model)
+    config = gpt2_config(cfg, tok.eot_id) if arch == "gpt2" else llama_config(cfg, tok.eot_id)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -167,11 +250,11 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(gpt2_config(cfg, tok.eot_id), indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         write_tokenizer(tok, tmp, cfg.model.context_len)
-        (tmp / "README.md").write_text(_card(loaded, tok), encoding="utf-8")
+        (tmp / "README.md").write_text(_card(loaded, tok, arch), encoding="utf-8")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -180,17 +263,23 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _card(loaded, tok) -> str:
+def _card(loaded, tok, arch: str) -> str:
     m = loaded.config.model
     step = (loaded.meta.get("state") or {}).get("step")
+    if arch == "gpt2":
+        block = (f"- exact (erf) GELU, {'tied' if m.tie_embeddings else 'untied'} output head; "
+                 "the position embedding `wpe` holds cairn's fixed sinusoidal "
+                 "table (it becomes trainable if you fine-tune)\n")
+    else:
+        block = (f"- Llama block: rotary positions (theta {m.rope_theta:g}), RMSNorm, SwiGLU, "
+                 f"{'biases' if m.bias else 'no biases'}, {'tied' if m.tie_embeddings else 'untied'} output head\n")
     return (f"# {loaded.config.name}\n\n"
-            f"A GPT-2-format export of a model trained from scratch with cairn (checkpoint `{loaded.path.name}`"
+            f"A {'GPT-2' if arch == 'gpt2' else 'Llama'}-format export of a model trained from scratch with cairn "
+            f"(checkpoint `{loaded.path.name}`"
             + (f", step {step}" if step is not None else "") + ").\n\n"
             f"- {loaded.model.num_params():,} parameters: d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads, "
             f"MLP {m.d_mlp}, context {m.context_len}, vocabulary {m.vocab_size} (tokenizer `{tok.name}`)\n"
-            f"- exact (erf) GELU, {'tied' if getattr(m, 'tie_embeddings', False) else 'untied'} output head; "
-            "the position embedding `wpe` holds cairn's fixed sinusoidal "
-            "table (it becomes trainable if you fine-tune)\n"
+            + block +
             f"- cairn starts every story after `{EOT}` (id {tok.eot_id}): put it before a prompt, as `cairn generate` "
             "does\n\n"
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
