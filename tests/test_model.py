@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from cairn.config import ModelConfig, preset
-from cairn.model import KVCache, Transformer, lm_loss, sinusoidal_table
+from cairn.model import KVCache, Transformer, apply_rope, lm_loss, rope_tables, sinusoidal_table
+
+# the tutorial's block, the Llama block, and a mix: every switch combination must stay causal,
+# length-independent and cache-exact
+BLOCKS = {
+    "tutorial": {},
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=True),
+    "rope+layernorm+gelu": dict(positions="rope"),
+}
+blocks = pytest.mark.parametrize("block", BLOCKS.values(), ids=BLOCKS.keys())
 
 
 def small(**kw) -> Transformer:
@@ -18,8 +27,9 @@ def test_reference_model_has_the_tutorials_parameter_count():
     assert model.num_params() == 105_547_776
 
 
-def test_causal_changing_future_tokens_leaves_past_logits_unchanged():
-    model = small().eval()
+@blocks
+def test_causal_changing_future_tokens_leaves_past_logits_unchanged(block):
+    model = small(**block).eval()
     x = torch.randint(0, 97, (2, 30))
     t = 12
     y = x.clone()
@@ -30,8 +40,9 @@ def test_causal_changing_future_tokens_leaves_past_logits_unchanged():
     assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3  # and the future does change
 
 
-def test_positions_work_at_any_length_not_only_the_context():
-    model = small().eval()
+@blocks
+def test_positions_work_at_any_length_not_only_the_context(block):
+    model = small(**block).eval()
     x = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         full = model(x)
@@ -47,8 +58,23 @@ def test_sinusoidal_table_matches_the_formula():
     assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
 
 
-def test_padding_never_changes_the_loss():
-    model = small().eval()
+def test_rotary_scores_depend_only_on_the_relative_position():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    cos, sin = rope_tables(64, 16, 10000.0)
+
+    def score(m: int, n: int) -> float:
+        return (apply_rope(q, cos[m:m + 1], sin[m:m + 1]) * apply_rope(k, cos[n:n + 1], sin[n:n + 1])).sum().item()
+
+    assert score(10, 3) == pytest.approx(score(47, 40), abs=1e-5)
+    assert score(10, 3) != pytest.approx(score(10, 4), abs=1e-3)
+    # a rotation: norms are kept
+    assert apply_rope(q, cos[33:34], sin[33:34]).norm().item() == pytest.approx(q.norm().item(), rel=1e-6)
+
+
+@blocks
+def test_padding_never_changes_the_loss(block):
+    model = small(**block).eval()
     story = torch.randint(0, 96, (1, 15))
     labels = torch.roll(story, -1, 1)
     labels[0, -1] = 96
@@ -67,8 +93,9 @@ def test_padding_never_changes_the_loss():
             assert s2.item() == pytest.approx(alone.item(), rel=1e-5)
 
 
-def test_kv_cache_decoding_equals_full_recomputation():
-    model = small().eval()
+@blocks
+def test_kv_cache_decoding_equals_full_recomputation(block):
+    model = small(**block).eval()
     x = torch.randint(0, 97, (2, 25))
     with torch.no_grad():
         full = model(x)
