@@ -168,7 +168,7 @@ def _check_out(out: Path) -> None:
             break
 
 
-def cmd_train(args, extra: list[str]) -> int:
+def cmd_train(args, extra: list[str], started: float) -> int:
     from .config import RunConfig, apply_overrides, load_toml, preset, validate
     from .training import train
 
@@ -217,7 +217,7 @@ def cmd_train(args, extra: list[str]) -> int:
     else:
         def log(msg: str) -> None:
             print(msg, flush=True)
-    train(cfg, out, resume=resume, stop_after=args.stop_after, log=log, progress=progress)
+    train(cfg, out, resume=resume, stop_after=args.stop_after, log=log, progress=progress, started=started)
     return 0
 
 
@@ -345,6 +345,7 @@ def cmd_tokenizer(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    started = time.monotonic()  # a --time-budget counts from here
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
@@ -357,7 +358,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.print_help()
             return 2
         if args.command == "train":
-            return cmd_train(args, extra)
+            return cmd_train(args, extra, started)
         if extra:
             raise CairnError(f"unknown option {extra[0]!r} for `cairn {args.command}` (see `cairn {args.command} --help`)")
         if args.command == "plot":

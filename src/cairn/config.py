@@ -86,13 +86,16 @@ class TrainConfig:
     test_at_end: bool = True  # evaluate the test split at the end of training
     tensorboard: bool = False  # also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')
     skip_nonfinite: int = 0  # skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)
+    time_budget: str = ""  # e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run (evaluations and stories included) ends within it; "" = off
+    end_stories: int = 3  # stories generated from fixed prompts and seeds at the end, printed and saved to RUN/stories.md
+    end_story_tokens: int = 200  # longest end-of-run story in tokens
 
 
 @dataclass
 class RunConfig:
     name: str = "cairn"  # run name: checkpoints are called <name>_checkpoint_<...>
     seed: int = 42  # seeds the data shuffle, the model initialisation and the batch order
-    tokenizer: str = "gpt2"  # "gpt2" (exact GPT-2 BPE), or a directory made by `cairn tokenizer train`
+    tokenizer: str = "gpt2"  # "gpt2" (exact GPT-2 BPE), "bpe:N" (an N-token BPE learned on this run's training split, cached), or a directory made by `cairn tokenizer train`
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -144,7 +147,8 @@ def _tiny() -> RunConfig:
     cfg.model = ModelConfig(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, d_mlp=256, context_len=128)
     cfg.data = DataConfig(batching="pack", seq_len=64)
     cfg.train = TrainConfig(batch_size=8, lr=3e-3, schedule="cosine", warmup_frac=0.1, weight_decay=0.1,
-                            beta2=0.95, report_every=5, eval_every=20, eval_batches=5, checkpoint_every=20)
+                            beta2=0.95, report_every=5, eval_every=20, eval_batches=5, checkpoint_every=20,
+                            end_stories=1, end_story_tokens=32)
     return cfg
 
 
@@ -153,6 +157,21 @@ PRESETS = {
     "cpu-small": _cpu_small,
     "tiny": _tiny,
 }
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "600", "600s", "10m", "1.5h" (CairnError otherwise)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:], None)
+    number = raw[:-1] if scale is not None else raw
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise CairnError(f"train.time_budget {text!r} is not a duration: give e.g. 600s, 10m or 1.5h")
+    return seconds
 
 
 def preset(name: str) -> RunConfig:
@@ -396,12 +415,21 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not 0 <= getattr(t, name) < 1:
             raise CairnError(f"train.{name} must be in [0, 1), got {getattr(t, name)}: change --{name}")
     positive("train", "eps", t.eps)
+    if t.time_budget:
+        parse_duration(t.time_budget)
+    positive("train", "end_stories", t.end_stories, allow_zero=True)
+    positive("train", "end_story_tokens", t.end_story_tokens)
     if t.precision not in ("auto", "fp32", "bf16"):
         raise CairnError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}: "
                          "use one of them with --precision")
-    if cfg.tokenizer != "gpt2" and not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
-        raise CairnError(f"tokenizer {cfg.tokenizer!r} is neither 'gpt2' nor a directory holding tokenizer.json: "
-                         "use 'gpt2' or a directory made by `cairn tokenizer train`")
+    if cfg.tokenizer.startswith("bpe:"):
+        from .tokenizer_train import parse_bpe_spec
+
+        parse_bpe_spec(cfg.tokenizer)
+    elif cfg.tokenizer != "gpt2" and not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
+        raise CairnError(f"tokenizer {cfg.tokenizer!r} is neither 'gpt2', 'bpe:N' nor a directory holding "
+                         "tokenizer.json: use 'gpt2', bpe:4096 (learned on the training split) or a directory "
+                         "made by `cairn tokenizer train`")
     return cfg
 
 

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from .errors import CairnError
 from .tokenizer import EOT, INFO_FILE, TOKENIZER_FILE, BPETokenizer, content_name
@@ -107,3 +107,51 @@ def training_texts(source: str, *, text_field: str = "text", txt_separator: str 
     # the same shuffle and cut as `cairn train`: its first int(train_frac * n) stories are the training split
     splits = split_stories(texts, seed, n_samples, train_frac, 0.0)
     return splits["train"], splits["test"]
+
+
+BPE_SPEC_PREFIX = "bpe:"  # `--tokenizer bpe:4096`: learn a 4096-token BPE on the run's own training split
+
+
+def parse_bpe_spec(spec: str) -> Optional[int]:
+    """The vocabulary size of a "bpe:N" tokenizer spec, None for other specs; CairnError if malformed."""
+    if not spec.startswith(BPE_SPEC_PREFIX):
+        return None
+    size = spec[len(BPE_SPEC_PREFIX):]
+    if not size.isdigit() or int(size) < MIN_VOCAB or int(size) > 65536:
+        raise CairnError(f"tokenizer {spec!r} must be bpe:N with N from {MIN_VOCAB} to 65536 (e.g. bpe:4096)")
+    return int(size)
+
+
+def split_tokenizer(vocab_size: int, data_cfg, seed: int, log=print) -> BPETokenizer:
+    """A BPE learned on exactly the training split `cairn train` makes of `data_cfg` with `seed`, so
+    no validation or test story shapes it. Cached by the data's content and split settings: the
+    second run with the same data maps it instead of learning it again (deterministic either way)."""
+    import hashlib
+
+    from .data import source_fingerprint
+    from .data.cache import cache_root
+
+    d = data_cfg
+    fingerprint = source_fingerprint(d.source, d.text_field, d.txt_separator, d.hub_split)
+    ident = {"version": 1, "fingerprint": fingerprint, "text_field": d.text_field, "txt_separator": d.txt_separator,
+             "hub_split": d.hub_split, "seed": seed, "n_samples": d.n_samples, "train_frac": d.train_frac,
+             "vocab_size": vocab_size, "min_frequency": 2}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+    out = cache_root(d.cache_dir).parent / "tokenizers" / f"bpe{vocab_size}-{key}"
+    if (out / TOKENIZER_FILE).is_file() and (out / INFO_FILE).is_file():
+        tok = BPETokenizer(out)
+        log(f"using cached tokenizer {tok.name} ({tok.vocab_size} tokens) at {out}")
+        return tok
+    learn, _ = training_texts(d.source, text_field=d.text_field, txt_separator=d.txt_separator,
+                              hub_split=d.hub_split, seed=seed, n_samples=d.n_samples, train_frac=d.train_frac)
+    import time
+
+    start = time.perf_counter()
+    try:
+        tok = train_bpe(learn, vocab_size, out)
+    except OSError as e:
+        raise CairnError(f"cannot write the tokenizer cache {out} ({e.strerror or e}): "
+                         "free disk space or set --cache-dir") from None
+    log(f"learned tokenizer {tok.name} ({tok.vocab_size} tokens) on the {len(learn):,} training stories in "
+        f"{time.perf_counter() - start:.1f}s; cached at {out}")
+    return tok

@@ -20,15 +20,21 @@ from typing import Callable, Optional
 import torch
 
 from .. import __version__
-from ..config import RunConfig, from_dict, to_toml, validate
+from ..config import RunConfig, from_dict, parse_duration, to_toml, validate
 from ..data import PackedDataset, PaddedDataset, make_loader, num_batches, prepare_data
 from ..errors import CairnError
 from ..evaluate import evaluate
 from ..model import Transformer
 from ..runtime import autocast, peak_flops, pick_device, resolve_precision, seed_everything, set_threads
-from ..tokenizer import run_tokenizer
+from ..tokenizer import TOKENIZER_FILE, get_tokenizer, run_tokenizer
+from ..tokenizer_train import parse_bpe_spec, split_tokenizer
+from . import budget
 from . import checkpoint as ckpt
 from .optim import lr_at, make_optimizer, warmup_steps
+
+
+# fixed, so the stories of two runs can be compared side by side
+END_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "Tom had a big red ball")
 
 
 @dataclass
@@ -56,6 +62,8 @@ class Plan:
     total_steps: int
     warmup_steps: int
     epochs: int
+    budget_s: float = 0.0  # the time budget the steps were planned for (0 = planned from the config)
+    step_s: float = 0.0  # the measured seconds per step behind that plan
 
 
 class MetricsLog:
@@ -117,9 +125,13 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, stop_after: int, log: Callable[[str], None],
-                 progress: bool):
+                 progress: bool, started: Optional[float] = None):
         self.cfg, self.out, self.log, self.progress = cfg, out_dir, log, progress
         self.stop_after = stop_after
+        self.started = time.monotonic() if started is None else started  # the time budget counts from here
+        self.deadline: Optional[float] = None  # monotonic time by which the last step must be done
+        self._pace: Optional[tuple[float, int]] = None  # (time, step) of the last pace check
+        self.plan_restored = False
         t = cfg.train
         if t.tensorboard:  # fail before the data is prepared, not after
             from ..tensorboard import require_tensorboard
@@ -127,11 +139,10 @@ class Trainer:
         self.threads = set_threads(t.num_threads)
         self.device = pick_device(t.device)
         self.precision = resolve_precision(t.precision, self.device)
-        self.tokenizer = run_tokenizer(cfg.tokenizer, out_dir)  # an own tokenizer that moved: the run's copy
-        cfg.model.vocab_size = self.tokenizer.vocab_size
-
         self.ckpt_dir = out_dir / "checkpoints"
         resume_from = self._check_run_dir(resume)
+        self.tokenizer = self._tokenizer(resume_from is not None)
+        cfg.model.vocab_size = self.tokenizer.vocab_size
         seed_everything(cfg.seed)
 
         data = prepare_data(cfg.data, cfg.seed, self.tokenizer, log=log)
@@ -151,6 +162,8 @@ class Trainer:
         self.metrics = MetricsLog(out_dir / "metrics.jsonl")
         if resume_from is not None:
             self._load(resume_from)
+        if t.time_budget and not self.plan_restored:
+            self.plan_for_budget()  # before the run directory is written: a budget too short leaves nothing
         self._write_run_files()
         self.tb = None
         if t.tensorboard:
@@ -160,6 +173,15 @@ class Trainer:
             self.metrics.sink = self.tb.write
 
     # ------------------------------------------------------------ set-up
+
+    def _tokenizer(self, resuming: bool):
+        vocab = parse_bpe_spec(self.cfg.tokenizer)
+        if vocab is None:
+            return run_tokenizer(self.cfg.tokenizer, self.out)  # an own tokenizer that moved: the run's copy
+        copy = self.out / "tokenizer"
+        if resuming and (copy / TOKENIZER_FILE).is_file():
+            return get_tokenizer(str(copy))  # the very tokenizer the checkpoint was trained with
+        return split_tokenizer(vocab, self.cfg.data, self.cfg.seed, log=self.log)
 
     def _check_run_dir(self, resume: bool) -> Optional[Path]:
         has_run = (self.out / "config.toml").exists() or self.ckpt_dir.exists()
@@ -260,6 +282,10 @@ class Trainer:
         state = dict(c.meta["state"])
         state["best_val_loss"] = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
         self.state = TrainState(**state)
+        if self.cfg.train.time_budget and c.meta.get("plan"):
+            # the steps were planned for the budget once; a resumed run finishes that plan
+            self.plan = Plan(**c.meta["plan"])
+            self.plan_restored = True
         torch.set_rng_state(trainer["torch_rng"])
         if "cuda_rng" in trainer and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(trainer["cuda_rng"])
@@ -336,9 +362,49 @@ class Trainer:
         s.tokens_seen += n_tokens
         return loss, grad_norm, n_tokens
 
+    def plan_for_budget(self) -> None:
+        """Measure, then set `self.plan` to the steps that fit in the time budget (see budget.py)."""
+        t = self.cfg.train
+        budget_s = parse_duration(t.time_budget)
+        costs = budget.measure(self)
+        elapsed = time.monotonic() - self.started
+        steps, reserve = budget.plan_steps(self, budget_s, elapsed, costs, self.plan.steps_per_epoch)
+        p = self.plan
+        self.plan = Plan(p.micro_batches_per_epoch, p.steps_per_epoch, steps, warmup_steps(t, steps),
+                         math.ceil(steps / p.steps_per_epoch), budget_s=budget_s, step_s=costs.step_s)
+        self.deadline = self.started + budget_s - reserve - budget.SAFETY_S
+        self.log(f"time budget {budget_s:.0f}s: {elapsed:.1f}s used by set-up and measuring; {costs.step_s:.3f}s per "
+                 f"step, {costs.eval_batch_s:.3f}s per evaluation batch, {costs.checkpoint_s:.2f}s per checkpoint, "
+                 f"{reserve:.0f}s kept for the end of the run -> {steps} steps "
+                 f"({steps / p.steps_per_epoch:.2f} epochs)")
+
+    def replan_if_late(self) -> None:
+        """Under a time budget, a machine that slows down (another job, thermal limits) would reach
+        the deadline mid-schedule, at a high learning rate. Instead, when the average pace since the
+        first check (evaluations and checkpoints included) no longer fits, shorten the plan, so the
+        schedule still decays to its end. Plans only shrink: a faster pace does not add steps."""
+        if self.deadline is None:
+            return
+        now, step = time.monotonic(), self.state.step
+        if self._pace is None:
+            self._pace = (now, step)
+            return
+        last_time, last_step = self._pace
+        if step <= last_step:
+            return
+        per_step = (now - last_time) / (step - last_step)
+        fits = step + math.floor(max(self.deadline - now, 0.0) / per_step)
+        if fits < self.plan.total_steps:
+            self.log(f"time budget: {per_step:.3f}s per step lately, slower than planned: "
+                     f"shortening the plan from {self.plan.total_steps} to {max(fits, step)} steps")
+            self.plan.total_steps = max(fits, step)
+
     # ------------------------------------------------------------ the loop
 
     def run(self) -> dict:
+        if self.plan_restored:
+            self.log(f"resume: keeping the time budget's plan of {self.plan.total_steps} steps "
+                     "(the budget's clock is not re-applied to a resumed run)")
         cfg, t, s, plan = self.cfg, self.cfg.train, self.state, self.plan
         n_params = self.model.num_params()
         self.log(f"model: {n_params:,} parameters; device {self.device}, {self.precision}, {self.threads} threads")
@@ -396,6 +462,7 @@ class Trainer:
                                  f"{tps:,.0f} tok/s{mfu_text}")
                         s.window_loss_sum, s.window_tokens = 0.0, 0
                         timed_tokens, window_start = 0, time.perf_counter()
+                        self.replan_if_late()
 
                     if t.eval_every and s.step % t.eval_every == 0:
                         self.validate(full=False)
@@ -405,6 +472,8 @@ class Trainer:
                         window_start = time.perf_counter()
                     if self.should_stop_early():
                         stopped = "early stopping"
+                    elif self.deadline is not None and time.monotonic() > self.deadline and s.step < plan.total_steps:
+                        stopped = "time budget"
                     elif self.stop_after and s.step >= self.stop_after:
                         stopped = f"stop-after {self.stop_after}"
                     elif stop.requested:
@@ -423,7 +492,7 @@ class Trainer:
                     if stopped is None and self.should_stop_early():
                         stopped = "early stopping"
 
-            if stopped is not None and stopped != "early stopping":  # a pause: resumable, no final model
+            if stopped is not None and stopped not in ("early stopping", "time budget"):  # a pause: resumable
                 path = self._save(f"{cfg.name}_checkpoint_step{s.step:07d}", "step", resumable=True)
                 self.log(f"stopped ({stopped}) at step {s.step}; checkpoint {path}; "
                          f"resume with: cairn train --resume {self.out}")
@@ -432,6 +501,9 @@ class Trainer:
         if stopped == "early stopping":
             self.log(f"early stopping at step {s.step}: no better validation loss in {t.patience} evaluations "
                      f"(best {s.best_val_loss:.4f})")
+        if stopped == "time budget":
+            self.log(f"time budget: the machine ran slower than measured; stopping at step {s.step} of the "
+                     f"{plan.total_steps} planned, to end in time")
         if s.last_eval_step != s.step:
             self.validate(full=True)
         final = self._save(f"{cfg.name}_final", "final", resumable=True)
@@ -448,14 +520,40 @@ class Trainer:
                      f"{r['bits_per_byte']:.3f} bits/byte over {r['tokens']:,} tokens")
             summary["test"] = r
         self.log(f"final checkpoint: {final}")
+        if t.end_stories:
+            summary["stories"] = self.write_stories()
+        summary["seconds"] = time.monotonic() - self.started
+        self.log(f"done in {summary['seconds']:.0f}s")
         return summary
+
+    def write_stories(self) -> list[dict]:
+        """Stories from fixed prompts and seeds, so runs can be compared by eye; saved to RUN/stories.md."""
+        from ..generate import SamplingConfig, generate_text
+
+        t, stories = self.cfg.train, []
+        for i in range(t.end_stories):
+            prompt = END_PROMPTS[i % len(END_PROMPTS)]
+            s = SamplingConfig(max_new_tokens=t.end_story_tokens, temperature=0.8, top_k=50, seed=i + 1)
+            with autocast(self.device, self.precision):
+                text = generate_text(self.model, self.tokenizer, prompt, s)
+            stories.append({"prompt": prompt, "seed": s.seed, "text": prompt + text})
+        body = "".join(f"## Story {i + 1} (seed {st['seed']}, temperature 0.8, top-k 50)\n\n{st['text'].strip()}\n\n"
+                       for i, st in enumerate(stories))
+        ckpt.write_atomic_text(self.out / "stories.md", f"# Stories from {self.cfg.name}, step {self.state.step}\n\n"
+                               + body)
+        for i, st in enumerate(stories):
+            self.log(f"story {i + 1}: {st['text'].strip()}")
+        self.log(f"stories saved to {self.out / 'stories.md'}")
+        return stories
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int = 0,
-          log: Callable[[str], None] = print, progress: bool = False) -> dict:
-    """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary."""
+          log: Callable[[str], None] = print, progress: bool = False, started: Optional[float] = None) -> dict:
+    """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary.
+    `started` (time.monotonic()) is when the command began: a time budget counts from there."""
+    started = time.monotonic() if started is None else started
     validate(cfg)
-    trainer = Trainer(cfg, Path(out_dir), resume, stop_after, log, progress)
+    trainer = Trainer(cfg, Path(out_dir), resume, stop_after, log, progress, started)
     try:
         return trainer.run()
     finally:

@@ -1,0 +1,118 @@
+"""--time-budget: the plan is measured, the calibration leaves no trace, a resumed run keeps the plan;
+tokenizers learned on the training split; the stories written at the end of a run."""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from cairn.cli import main
+from cairn.config import parse_duration
+from cairn.errors import CairnError
+from cairn.training import train
+from test_resume import assert_same_weights, config
+
+quiet = dict(log=lambda m: None)
+
+
+def saved_plan(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "state.json").read_text())["plan"]
+
+
+@pytest.mark.parametrize("text,seconds", [("600", 600), ("90s", 90), ("10m", 600), ("1.5h", 5400), (" 2M ", 120)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["", "ten minutes", "-5m", "0s", "nanm", "inf"])
+def test_bad_durations_are_refused(bad):
+    with pytest.raises(CairnError, match="not a duration"):
+        parse_duration(bad)
+
+
+def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(tmp_path, stories_file):
+    # report_every is beyond the stop, so no pace check can shorten the plan before step 6
+    budgeted = tmp_path / "budgeted"
+    # max_steps caps the plan, so the resumed run stays short whatever the machine's speed
+    cfg = config(stories_file, time_budget="60s", max_steps=30, report_every=1000, epochs=1, end_stories=0)
+    out = train(cfg, budgeted, stop_after=6, **quiet)
+    plan = saved_plan(Path(out["checkpoint"]))
+    assert plan["budget_s"] == 60 and plan["step_s"] > 0 and plan["total_steps"] > 6
+    run_json = json.loads((budgeted / "run.json").read_text())
+    assert run_json["plan"] == plan
+
+    # the calibration steps were undone: the same weights as a run told the plan's steps up front
+    fixed = tmp_path / "fixed"
+    train(config(stories_file, max_steps=plan["total_steps"], report_every=1000, epochs=plan["epochs"],
+                 end_stories=0), fixed, stop_after=6, **quiet)
+    a = load_file(str(Path(out["checkpoint"]) / "model.safetensors"))
+    b = load_file(str(next((fixed / "checkpoints").glob("*step0000006")) / "model.safetensors"))
+    assert_same_weights(a, b)
+
+    # resuming keeps the plan (no second measurement, no new step count) and finishes it
+    logs = []
+    done = train(config(stories_file, time_budget="60s", max_steps=30, report_every=1000, epochs=1, end_stories=0),
+                 budgeted,
+                 resume=True, log=logs.append)
+    assert done["step"] == plan["total_steps"]
+    assert any("keeping the time budget's plan" in m for m in logs)
+    assert not any(m.startswith("time budget 60s") for m in logs)
+
+
+def test_a_budget_too_short_fails_in_one_line_and_writes_nothing(tmp_path, stories_file, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(out), "--time-budget", "0.5s",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "time budget" in err[0] and "raise --time-budget" in err[0]
+    assert not out.exists()
+
+
+def test_a_budgeted_cli_run_ends_within_its_budget(tmp_path, stories_file, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(out), "--time-budget", "25s",
+                 "--no-progress", "--d-model", "32", "--n-heads", "4", "--seq-len", "32", "--batch-size", "4"]) == 0
+    log = capsys.readouterr().out
+    assert "time budget 25s" in log and "steps (" in log
+    seconds = float(log.split("done in ")[1].split("s")[0])
+    assert seconds <= 25  # the plan keeps a margin; a slow machine shortens the plan instead of overrunning
+    stories = (out / "stories.md").read_text()
+    assert stories.count("## Story") == 1 and "Once upon a time" in stories
+
+
+def test_bpe_tokenizer_is_learned_on_the_training_split_cached_and_kept_with_the_run(tmp_path, stories_file):
+    from cairn.data import load_texts, split_stories
+    from cairn.loading import load
+
+    logs = []
+    cfg = config(stories_file, max_steps=4, end_stories=2, end_story_tokens=8)
+    cfg.tokenizer = "bpe:300"
+    train(cfg, tmp_path / "a", log=logs.append)
+    learned = next(m for m in logs if m.startswith("learned tokenizer"))
+    cached = Path(learned.split("cached at ")[1])
+    info = json.loads((cached / "cairn-tokenizer.json").read_text())
+    assert (cached / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer" / "tokenizer.json").read_bytes()
+    texts = load_texts(str(stories_file))
+    n_train = len(split_stories(texts, cfg.seed, 0, cfg.data.train_frac, cfg.data.val_frac)["train"])
+    assert info["trained_on"]["stories"] == n_train < len(texts)  # the held-out stories never shaped it
+    assert load(tmp_path / "a").tokenizer.vocab_size <= 300
+
+    logs.clear()
+    cfg2 = config(stories_file, max_steps=4, end_stories=0)
+    cfg2.tokenizer = "bpe:300"
+    train(cfg2, tmp_path / "b", log=logs.append)
+    assert any(m.startswith("using cached tokenizer") for m in logs)
+    assert_same_weights(load_file(str(tmp_path / "a" / "checkpoints" / "tiny_final" / "model.safetensors")),
+                        load_file(str(tmp_path / "b" / "checkpoints" / "tiny_final" / "model.safetensors")))
+    stories = (tmp_path / "a" / "stories.md").read_text()
+    assert stories.count("## Story") == 2 and "One day, a little girl named Lily" in stories
+
+
+@pytest.mark.parametrize("spec", ["bpe:100", "bpe:x", "bpe:"])
+def test_bad_bpe_specs_are_refused(tmp_path, stories_file, capsys, spec):
+    assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(tmp_path / "r"),
+                 "--tokenizer", spec]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bpe:N" in err[0]
+    assert not (tmp_path / "r").exists()
