@@ -7,8 +7,9 @@ end), then runs `cairn prepare` on it in a fresh process per setting (--workers 
 usable core), so each one's peak memory is its own. Reports, per setting: MB/s of input and
 tokens/s end to end (fingerprint, both passes, writing), elapsed seconds, the peak resident memory
 of the parent and of the largest worker (getrusage), and the peak of their sum (sampled from /proc
-every 0.1 s while it runs). Also the single-core tiktoken figure on the sample (encode only), which
-bounds what one worker can do.
+every 0.1 s while it runs), and the CPU seconds it used over its elapsed time (the cores it really
+got: on a shared machine other jobs take some). Also the single-core tiktoken figure on the sample
+(encode only), which bounds what one worker can do.
 """
 
 from __future__ import annotations
@@ -79,9 +80,18 @@ def _tree_rss(root: int) -> int:
     return total
 
 
+def _children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every waited-for descendant, workers included
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_prepare(data: Path, cache: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "cairn", "prepare", "--data", str(data), "--cache-dir", str(cache),
            "--workers", str(workers), "--json"]
+    load_before = os.getloadavg()[0]
+    cpu_before, wall_before = _children_cpu_s(), time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = {"bytes": 0}
 
@@ -94,10 +104,16 @@ def run_prepare(data: Path, cache: Path, workers: int) -> dict:
     sampler.start()
     out, err = proc.communicate()
     sampler.join()
+    wall = time.perf_counter() - wall_before  # the whole process: start-up, imports, workers' start-up
     if proc.returncode != 0:
         raise SystemExit(f"cairn prepare --workers {workers} failed ({proc.returncode}): {err.strip()}")
     result = json.loads(out)
     result["peak_rss_total_mb_sampled"] = round(peak["bytes"] / 1e6, 1)
+    # CPU time of the run and all its workers: how many cores it really got on a shared machine.
+    result["cpu_seconds"] = round(_children_cpu_s() - cpu_before, 1)
+    result["process_seconds"] = round(wall, 1)
+    result["cores_used"] = round(result["cpu_seconds"] / wall, 2)
+    result["load_avg_before"] = round(load_before, 2)
     return result
 
 
@@ -137,17 +153,19 @@ def main(argv=None) -> int:
         "file_mb": round(size / 1e6, 1), "stories": stories, "usable_cores": cores,
         "tiktoken_one_core_mb_per_s": round(baseline, 2),
         "runs": [{k: r[k] for k in ("workers", "seconds", "mb_per_s", "tokens_per_s", "tokens", "peak_rss_mb",
-                                    "peak_rss_worker_mb", "peak_rss_total_mb_sampled")} for r in runs],
+                                    "peak_rss_worker_mb", "peak_rss_total_mb_sampled", "cpu_seconds",
+                                    "process_seconds", "cores_used", "load_avg_before")} for r in runs],
         "speedup": round(one["seconds"] / many["seconds"], 2),
         "splits": one["splits"],
         "identical_splits": one["splits"] == many["splits"],
         "machine": {"cpus": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
     print(f"\n{'workers':>7} {'seconds':>8} {'MB/s':>7} {'tokens/s':>11} {'parent MB':>10} {'worker MB':>10} "
-          f"{'sum MB':>8}")
+          f"{'sum MB':>8} {'cores used':>10} {'load':>5}")
     for r in result["runs"]:
         print(f"{r['workers']:>7} {r['seconds']:>8.1f} {r['mb_per_s']:>7.1f} {r['tokens_per_s']:>11,} "
-              f"{r['peak_rss_mb']:>10.0f} {r['peak_rss_worker_mb']:>10.0f} {r['peak_rss_total_mb_sampled']:>8.0f}")
+              f"{r['peak_rss_mb']:>10.0f} {r['peak_rss_worker_mb']:>10.0f} {r['peak_rss_total_mb_sampled']:>8.0f} "
+              f"{r['cores_used']:>10.2f} {r['load_avg_before']:>5.1f}")
     print(f"speed-up {result['speedup']:.2f}x with {many['workers']} workers on {cores} usable cores "
           f"(file {result['file_mb']:,.0f} MB; tiktoken alone {baseline:.1f} MB/s on one core)")
     text = json.dumps(result, indent=1)

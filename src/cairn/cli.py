@@ -257,11 +257,9 @@ def _peak_rss_mb() -> tuple[float, float]:
     return own / 1e6, children / 1e6
 
 
-def cmd_prepare(args) -> int:
+def _prepare_config(args):
+    """The run config whose data settings `cairn prepare` uses: preset, then config file, then flags."""
     from .config import RunConfig, apply_overrides, load_toml, preset, validate
-    from .data import prepare_data
-    from .data.splits import SPLITS
-    from .tokenizer import get_tokenizer
 
     for flag in ("data", "preset", "config", "tokenizer", "cache_dir"):
         value = getattr(args, flag)
@@ -277,7 +275,15 @@ def cmd_prepare(args) -> int:
                  if getattr(args, key) is not None}
     if args.data is not None:
         overrides["source"] = args.data
-    validate(apply_overrides(cfg, overrides))
+    return validate(apply_overrides(cfg, overrides))
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare_data
+    from .data.splits import SPLITS
+    from .tokenizer import get_tokenizer
+
+    cfg = _prepare_config(args)
     log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
     tok = get_tokenizer(cfg.tokenizer)
     start = time.perf_counter()
@@ -287,27 +293,29 @@ def cmd_prepare(args) -> int:
     own, child = _peak_rss_mb()
     splits = {s: data.meta["splits"][s] for s in SPLITS}
     tokens = sum(v["tokens"] for v in splits.values())
-    in_bytes = data.meta.get("prepared", {}).get("source_bytes", 0) if data.built else 0
+    made = data.meta.get("prepared", {}) if data.built else {}
+    in_bytes = made.get("source_bytes", 0)
     report = {
         "source": cfg.data.source, "cache_dir": str(data.cache_dir), "tokenizer": tok.name, "cached": not data.built,
-        "splits": splits, "tokens": tokens, "source_bytes": in_bytes,
-        "workers": data.meta.get("prepared", {}).get("workers") if data.built else 0,
-        "seconds": round(elapsed, 3), "mb_per_s": round(in_bytes / 1e6 / elapsed, 2) if data.built else None,
-        "tokens_per_s": round(tokens / elapsed) if data.built else None,
+        "splits": splits, "tokens": tokens, "source_bytes": in_bytes, "workers": made.get("workers", 0),
+        "seconds": round(elapsed, 3), "mb_per_s": round(in_bytes / 1e6 / elapsed, 2) if made else None,
+        "tokens_per_s": round(tokens / elapsed) if made else None,
         "peak_rss_mb": round(own, 1), "peak_rss_worker_mb": round(child, 1),
     }
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{'cached' if not data.built else 'prepared'} {cfg.data.source} in {data.cache_dir}")
+    print(f"{'prepared' if data.built else 'cached'} {cfg.data.source} in {data.cache_dir}")
     for name, v in splits.items():
         print(f"  {name:<5} {v['stories']:>12,} stories {v['tokens']:>15,} tokens")
-    if data.built:
-        print(f"  read {in_bytes / 1e6:,.1f} MB in {elapsed:.1f}s with {report['workers']} worker{'s' if report['workers'] != 1 else ''}: "
+    if made:
+        workers = f"{report['workers']} worker{'s' if report['workers'] != 1 else ''}"
+        print(f"  read {in_bytes / 1e6:,.1f} MB in {elapsed:.1f}s with {workers}: "
               f"{report['mb_per_s']:.1f} MB/s, {report['tokens_per_s']:,} tokens/s")
     else:
         print(f"  already prepared: mapped in {elapsed:.2f}s (delete the folder to prepare again)")
-    print(f"  peak memory: {own:,.0f} MB this process, {child:,.0f} MB the largest worker")
+    print(f"  peak memory: {own:,.0f} MB this process"
+          + (f", {child:,.0f} MB the largest worker process" if child else ""))
     return 0
 
 

@@ -248,9 +248,8 @@ def _make_meta(data_cfg: DataConfig, seed: int, tokenizer, key: str, fingerprint
 
 
 def prepare_workers(workers: int, n_bytes: Optional[int]) -> int:
-    """Processes to tokenize with: `workers` when given (> 0); for 0, every usable core, except
-    for a source small enough (or unknown-sized hub data is not) that starting the workers, each
-    building its tokenizer, would take longer than tokenizing it on one core."""
+    """Processes to tokenize with: `workers` when given (> 0); for 0, every usable core, or one for
+    local files of under _POOL_MIN_BYTES, which one core tokenizes before workers would have started."""
     if workers < 0:
         raise CairnError(f"--workers must be 0 (every core) or more, got {workers}")
     if workers:
@@ -306,7 +305,8 @@ def _scan(data_cfg: DataConfig, pool: ChunkPool, chunk_bytes: int, total: Option
     scan, lines = _Scan(), LineCounter()
     tasks = ((chunk,) for chunk in _chunks(data_cfg, chunk_bytes))
     with _bar(total, "read", progress) as bar:
-        for (chunk,), (n_stories, n_kept, n_lines) in _in_order(pool.map(scan_chunk, tasks, here=_already_read), lines):
+        results = pool.map(scan_chunk, tasks, here=_already_read)
+        for (chunk,), (n_stories, n_kept, n_lines) in _in_order(results, lines):
             lines.advance(chunk, n_lines)
             scan.stories += n_stories
             scan.kept.append(n_kept)
@@ -336,7 +336,7 @@ def _encode_tasks(data_cfg: DataConfig, chunk_bytes: int, scan: _Scan, assign: n
 
 def _write_splits(directory: Path, data_cfg: DataConfig, pool: ChunkPool, chunk_bytes: int, scan: _Scan,
                   assign: np.ndarray, dtype: np.dtype, progress: bool) -> dict:
-    """Pass 2: tokenize the chunks again read and append each story to its split's files; return the counts.
+    """Pass 2: read and tokenize the chunks again, append each story to its split's files; return the counts.
 
     A split's stories are stored in file order, not in the shuffled order that picked them: the
     split is still a seeded random sample, the training loader reshuffles windows (or rows) every
@@ -349,7 +349,8 @@ def _write_splits(directory: Path, data_cfg: DataConfig, pool: ChunkPool, chunk_
     tasks = _encode_tasks(data_cfg, chunk_bytes, scan, assign, dtype)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(directory / f"{s}.tokens", "wb")) for s in SPLITS]
-        bar = stack.enter_context(_bar(scan.n_bytes, "tokenize", progress))
+        # With n_samples, chunks without a sampled story are skipped: the share of bytes is unknown.
+        bar = stack.enter_context(_bar(None if data_cfg.n_samples else scan.n_bytes, "tokenize", progress))
         try:
             for (chunk, *_), parts in pool.map(encode_chunk, tasks):
                 for i, (tokens, story_lengths, part_bytes) in enumerate(parts):
