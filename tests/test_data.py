@@ -271,10 +271,10 @@ def test_prepare_round_trips_and_reuses_cache(tmp_path, tok, monkeypatch):
         assert split.n_bytes == int(tok.token_bytes[np.asarray(split.tokens)].sum())
     assert data.meta["stories_dropped_empty"] == 2 and data.meta["splits"]["train"]["tokens"] == data.train.n_tokens
 
-    def refuse(texts):
+    def refuse(text):
         raise AssertionError("tokenized again although the cache should be used")
 
-    monkeypatch.setattr(tok, "encode_batch", refuse)
+    monkeypatch.setattr(tok, "encode", refuse)
     logs.clear()
     again = prepare_data(cfg, seed=3, tokenizer=tok, log=logs.append)
     assert any("using cached tokens at" in line for line in logs)
@@ -303,20 +303,20 @@ def test_cache_key_follows_settings_and_content(tmp_path, tok):
 def test_interrupted_prepare_leaves_nothing_and_broken_cache_is_rebuilt(tmp_path, tok, monkeypatch):
     src = write_jsonl(tmp_path / "s.jsonl", stories(20))
     cfg = data_cfg(tmp_path, src)
-    real = tok.encode_batch
+    real = tok.encode
     calls = []
 
-    def dies_on_second_split(texts):
+    def dies_halfway(text):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == 10:
             raise KeyboardInterrupt
-        return real(texts)
+        return real(text)
 
-    monkeypatch.setattr(tok, "encode_batch", dies_on_second_split)
+    monkeypatch.setattr(tok, "encode", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(cfg, 0, tok, log=lambda m: None)
-    assert list((tmp_path / "cache" / "tokens").iterdir()) == []
-    monkeypatch.setattr(tok, "encode_batch", real)
+    assert len(calls) == 10 and list((tmp_path / "cache" / "tokens").iterdir()) == []
+    monkeypatch.setattr(tok, "encode", real)
 
     data = prepare_data(cfg, 0, tok, log=lambda m: None)
     good = np.array(data.train.tokens)

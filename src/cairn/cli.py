@@ -1,4 +1,4 @@
-"""`cairn train | eval | generate`: parse, call the library, print. Errors are one line, exit 2."""
+"""`cairn train | prepare | eval | generate`: parse, call the library, print. Errors are one line, exit 2."""
 
 from __future__ import annotations
 
@@ -137,6 +137,31 @@ def _add_tokenizer(sub) -> None:
     t.add_argument("--all", action="store_true", help="learn from every story (no held-out stories)")
 
 
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="tokenize a data source into the token cache, on every core, without training",
+        description="Read, clean, split and tokenize --data into the token cache that `cairn train` then maps "
+                    "(the same cache for the same data and settings). The source is streamed in chunks, so "
+                    "memory stays small whatever its size, and chunks are tokenized on --workers processes. "
+                    "Prints the splits, tokens, throughput (MB/s of input), time and peak memory.")
+    p.add_argument("--data", help="data source, as for `cairn train --data` (default: the config's)")
+    p.add_argument("--preset", help="take the data settings of this preset (as `cairn train --preset`)")
+    p.add_argument("--config", help="take the data settings of this TOML config file")
+    p.add_argument("--tokenizer", help="gpt2 (default) or a directory made by `cairn tokenizer train`")
+    p.add_argument("--workers", type=int, default=0,
+                   help="tokenizer processes (default 0: every usable core; small sources use one)")
+    p.add_argument("--seed", type=int, help="shuffle seed of the split (default 42)")
+    p.add_argument("--n-samples", type=int, help="keep the first N shuffled stories (default 0 = all)")
+    p.add_argument("--train-frac", type=float, help="fraction of stories for training (default 0.8)")
+    p.add_argument("--val-frac", type=float, help="fraction for validation; the rest is test (default 0.1)")
+    p.add_argument("--text-field", help="field holding the text in .jsonl/.parquet/hub data (default text)")
+    p.add_argument("--txt-separator", help="story separator line in .txt files, or 'blank' (default <|endoftext|>)")
+    p.add_argument("--hub-split", help="split of a hub dataset (default train)")
+    p.add_argument("--cache-dir", help="cache root (default $CAIRN_CACHE or ~/.cache/cairn)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+
+
 def build_parser() -> Parser:
     from . import __version__
 
@@ -144,6 +169,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"cairn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     _add_train(sub)
+    _add_prepare(sub)
     _add_eval(sub)
     _add_generate(sub)
     _add_plot(sub)
@@ -218,6 +244,78 @@ def cmd_train(args, extra: list[str], started: float) -> int:
         def log(msg: str) -> None:
             print(msg, flush=True)
     train(cfg, out, resume=resume, stop_after=args.stop_after, log=log, progress=progress, started=started)
+    return 0
+
+
+def _peak_rss_mb() -> tuple[float, float]:
+    """(this process, its largest finished child) peak resident memory in MB."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    return own / 1e6, children / 1e6
+
+
+def _prepare_config(args):
+    """The run config whose data settings `cairn prepare` uses: preset, then config file, then flags."""
+    from .config import RunConfig, apply_overrides, load_toml, preset, validate
+
+    for flag in ("data", "preset", "config", "tokenizer", "cache_dir"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise CairnError(f"--{flag.replace('_', '-')} is empty: give a value or leave the option out "
+                             "(see `cairn prepare --help`)")
+    if args.workers < 0:
+        raise CairnError(f"--workers must be 0 (every usable core) or more, got {args.workers}")
+    base = preset(args.preset) if args.preset else None
+    cfg = load_toml(args.config, base) if args.config else (base or RunConfig())
+    overrides = {key: getattr(args, key) for key in ("seed", "tokenizer", "n_samples", "train_frac", "val_frac",
+                                                     "text_field", "txt_separator", "hub_split", "cache_dir")
+                 if getattr(args, key) is not None}
+    if args.data is not None:
+        overrides["source"] = args.data
+    return validate(apply_overrides(cfg, overrides))
+
+
+def cmd_prepare(args) -> int:
+    from .data import prepare_data
+    from .data.splits import SPLITS
+    from .tokenizer import get_tokenizer
+
+    cfg = _prepare_config(args)
+    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
+    tok = get_tokenizer(cfg.tokenizer)
+    start = time.perf_counter()
+    data = prepare_data(cfg.data, cfg.seed, tok, log=log, workers=args.workers,
+                        progress=not (args.no_progress or args.json) and sys.stderr.isatty())
+    elapsed = time.perf_counter() - start
+    own, child = _peak_rss_mb()
+    splits = {s: data.meta["splits"][s] for s in SPLITS}
+    tokens = sum(v["tokens"] for v in splits.values())
+    made = data.meta.get("prepared", {}) if data.built else {}
+    in_bytes = made.get("source_bytes", 0)
+    report = {
+        "source": cfg.data.source, "cache_dir": str(data.cache_dir), "tokenizer": tok.name, "cached": not data.built,
+        "splits": splits, "tokens": tokens, "source_bytes": in_bytes, "workers": made.get("workers", 0),
+        "seconds": round(elapsed, 3), "mb_per_s": round(in_bytes / 1e6 / elapsed, 2) if made else None,
+        "tokens_per_s": round(tokens / elapsed) if made else None,
+        "peak_rss_mb": round(own, 1), "peak_rss_worker_mb": round(child, 1),
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{'prepared' if data.built else 'cached'} {cfg.data.source} in {data.cache_dir}")
+    for name, v in splits.items():
+        print(f"  {name:<5} {v['stories']:>12,} stories {v['tokens']:>15,} tokens")
+    if made:
+        workers = f"{report['workers']} worker{'s' if report['workers'] != 1 else ''}"
+        print(f"  read {in_bytes / 1e6:,.1f} MB in {elapsed:.1f}s with {workers}: "
+              f"{report['mb_per_s']:.1f} MB/s, {report['tokens_per_s']:,} tokens/s")
+    else:
+        print(f"  already prepared: mapped in {elapsed:.2f}s (delete the folder to prepare again)")
+    print(f"  peak memory: {own:,.0f} MB this process"
+          + (f", {child:,.0f} MB the largest worker process" if child else ""))
     return 0
 
 
@@ -367,6 +465,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_export(args)
         if args.command == "tokenizer":
             return cmd_tokenizer(args)
+        if args.command == "prepare":
+            return cmd_prepare(args)
         return cmd_eval(args) if args.command == "eval" else cmd_generate(args)
     except CairnError as e:
         print(f"error: {e}", file=sys.stderr)

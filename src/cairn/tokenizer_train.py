@@ -94,7 +94,10 @@ def bytes_per_token(tokenizer, texts: Sequence[str]) -> float:
 
 def training_texts(source: str, *, text_field: str = "text", txt_separator: str = EOT, hub_split: str = "train",
                    seed: int = 42, n_samples: int = 0, train_frac: float = 0.8, all_stories: bool = False) -> tuple[list[str], list[str]]:
-    """(stories to learn from, held-out stories) of `source`, cleaned as `cairn train` cleans them."""
+    """(stories to learn from, held-out stories) of `source`, cleaned as `cairn train` cleans them.
+
+    Both in file order; the first are exactly the train split `prepare_data` caches with the same
+    seed, n_samples and train_frac (`split_assignment`), the second the rest of the kept stories."""
     from .data import clean_texts, load_texts, split_stories
 
     texts = clean_texts(load_texts(source, text_field, txt_separator, hub_split))

@@ -12,6 +12,7 @@ and settings maps the files instead of tokenizing again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -21,19 +22,25 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..config import DataConfig
 from ..errors import CairnError
-from .sources import clean_texts, load_texts, source_fingerprint
-from .splits import SPLITS, split_stories
+from .parallel import ChunkPool, encode_chunk, scan_chunk, usable_cores
+from .sources import (CHUNK_BYTES, ChunkProblem, LineCounter, TextsChunk, source_bytes, source_chunks,
+                      source_fingerprint)
+from .splits import SPLITS, split_assignment
 
 # Bump when the file layout or the meaning of the cache changes: old caches are then ignored.
-FORMAT_VERSION = 1
+# 2: a split's stories are in file order (1: in shuffled order).
+FORMAT_VERSION = 2
 _ENCODE_BATCH = 1024  # stories per encode_batch call: enough to keep tiktoken's threads busy
 _STALE_TMP_S = 24 * 3600  # temp folders older than this were left by a killed prepare
+# Below this, one core tokenizes a source (~16 MB/s) in about the time workers take to start
+# (each imports cairn and builds its tokenizer, ~1-2 s).
+_POOL_MIN_BYTES = 32 << 20
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -142,19 +149,6 @@ def _encode(texts: Sequence[str], tokenizer, progress: bool, desc: str):
             bar.update(len(batch))
 
 
-def _write_split(directory: Path, split: str, texts: Sequence[str], tokenizer) -> dict:
-    """Stream a split's tokens to `<split>.tokens` batch by batch; return its counts."""
-    offsets, n_bytes = [np.zeros(1, dtype=np.int64)], 0
-    with open(directory / f"{split}.tokens", "wb") as f:
-        for batch_tokens, batch_offsets, batch_bytes in _encode(texts, tokenizer, True, f"tokenize {split}"):
-            batch_tokens.tofile(f)
-            offsets.append(batch_offsets + offsets[-1][-1])
-            n_bytes += batch_bytes
-    offsets_arr = np.concatenate(offsets)
-    np.save(directory / f"{split}.offsets.npy", offsets_arr)
-    return {"stories": len(texts), "tokens": int(offsets_arr[-1]), "bytes": n_bytes}
-
-
 # ---------------------------------------------------------------- the prepared data
 
 @dataclass
@@ -167,6 +161,7 @@ class PreparedData:
     cache_dir: Path
     key: str
     meta: dict = field(default_factory=dict)
+    built: bool = False  # tokenized by this call (False: an existing cache was mapped)
 
     def split(self, name: str) -> SplitTokens:
         if name not in SPLITS:
@@ -252,8 +247,137 @@ def _make_meta(data_cfg: DataConfig, seed: int, tokenizer, key: str, fingerprint
     }
 
 
-def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, log: Callable[[str], Any] = print) -> PreparedData:
-    """Load, clean, split and tokenize the data once; later calls with the same settings map the cache.
+def prepare_workers(workers: int, n_bytes: Optional[int]) -> int:
+    """Processes to tokenize with: `workers` when given (> 0); for 0, every usable core, or one for
+    local files of under _POOL_MIN_BYTES, which one core tokenizes before workers would have started."""
+    if workers < 0:
+        raise CairnError(f"--workers must be 0 (every core) or more, got {workers}")
+    if workers:
+        return workers
+    if n_bytes is not None and n_bytes < _POOL_MIN_BYTES:
+        return 1
+    return usable_cores()
+
+
+@dataclass
+class _Scan:
+    """Pass 1: what the source holds, counted chunk by chunk without keeping any text."""
+
+    stories: int = 0  # as read, empty ones included
+    kept: list = field(default_factory=list)  # non-empty stories per chunk
+    n_bytes: int = 0  # bytes read (file bytes; Arrow buffer bytes for parquet/hub data)
+
+    @property
+    def n_kept(self) -> int:
+        return int(sum(self.kept))
+
+
+def _in_order(results: Iterator, lines: LineCounter) -> Iterator:
+    """`ChunkPool.map`'s results, with a chunk's bad data reported at its line in the file."""
+    while True:
+        try:
+            item = next(results)
+        except StopIteration:
+            return
+        except ChunkProblem as p:
+            raise lines.locate(p) from None
+        yield item
+
+
+def _chunks(data_cfg: DataConfig, chunk_bytes: int) -> Iterator:
+    return source_chunks(data_cfg.source, data_cfg.text_field, data_cfg.txt_separator, data_cfg.hub_split,
+                         chunk_bytes)
+
+
+def _bar(total: Optional[int], desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    # disable=None turns the bar off when stderr is not a terminal (logs, tests).
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None if progress else True)
+
+
+def _already_read(args: tuple) -> bool:
+    # Counting texts already in memory is cheaper than sending them to a worker.
+    return isinstance(args[0], TextsChunk)
+
+
+def _scan(data_cfg: DataConfig, pool: ChunkPool, chunk_bytes: int, total: Optional[int], progress: bool) -> _Scan:
+    scan, lines = _Scan(), LineCounter()
+    tasks = ((chunk,) for chunk in _chunks(data_cfg, chunk_bytes))
+    with _bar(total, "read", progress) as bar:
+        results = pool.map(scan_chunk, tasks, here=_already_read)
+        for (chunk,), (n_stories, n_kept, n_lines) in _in_order(results, lines):
+            lines.advance(chunk, n_lines)
+            scan.stories += n_stories
+            scan.kept.append(n_kept)
+            scan.n_bytes += chunk.n_bytes
+            bar.update(chunk.n_bytes)
+    return scan
+
+
+def _changed(where: str, detail: str) -> CairnError:
+    return CairnError(f"{where} changed while it was being prepared ({detail}): run again once it is written")
+
+
+def _encode_tasks(data_cfg: DataConfig, chunk_bytes: int, scan: _Scan, assign: np.ndarray,
+                  dtype: np.dtype) -> Iterator[tuple]:
+    """Pass 2's tasks: each chunk with its stories' splits; chunks with no story in any split are skipped."""
+    bounds = np.concatenate([[0], np.cumsum(scan.kept, dtype=np.int64)])
+    n = 0
+    for n, chunk in enumerate(_chunks(data_cfg, chunk_bytes), start=1):
+        if n > len(scan.kept):
+            break
+        part = assign[bounds[n - 1]:bounds[n]]
+        if (part >= 0).any():
+            yield chunk, part, dtype, len(SPLITS)
+    if n != len(scan.kept):
+        raise _changed(data_cfg.source, f"{n} parts, first read {len(scan.kept)}")
+
+
+def _write_splits(directory: Path, data_cfg: DataConfig, pool: ChunkPool, chunk_bytes: int, scan: _Scan,
+                  assign: np.ndarray, dtype: np.dtype, progress: bool) -> dict:
+    """Pass 2: read and tokenize the chunks again, append each story to its split's files; return the counts.
+
+    A split's stories are stored in file order, not in the shuffled order that picked them: the
+    split is still a seeded random sample, the training loader reshuffles windows (or rows) every
+    epoch, and file order lets each story be written the moment its chunk is tokenized, whatever
+    the number of workers or the chunk size. Only which stories share a packed window follows the
+    file, which matters only for data sorted by content.
+    """
+    lengths: list[list[np.ndarray]] = [[] for _ in SPLITS]
+    n_bytes = [0] * len(SPLITS)
+    tasks = _encode_tasks(data_cfg, chunk_bytes, scan, assign, dtype)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(directory / f"{s}.tokens", "wb")) for s in SPLITS]
+        # With n_samples, chunks without a sampled story are skipped: the share of bytes is unknown.
+        bar = stack.enter_context(_bar(None if data_cfg.n_samples else scan.n_bytes, "tokenize", progress))
+        try:
+            for (chunk, *_), parts in pool.map(encode_chunk, tasks):
+                for i, (tokens, story_lengths, part_bytes) in enumerate(parts):
+                    tokens.tofile(files[i])
+                    lengths[i].append(story_lengths)
+                    n_bytes[i] += part_bytes
+                bar.update(chunk.n_bytes)
+        except ChunkProblem as p:
+            raise _changed(p.path, "pass 1 read it without this problem") from None
+    counts = {}
+    for i, s in enumerate(SPLITS):
+        offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(np.concatenate(lengths[i] or [[]]),
+                                                                           dtype=np.int64)])
+        np.save(directory / f"{s}.offsets.npy", offsets)
+        counts[s] = {"stories": len(offsets) - 1, "tokens": int(offsets[-1]), "bytes": n_bytes[i]}
+    return counts
+
+
+def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, log: Callable[[str], Any] = print, *,
+                 workers: int = 0, chunk_bytes: int = CHUNK_BYTES, progress: bool = True) -> PreparedData:
+    """Read, clean, split and tokenize the data once; later calls with the same settings map the cache.
+
+    The source is streamed twice, a chunk of about `chunk_bytes` at a time: pass 1 counts the
+    non-empty stories, which fixes the seeded split of each one (`split_assignment`); pass 2
+    tokenizes the chunks on `workers` processes (0: every usable core) and appends each story to
+    its split. Memory holds a few chunks per worker and a few bytes per story, never the source,
+    and the files are the same whatever `workers` and `chunk_bytes` are.
 
     The cache is written into a temporary folder and renamed into place in one step, so an
     interrupted prepare never leaves a partial cache that a later run would trust.
@@ -272,40 +396,48 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, log: Callable[[str]
         log(f"cache at {final} is incomplete or from another version: rebuilding it")
         shutil.rmtree(final, ignore_errors=True)
 
-    log(f"loading {data_cfg.source}")
-    raw = load_texts(data_cfg.source, data_cfg.text_field, data_cfg.txt_separator, data_cfg.hub_split)
-    texts = clean_texts(raw)
-    if not texts:
-        raise CairnError(f"no text left in {data_cfg.source} after dropping empty stories: "
-                         f"check the data and --text-field / --txt-separator")
-    splits = split_stories(texts, seed, data_cfg.n_samples, data_cfg.train_frac, data_cfg.val_frac)
-    log(f"{len(raw)} stories loaded, {len(raw) - len(texts)} empty dropped; "
-        + ", ".join(f"{s} {len(splits[s])}" for s in SPLITS))
+    start = time.perf_counter()
+    total = source_bytes(data_cfg.source)
+    with ChunkPool(prepare_workers(workers, total), tokenizer) as pool:
+        log(f"reading {data_cfg.source}" + (f" ({total / 1e6:,.1f} MB)" if total is not None else "")
+            + f" with {pool.workers} worker{'s' if pool.workers > 1 else ''}")
+        scan = _scan(data_cfg, pool, chunk_bytes, total, progress)
+        if scan.n_kept == 0:
+            raise CairnError(f"no text left in {data_cfg.source} after dropping empty stories: "
+                             f"check the data and --text-field / --txt-separator")
+        assign = split_assignment(scan.n_kept, seed, data_cfg.n_samples, data_cfg.train_frac, data_cfg.val_frac)
+        log(f"{scan.stories} stories loaded, {scan.stories - scan.n_kept} empty dropped; "
+            + ", ".join(f"{s} {int((assign == i).sum())}" for i, s in enumerate(SPLITS)))
 
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CairnError(f"cannot create the cache folder {root} ({e.strerror}): set --cache-dir or CAIRN_CACHE") from None
-    _remove_stale_temps(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
-    try:
         try:
-            counts = {s: _write_split(tmp, s, splits[s], tokenizer) for s in SPLITS}
-            meta = _make_meta(data_cfg, seed, tokenizer, key, fingerprint, len(raw), len(texts), counts)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CairnError(f"cannot write the token cache in {root} ({e.strerror or e}): "
-                             "free disk space or set --cache-dir") from None
+            raise CairnError(f"cannot create the cache folder {root} ({e.strerror}): set --cache-dir or CAIRN_CACHE") from None
+        _remove_stale_temps(root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
         try:
-            os.rename(tmp, final)
-        except OSError:
-            # Another process (another rank, a parallel run) finished the same cache first: use it.
-            meta = _read_valid_meta(final)
-            if meta is None:
-                raise
-    finally:
-        # Whatever stopped us (an error, Ctrl-C), the half-written folder must not linger.
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                counts = _write_splits(tmp, data_cfg, pool, chunk_bytes, scan, assign,
+                                       token_dtype(tokenizer.vocab_size), progress)
+                meta = _make_meta(data_cfg, seed, tokenizer, key, fingerprint, scan.stories, scan.n_kept, counts)
+                meta["prepared"] = {"source_bytes": scan.n_bytes, "workers": pool.workers,
+                                    "seconds": round(time.perf_counter() - start, 3)}
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            except OSError as e:
+                raise CairnError(f"cannot write the token cache in {root} ({e.strerror or e}): "
+                                 "free disk space or set --cache-dir") from None
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                # Another process (another rank, a parallel run) finished the same cache first: use it.
+                meta = _read_valid_meta(final)
+                if meta is None:
+                    raise
+        finally:
+            # Whatever stopped us (an error, Ctrl-C), the half-written folder must not linger.
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     log(f"cached tokens at {final}: " + ", ".join(f"{s} {counts[s]['tokens']:,}" for s in SPLITS) + " tokens")
-    return _load_cached(final, key, meta)
+    data = _load_cached(final, key, meta)
+    data.built = True
+    return data
