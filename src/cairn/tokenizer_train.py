@@ -136,7 +136,7 @@ def split_tokenizer(vocab_size: int, data_cfg, seed: int, log=print) -> BPEToken
 
     d = data_cfg
     fingerprint = source_fingerprint(d.source, d.text_field, d.txt_separator, d.hub_split)
-    ident = {"version": 1, "fingerprint": fingerprint, "text_field": d.text_field, "txt_separator": d.txt_separator,
+    ident = {"version": 2, "fingerprint": fingerprint, "text_field": d.text_field, "txt_separator": d.txt_separator,
              "hub_split": d.hub_split, "seed": seed, "n_samples": d.n_samples, "train_frac": d.train_frac,
              "vocab_size": vocab_size, "min_frequency": 2}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
