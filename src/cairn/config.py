@@ -82,6 +82,8 @@ class TrainConfig:
     test_at_end: bool = True  # evaluate the test split at the end of training
     tensorboard: bool = False  # also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')
     skip_nonfinite: int = 0  # skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)
+    parallel: str = "ddp"  # under torchrun: "ddp" (a model copy per process) or "fsdp" (parameters, gradients, optimizer state sharded)
+    dist_timeout_s: int = 600  # under torchrun: seconds a rank waits for the others in a collective before the job fails
 
 
 @dataclass
@@ -389,6 +391,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.precision not in ("auto", "fp32", "bf16"):
         raise CairnError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}: "
                          "use one of them with --precision")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise CairnError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}: use --parallel ddp or fsdp")
+    positive("train", "dist_timeout_s", t.dist_timeout_s)
     if cfg.tokenizer != "gpt2" and not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
         raise CairnError(f"tokenizer {cfg.tokenizer!r} is neither 'gpt2' nor a directory holding tokenizer.json: "
                          "use 'gpt2' or a directory made by `cairn tokenizer train`")
