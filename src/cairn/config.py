@@ -82,8 +82,8 @@ class TrainConfig:
     test_at_end: bool = True  # evaluate the test split at the end of training
     tensorboard: bool = False  # also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')
     skip_nonfinite: int = 0  # skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)
-    parallel: str = "ddp"  # under torchrun: "ddp" (a model copy per process) or "fsdp" (parameters, gradients, optimizer state sharded)
-    dist_timeout_s: int = 600  # under torchrun: seconds a rank waits for the others in a collective before the job fails
+    parallel: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (parameters and optimizer state sharded)
+    dist_timeout_s: int = 600  # under torchrun: seconds to wait for the other ranks before the job fails
 
 
 @dataclass

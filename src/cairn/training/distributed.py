@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -254,8 +255,8 @@ class Dist:
         if isinstance(e, SharedError):
             return e
         if isinstance(e, CairnError):
-            error = CairnError(f"{where}: {e}")
-        elif isinstance(e, dist.DistError) or "Connection closed by peer" in str(e) or "Timed out" in str(e):
+            return CairnError(f"{where}: {e}")
+        if _lost_contact(e):
             error = CairnError(f"{where} stopped: it lost contact with the other ranks ({_first_line(e)}); another "
                                "rank failed or was killed (see its message), or hung past "
                                f"train.dist_timeout_s = {self.timeout_s}s")
@@ -266,9 +267,17 @@ class Dist:
         return error
 
 
+def _lost_contact(e: BaseException) -> bool:
+    """A collective that failed because a peer did: NCCL says so by type, gloo only in words."""
+    words = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out")
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(w in str(e) for w in words))
+
+
 def _first_line(e: BaseException) -> str:
+    """The gist of an error: its first sentence, without the source location gloo puts first."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[0] if lines else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(e).__name__
+    return text.split(". ")[0].rstrip(".") or type(e).__name__
 
 
 def _record_for_torchrun(error: CairnError) -> None:

@@ -117,7 +117,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if not self.quiet:
-                print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
