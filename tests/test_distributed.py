@@ -5,13 +5,20 @@ comparisons run the same global batch (2 processes x batch 2 against 1 process x
 with 2 accumulation steps) in padded batches, so the ranks hold different numbers of real tokens
 and only an exact global token mean makes the runs agree.
 
-Tolerances: the 2-process runs sum the same float32 numbers in another order (each rank's half of
-the batch, then gloo's reduction), so they agree with the 1-process run to rounding, not bitwise:
-measured within 1e-7 relative on the losses; asserted within REL = 1e-5. Weights after 10 AdamW
-steps agree within 5e-6 absolute: Adam divides each gradient by its own running size, so a
-gradient that is zero in exact arithmetic (the key bias: softmax ignores it) turns its rounding
-noise into steps of up to the learning rate; asserted within ATOL = 1e-4 (weights are ~0.1). A
-stopped and resumed run with the same number of processes repeats the same arithmetic: bitwise.
+Tolerances. The 2-process runs add the same float32 numbers in another order (each rank's half of
+the batch, then gloo's reduction), so they agree with the 1-process run to rounding, not bitwise.
+Measured on this test's runs (10 steps), asserted with margin:
+- losses (train, validation, test): within 1.4e-7 relative; asserted LOSS_REL = 1e-5;
+- gradient norms: DDP within 1e-7, FSDP within 3e-4 relative: torch's float32 norm of the
+  1.6M-entry output-layer gradient is itself ~1e-4 off the float64 value (in one process too) and
+  FSDP adds its shards' parts in another order; asserted NORM_REL = 1e-3 (a gradient scaled by the
+  wrong number of ranks or tokens is off by 2x);
+- final weights: mean absolute difference 4e-10 (DDP), 6e-8 (FSDP), asserted MEAN_ATOL = 1e-6;
+  largest 3.4e-6 (DDP), 3.8e-5 (FSDP), asserted MAX_ATOL = 5e-4 (weights are ~0.1, the learning
+  rate 3e-3): the largest sit where a gradient is near zero (the key bias, which softmax ignores;
+  rare tokens' output rows), where Adam's division by the gradient's running size turns rounding
+  into visible steps.
+A stopped and resumed run with the same number of processes repeats the same arithmetic: bitwise.
 """
 
 import json
@@ -31,7 +38,7 @@ from cairn.data import PackedDataset, PaddedDataset, SplitTokens, make_loader
 from cairn.errors import CairnError
 from cairn.training import train
 
-REL, ATOL = 1e-5, 1e-4
+LOSS_REL, NORM_REL, MEAN_ATOL, MAX_ATOL = 1e-5, 1e-3, 1e-6, 5e-4
 STEPS, STOP = 10, 5
 PER_RANK = {"batch_size": 2}
 SINGLE = {"batch_size": 4}  # the same global batch in one process
@@ -84,12 +91,14 @@ def assert_close_runs(a: Path, b: Path) -> None:
     for x, y in zip(ra, rb):
         for key in x:
             if key.endswith("_loss"):
-                assert y[key] == pytest.approx(x[key], rel=REL), (x["kind"], x["step"], key)
+                assert y[key] == pytest.approx(x[key], rel=LOSS_REL), (x["kind"], x["step"], key)
+        if x["kind"] == "train":
+            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=NORM_REL), x["step"]
         assert x.get("tokens") == y.get("tokens") and x.get("val_tokens") == y.get("val_tokens")
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=ATOL, msg=lambda m, k=k: f"{k}: {m}")
+    diff = torch.cat([(wa[k] - wb[k]).abs().flatten() for k in wa])
+    assert diff.mean() <= MEAN_ATOL and diff.max() <= MAX_ATOL, (diff.mean().item(), diff.max().item())
 
 
 def assert_same_runs(a: Path, b: Path) -> None:

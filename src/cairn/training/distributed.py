@@ -143,9 +143,15 @@ class Dist:
         return value
 
     def main_first(self, fn: Callable[[], T]) -> T:
-        """Rank 0 runs `fn` first (it fills a cache), then the others run it (and find the cache)."""
+        """Rank 0 runs `fn` first (it fills a cache), then the others run it (and find the cache).
+        All leave together, so the time the others spent does not count against the next
+        collective's (short) timeout."""
         result = self.on_main(fn, share_result=False)
-        return result if self.is_main else fn()
+        if not self.is_main:
+            result = fn()
+        if self.enabled:
+            dist.barrier(group=self.file_group)
+        return result
 
     def gather_objects(self, obj: Any) -> Optional[list]:
         """Every rank's `obj`, on rank 0 (None elsewhere)."""

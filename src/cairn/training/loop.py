@@ -202,7 +202,8 @@ class Trainer:
         if steps_per_epoch == 0:
             unit = "windows" if self.cfg.data.batching == "pack" else "rows"
             raise CairnError(f"the train split has {n_items} {unit} of up to {self.cfg.data.seq_len} tokens, "
-                             f"too few for one step of {self._batch_text()}: "
+                             f"too few for one step of {t.batch_size} x {t.grad_accum}"
+                             f"{f' x {self.dist.world} processes' if self.dist.enabled else ''}: "
                              "lower --batch-size, --grad-accum or --seq-len, or add data")
         total = steps_per_epoch * t.epochs
         if t.max_steps:
