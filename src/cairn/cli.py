@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import CairnError
+from .errors import CairnError, SharedError
 
 
 class Parser(argparse.ArgumentParser):
@@ -469,7 +469,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_prepare(args)
         return cmd_eval(args) if args.command == "eval" else cmd_generate(args)
     except CairnError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, SharedError):  # under torchrun rank 0 already said it
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

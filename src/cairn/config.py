@@ -89,6 +89,8 @@ class TrainConfig:
     time_budget: str = ""  # e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run (evaluations and stories included) ends within it; epochs is then ignored, max_steps still caps; "" = off
     end_stories: int = 3  # stories generated from fixed prompts and seeds at the end, printed and saved to RUN/stories.md
     end_story_tokens: int = 200  # longest end-of-run story in tokens
+    parallel: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (parameters and optimizer state sharded)
+    dist_timeout_s: int = 600  # under torchrun: seconds to wait for the other ranks before the job fails
 
 
 @dataclass
@@ -444,6 +446,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.precision not in ("auto", "fp32", "bf16"):
         raise CairnError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}: "
                          "use one of them with --precision")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise CairnError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}: use --parallel ddp or fsdp")
+    positive("train", "dist_timeout_s", t.dist_timeout_s)
     if cfg.tokenizer.startswith("bpe:"):
         from .tokenizer_train import parse_bpe_spec
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,9 +25,10 @@ def summarize(loss_sum: float, tokens: int, n_bytes: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model: Transformer, loader, device: torch.device, precision: str, token_bytes: np.ndarray,
-             max_batches: int = 0) -> dict:
+             max_batches: int = 0, reduce: Optional[Callable[[list[float]], list[float]]] = None) -> dict:
     """Loss summed over every real target of the loader's batches, divided by their count (not a
-    mean of per-batch means, which would weight short batches too much)."""
+    mean of per-batch means, which would weight short batches too much). `reduce` sums the three
+    sums over processes when each evaluated its share of the batches."""
     was_training = model.training
     model.eval()
     table = torch.as_tensor(token_bytes)
@@ -42,4 +44,6 @@ def evaluate(model: Transformer, loader, device: torch.device, precision: str, t
         real = batch["labels"][batch["labels"] != -100]
         n_bytes += int(table[real].sum())
     model.train(was_training)
-    return summarize(loss_sum, tokens, n_bytes)
+    if reduce is not None:
+        loss_sum, tokens, n_bytes = reduce([loss_sum, tokens, n_bytes])
+    return summarize(loss_sum, int(tokens), int(n_bytes))

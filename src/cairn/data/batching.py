@@ -146,21 +146,31 @@ def epoch_order(n_items: int, seed: int, epoch: int, shuffle: bool) -> np.ndarra
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
                 start_batch: int = 0, drop_last: bool, num_workers: int = 0, pad_id: int = 0,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
     """A DataLoader over batches `start_batch`.. of the given epoch.
 
     The batches are fixed from `epoch_order`; resuming with start_batch=k yields exactly batches
     k, k+1, ... of the uninterrupted epoch. `PaddedDataset` batches are padded with
     `collate_padded`; any other dataset's items are stacked with `collate_packed`.
+
+    With `world` processes, batch b is global: rows order[b*W*B : (b+1)*W*B] (B = batch_size), of
+    which process `rank` takes the rank-th slice of B rows. W processes with batch B thus see, batch
+    for batch, the rows one process with batch W*B sees, and start_batch counts global batches.
+    Without drop_last the short last global batch is split as evenly as possible, and a process
+    whose slice is empty gets one batch fewer.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside the world of {world} processes")
     n = len(dataset)
-    total = num_batches(n, batch_size, drop_last)
+    size = batch_size * world
+    total = num_batches(n, size, drop_last)
     if not 0 <= start_batch <= total:
         raise ValueError(f"start_batch {start_batch} is outside the epoch's {total} batches")
     order = epoch_order(n, seed, epoch, shuffle)
-    batches = [order[b * batch_size:(b + 1) * batch_size].tolist() for b in range(start_batch, total)]
+    shares = (np.array_split(order[b * size:(b + 1) * size], world)[rank] for b in range(start_batch, total))
+    batches = [share.tolist() for share in shares if len(share)]
     if isinstance(dataset, PaddedDataset):
         collate = functools.partial(collate_padded, pad_id=pad_id)
     else:

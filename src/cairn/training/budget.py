@@ -22,7 +22,6 @@ import torch
 
 from ..data import num_batches
 from ..errors import CairnError
-from ..evaluate import evaluate
 from . import checkpoint as ckpt
 
 CALIBRATION_STEPS = 6  # the first is a warm-up (allocations, caches) and is not counted
@@ -67,23 +66,29 @@ def measure(trainer) -> Costs:
         eval_batch_s = 0.0
         held_out = trainer.val_ds or trainer.test_ds
         if held_out is not None:
-            loader = trainer.loader(held_out, 0, train=False)
-            n = min(3, num_batches(len(held_out), t.batch_size, drop_last=False))
+            n = min(3, num_batches(len(held_out), t.batch_size * trainer.dist.world, drop_last=False))
 
             def run_eval(k: int):
-                evaluate(model, loader, trainer.device, trainer.precision, trainer.tokenizer.token_bytes,
-                         max_batches=k)
+                trainer.evaluate(held_out, max_batches=k)
 
             # time n batches minus one: the first pays one-off costs the hundredth does not
             eval_batch_s = (_timed(lambda: run_eval(n)) - _timed(lambda: run_eval(1))) / max(n - 1, 1)
             eval_batch_s = max(eval_batch_s, 0.0)
 
-        probe = Path(tempfile.mkdtemp(prefix="cairn-budget-probe-"))  # the run directory is not made yet
-        try:
-            checkpoint_s = _timed(lambda: ckpt.save_checkpoint(
-                probe / "c", model.weights(), {"kind": "probe"}, {"optimizer": opt.state_dict()}))
-        finally:
-            shutil.rmtree(probe, ignore_errors=True)
+        def probe_checkpoint() -> None:
+            # as a real save: every rank gathers (FSDP), rank 0 writes
+            weights = trainer.dist.full_weights(model)
+            state = {"optimizer": trainer.dist.optimizer_state(model, opt)}
+
+            def write() -> None:
+                probe = Path(tempfile.mkdtemp(prefix="cairn-budget-probe-"))  # the run directory is not made yet
+                try:
+                    ckpt.save_checkpoint(probe / "c", weights, {"kind": "probe"}, state)
+                finally:
+                    shutil.rmtree(probe, ignore_errors=True)
+            trainer.dist.on_main(write, share_result=False)
+
+        checkpoint_s = _timed(probe_checkpoint)
 
         story_token_s = 0.0
         if t.end_stories:
@@ -104,7 +109,9 @@ def measure(trainer) -> Costs:
         trainer.state = saved_state
         torch.set_rng_state(saved_torch_rng)
         ckpt.set_rng_state(saved_rng)
-    return Costs(step_s, eval_batch_s, checkpoint_s, story_token_s)
+    # every rank must plan the same steps: they agree on the mean of their measurements
+    world = trainer.dist.world
+    return Costs(*(v / world for v in trainer.dist.sum([step_s, eval_batch_s, checkpoint_s, story_token_s])))
 
 
 def end_reserve(trainer, c: Costs) -> float:

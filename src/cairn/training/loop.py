@@ -4,6 +4,10 @@ Read it top to bottom: `train()` prepares everything, then runs `Trainer.run()`,
 loop. One optimizer step consumes `grad_accum` micro-batches; its loss is the mean over every real
 (non-padding) target token of those micro-batches, so padding and uneven micro-batches never
 change the weight of a token.
+
+Under torchrun the same loop runs in every process: `distributed.Dist` gives each its share of
+every global batch, wraps the model (DDP or FSDP), reduces what must be global (token counts,
+losses, evaluation sums, stop flags), and lets only rank 0 write files and logs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from ..tokenizer import TOKENIZER_FILE, get_tokenizer, run_tokenizer
 from ..tokenizer_train import parse_bpe_spec, split_tokenizer
 from . import budget
 from . import checkpoint as ckpt
+from .distributed import Dist, session
 from .optim import lr_at, make_optimizer, warmup_steps
 
 
@@ -42,7 +47,7 @@ class TrainState:
     """Everything besides weights and optimizer that decides the rest of a run."""
     step: int = 0  # optimizer steps done
     epoch: int = 0  # current epoch (0-based)
-    batch_in_epoch: int = 0  # micro-batches of this epoch already consumed
+    batch_in_epoch: int = 0  # global micro-batches (of processes x batch_size rows) of this epoch already consumed
     best_val_loss: float = math.inf
     bad_evals: int = 0  # evaluations since the best one (early stopping)
     tokens_seen: int = 0  # real target tokens trained on
@@ -67,11 +72,14 @@ class Plan:
 
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # only rank 0 writes
         self.sink: Optional[Callable[[dict], None]] = None  # e.g. TensorBoardLogger.write
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self.sink is not None:
@@ -79,7 +87,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (and a torn last line): a resumed run redoes them."""
-        if not self.path.is_file():
+        if not self.enabled or not self.path.is_file():
             return
         keep = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -99,8 +107,9 @@ def _json_float(x: float):
 class StopRequest:
     """First Ctrl-C or SIGTERM: finish the step, checkpoint, exit. Second Ctrl-C: stop at once."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.requested = False
+        self.quiet = quiet  # ranks other than 0 do not repeat the message
         self._old = {}
 
     def __enter__(self):
@@ -115,8 +124,9 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
-              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        if not self.quiet:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -125,27 +135,31 @@ class StopRequest:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: Path, resume: bool, stop_after: int, log: Callable[[str], None],
-                 progress: bool, started: Optional[float] = None):
-        self.cfg, self.out, self.log, self.progress = cfg, out_dir, log, progress
+                 progress: bool, dist: Optional[Dist] = None, started: Optional[float] = None):
+        t = cfg.train
+        self.dist = dist or Dist(device=pick_device(t.device))
+        main = self.dist.is_main  # only rank 0 logs, shows progress and writes files
+        self.cfg, self.out, self.log, self.progress = cfg, out_dir, log if main else _quiet, progress and main
         self.stop_after = stop_after
         self.started = time.monotonic() if started is None else started  # the time budget counts from here
         self.deadline: Optional[float] = None  # monotonic time by which the last step must be done
-        self._pace: Optional[tuple[float, int]] = None  # (time, step) of the last pace check
+        self._pace: Optional[tuple[float, int]] = None  # (time, step) of the first pace check
         self.plan_restored = False
-        t = cfg.train
         if t.tensorboard:  # fail before the data is prepared, not after
             from ..tensorboard import require_tensorboard
             require_tensorboard()
-        self.threads = set_threads(t.num_threads)
-        self.device = pick_device(t.device)
+        self.threads = set_threads(self.dist.cpu_threads(t.num_threads))
+        self.device = self.dist.device
         self.precision = resolve_precision(t.precision, self.device)
         self.ckpt_dir = out_dir / "checkpoints"
-        resume_from = self._check_run_dir(resume)
-        self.tokenizer = self._tokenizer(resume_from is not None)
+        resume_from = self.dist.on_main(lambda: self._check_run_dir(resume))
+        # rank 0 learns a bpe:N tokenizer into the (shared) cache; the other ranks then load it
+        self.tokenizer = self.dist.main_first(lambda: self._tokenizer(resume_from is not None))
         cfg.model.vocab_size = self.tokenizer.vocab_size
         seed_everything(cfg.seed)
 
-        data = prepare_data(cfg.data, cfg.seed, self.tokenizer, log=log)
+        # rank 0 tokenizes a new source into the (shared) cache; the other ranks then read it
+        data = self.dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, self.tokenizer, log=self.log))
         self.data = data
         Dataset = PackedDataset if cfg.data.batching == "pack" else PaddedDataset
         self.train_ds = Dataset(data.train, cfg.data.seq_len)
@@ -153,20 +167,25 @@ class Trainer:
         self.val_ds, self.test_ds = (Dataset(split, cfg.data.seq_len) or None for split in (data.val, data.test))
         self.plan = self._plan()
 
-        self.model = Transformer(cfg.model).to(self.device)
+        self.model = Transformer(cfg.model).to(self.device)  # the same initial weights on every rank
         self.peak_flops, self.peak_source = peak_flops(self.device, self.precision)
         self.flops_per_token = self.model.flops_per_token(cfg.data.seq_len)
-        self.optimizer = make_optimizer(self.model, t, self.device)
-        self.forward = torch.compile(self.model) if t.compile else self.model
         self.state = TrainState()
-        self.metrics = MetricsLog(out_dir / "metrics.jsonl")
-        if resume_from is not None:
-            self._load(resume_from)
+        self.metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=main)
+        # weights are loaded before wrapping (FSDP shards what the model holds), the optimizer state after
+        saved = self._load(resume_from) if resume_from is not None else None
+        self.wrapped = self.dist.wrap(self.model, self.precision)
+        self.optimizer = make_optimizer(self.model, t, self.device)
+        if self.dist.enabled:
+            self._seed_rank(0)
+        if saved is not None:
+            self._restore_trainer(*saved)
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         if t.time_budget and not self.plan_restored:
             self.plan_for_budget()  # before the run directory is written: a budget too short leaves nothing
-        self._write_run_files()
+        self.dist.on_main(self._write_run_files)
         self.tb = None
-        if t.tensorboard:
+        if t.tensorboard and main:
             from ..tensorboard import TensorBoardLogger
             # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
             self.tb = TensorBoardLogger(out_dir, purge_step=self.state.step + 1)
@@ -201,17 +220,25 @@ class Trainer:
 
     def _plan(self) -> Plan:
         t, n_items = self.cfg.train, len(self.train_ds)
-        micro = num_batches(n_items, t.batch_size, drop_last=True)
+        micro = num_batches(n_items, t.batch_size * self.dist.world, drop_last=True)
         steps_per_epoch = micro // t.grad_accum
         if steps_per_epoch == 0:
             unit = "windows" if self.cfg.data.batching == "pack" else "rows"
             raise CairnError(f"the train split has {n_items} {unit} of up to {self.cfg.data.seq_len} tokens, "
-                             f"too few for one step of {t.batch_size} x {t.grad_accum}: "
+                             f"too few for one step of {t.batch_size} x {t.grad_accum}"
+                             f"{f' x {self.dist.world} processes' if self.dist.enabled else ''}: "
                              "lower --batch-size, --grad-accum or --seq-len, or add data")
         total = steps_per_epoch * t.epochs
         if t.max_steps:
             total = min(total, t.max_steps)
         return Plan(micro, steps_per_epoch, total, warmup_steps(t, total), t.epochs)
+
+    def _batch_text(self, world: int = 0, batch: int = 0, accum: int = 0) -> str:
+        """The rows of one optimizer step, spelled out (this run's unless told otherwise)."""
+        t = self.cfg.train
+        world, batch, accum = world or self.dist.world, batch or t.batch_size, accum or t.grad_accum
+        procs = f"{world} processes x " if world > 1 else ""
+        return f"{procs}batch {batch} x {accum} accumulation = {world * batch * accum} rows"
 
     def _write_run_files(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +249,7 @@ class Trainer:
             "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
             "parameters": self.model.num_params(),
             "device": str(self.device), "precision": self.precision, "threads": self.threads,
+            "processes": self.dist.world, "parallel": self.dist.parallel,
             "plan": asdict(self.plan),
             "data": {"cache": str(self.data.cache_dir), **self.data.meta},
         }
@@ -232,18 +260,43 @@ class Trainer:
             "kind": kind, "cairn_version": __version__, "config": self.cfg.to_dict(),
             "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
             "state": {k: _json_float(v) if isinstance(v, float) else v for k, v in asdict(self.state).items()},
-            "plan": asdict(self.plan), "rng": ckpt.rng_state(),
+            "plan": asdict(self.plan), "rng": ckpt.rng_state(), "world_size": self.dist.world,
         }
 
     def _save(self, name: str, kind: str, resumable: bool) -> Path:
-        trainer_state = None
-        if resumable:
-            trainer_state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                trainer_state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        # every rank takes part (FSDP gathers the shards onto rank 0); rank 0 alone writes, and the
+        # others wait for it, so none goes on to read or replace a half-written checkpoint
+        weights = self.dist.full_weights(self.model)
+        trainer_state = self._trainer_state() if resumable else None
+        meta = self._meta(kind)
+        return self.dist.on_main(lambda: self._write_checkpoint(name, weights, meta, trainer_state))
+
+    def _trainer_state(self) -> dict:
+        state = {"optimizer": self.dist.optimizer_state(self.model, self.optimizer), "torch_rng": torch.get_rng_state()}
+        if self.dist.enabled:
+            # every rank's own dropout stream, so a resume with as many processes continues each
+            state["rank_rng"] = self.dist.gather_objects(self._rank_rng())
+        elif torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def _rank_rng(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _seed_rank(self, step: int) -> None:
+        """Every rank drew the same initial weights; from here on their dropout masks must differ."""
+        import numpy as np
+
+        seed = int(np.random.SeedSequence([self.cfg.seed, step, self.dist.rank]).generate_state(1)[0])
+        torch.manual_seed(seed)  # seeds CUDA too
+
+    def _write_checkpoint(self, name: str, weights: dict, meta: dict, trainer_state: Optional[dict]) -> Path:
+        resumable = trainer_state is not None
         try:
-            path = ckpt.save_checkpoint(self.ckpt_dir / name, self.model.weights(), self._meta(kind),
-                                        trainer_state)
+            path = ckpt.save_checkpoint(self.ckpt_dir / name, weights, meta, trainer_state)
         except OSError as e:
             newest = ckpt.latest(self.ckpt_dir)
             raise CairnError(f"could not write checkpoint {self.ckpt_dir / name} ({e.strerror or e}) at step "
@@ -254,15 +307,17 @@ class Trainer:
             ckpt.prune(self.ckpt_dir, self.cfg.name, self.cfg.train.keep_checkpoints)
         return path
 
-    def _load(self, path: Path) -> None:
+    def _load(self, path: Path) -> tuple[Path, ckpt.Checkpoint, dict]:
+        """Weights and training state; the optimizer and RNG state follow in `_restore_trainer`."""
         c = ckpt.read_checkpoint(path)
         try:
-            self._restore(path, c)
+            trainer = self._restore(path, c)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise CairnError(f"{path}/state.json is incomplete ({type(e).__name__}: {e}): "
                              "resume from another checkpoint") from None
+        return path, c, trainer
 
-    def _restore(self, path: Path, c) -> None:
+    def _restore(self, path: Path, c) -> dict:
         saved = from_dict(c.meta["config"])
         if c.meta["tokenizer"]["name"] != self.tokenizer.name:
             raise CairnError(f"cannot resume {path}: it was trained with tokenizer {c.meta['tokenizer']['name']!r}, "
@@ -278,7 +333,6 @@ class Trainer:
                     self.log(f"resume: {section}.{k} changed {v!r} -> {getattr(getattr(self.cfg, section), k)!r}")
         self.model.load_weights(c.model_state())
         trainer = c.trainer_state()
-        self.optimizer.load_state_dict(trainer["optimizer"])
         state = dict(c.meta["state"])
         state["best_val_loss"] = math.inf if state["best_val_loss"] is None else state["best_val_loss"]
         self.state = TrainState(**state)
@@ -286,27 +340,89 @@ class Trainer:
             # the steps were planned for the budget once; a resumed run finishes that plan
             self.plan = Plan(**c.meta["plan"])
             self.plan_restored = True
-        torch.set_rng_state(trainer["torch_rng"])
-        if "cuda_rng" in trainer and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(trainer["cuda_rng"])
-        ckpt.set_rng_state(c.meta["rng"])
+        self._carry_position(path, saved, c.meta.get("world_size", 1))
         self.metrics.truncate_after(self.state.step)
         self.log(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch + 1}, "
                  f"batch {self.state.batch_in_epoch})")
+        return trainer
+
+    def _carry_position(self, path: Path, saved: RunConfig, saved_world: int) -> None:
+        """Re-express the place in the epoch (global micro-batches of the saved run) in this run's.
+
+        The epoch's row order does not depend on the batch, so with the same rows per optimizer
+        step (processes x batch_size x grad_accum) the run continues exactly, on any number of
+        processes; at an epoch boundary any batch will do. Otherwise the rest of the epoch would be
+        cut into other steps than the saved plan's: refused, saying what to pass."""
+        t, s, world = self.cfg.train, self.state, self.dist.world
+        old_micro = saved_world * saved.train.batch_size
+        old_rows, new_rows = old_micro * saved.train.grad_accum, world * t.batch_size * t.grad_accum
+        old_text = self._batch_text(saved_world, saved.train.batch_size, saved.train.grad_accum)
+        if old_rows == new_rows:
+            s.batch_in_epoch = s.batch_in_epoch * old_micro // (world * t.batch_size)
+            if saved_world != world:
+                self.log(f"resume: {saved_world} -> {world} processes with the same {new_rows} rows per step "
+                         f"({old_text} before, {self._batch_text()} now): continuing where it stopped")
+            return
+        if s.batch_in_epoch == 0:
+            self.log(f"resume: {old_text} per step before, {self._batch_text()} now, from the start of "
+                     f"epoch {s.epoch + 1}: the remaining steps are planned for the new batch")
+            return
+        if old_rows % (world * t.grad_accum) == 0:
+            fix = f"--batch-size {old_rows // (world * t.grad_accum)}"
+        elif old_rows % (world * t.batch_size) == 0:
+            fix = f"--grad-accum {old_rows // (world * t.batch_size)}"
+        else:
+            fix = f"{saved_world} processes"
+        raise CairnError(f"cannot resume {path} with {self._batch_text()} per step: it stopped in the middle of "
+                         f"an epoch with {old_text}, and the epoch's rows only continue in the same steps with the "
+                         f"same rows per step: resume with {fix}")
+
+    def _restore_trainer(self, path: Path, c, trainer: dict) -> None:
+        """Optimizer state (by parameter name, whatever wrapped the model) and random generators."""
+        try:
+            self.dist.load_optimizer_state(self.model, self.optimizer, trainer["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CairnError(f"{path}/trainer.pt does not fit this model ({type(e).__name__}: {e}): "
+                             "resume from another checkpoint") from None
+        ranks = trainer.get("rank_rng")
+        if ranks is None and not self.dist.enabled:
+            torch.set_rng_state(trainer["torch_rng"])
+            if "cuda_rng" in trainer and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+        elif ranks is not None and len(ranks) == self.dist.world:
+            mine = ranks[self.dist.rank]
+            torch.set_rng_state(mine["torch"])
+            if "cuda" in mine and self.device.type == "cuda":
+                torch.cuda.set_rng_state(mine["cuda"], self.device)
+        else:  # another number of processes: only dropout draws from these generators
+            self._seed_rank(self.state.step)
+            if self.cfg.model.dropout > 0:
+                self.log("resume: the number of processes changed, so dropout continues from new per-rank seeds "
+                         "(equal in distribution, not bitwise, to the run that never stopped)")
+        ckpt.set_rng_state(c.meta["rng"])
 
     # ------------------------------------------------------------ pieces of the loop
 
     def loader(self, ds, epoch: int, start: int = 0, train: bool = True):
+        """This rank's share of every global batch (all of it in a single process)."""
         t = self.cfg.train
         return make_loader(ds, t.batch_size, shuffle=train, seed=self.cfg.seed, epoch=epoch, start_batch=start,
-                           drop_last=train, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id)
+                           drop_last=train, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id,
+                           rank=self.dist.rank, world=self.dist.world)
+
+    def evaluate(self, ds, max_batches: int = 0) -> dict:
+        """Held-out metrics, each rank evaluating its share of the batches, the sums reduced."""
+        batches = self.loader(ds, 0, train=False)
+        if self.dist.enabled:
+            n = num_batches(len(ds), self.cfg.train.batch_size * self.dist.world, drop_last=False)
+            batches = self.dist.lockstep(batches, min(n, max_batches or n), _masked_row(ds))
+        return evaluate(self.model, batches, self.device, self.precision, self.tokenizer.token_bytes,
+                        max_batches=max_batches, reduce=self.dist.sum)
 
     def validate(self, full: bool) -> Optional[dict]:
         if self.val_ds is None:
             return None
-        limit = 0 if full else self.cfg.train.eval_batches
-        result = evaluate(self.model, self.loader(self.val_ds, 0, train=False), self.device, self.precision,
-                          self.tokenizer.token_bytes, max_batches=limit)
+        result = self.evaluate(self.val_ds, 0 if full else self.cfg.train.eval_batches)
         s = self.state
         s.last_eval_step = s.step
         improved = result["loss"] < s.best_val_loss
@@ -333,17 +449,21 @@ class Trainer:
         lr = lr_at(s.step, t, self.plan.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        n_tokens = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+        # the step's real tokens on every rank, so each weighs 1/n_tokens of the step wherever it is
+        n_tokens = int(self.dist.sum([sum(int((b["labels"] != -100).sum()) for b in micro_batches)])[0])
         loss_total = torch.zeros((), device=self.device)
-        for b in micro_batches:
+        for i, b in enumerate(micro_batches):
             x, y = b["input_ids"].to(self.device, non_blocking=True), b["labels"].to(self.device, non_blocking=True)
-            with autocast(self.device, self.precision):
-                loss_sum, _ = self.forward(x, labels=y)
-            (loss_sum / n_tokens).backward()  # each token weighs 1/n_tokens of the step
+            # gradients are reduced across ranks once per step, on its last micro-batch
+            with self.dist.grad_sync(self.wrapped, sync=i == len(micro_batches) - 1):
+                with autocast(self.device, self.precision):
+                    loss_sum, _ = self.forward(x, labels=y)
+                # DDP and FSDP average the ranks' gradients: x world makes that average the token sum
+                (loss_sum * self.dist.world / n_tokens).backward()
             loss_total += loss_sum.detach()
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        loss = float(loss_total) / max(n_tokens, 1)
+        grad_norm = self.dist.clip_grad_norm(self.model.parameters(), clip)
+        loss = self.dist.sum([float(loss_total)])[0] / max(n_tokens, 1)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             if s.skipped_steps < t.skip_nonfinite:
@@ -367,7 +487,7 @@ class Trainer:
         t = self.cfg.train
         budget_s = parse_duration(t.time_budget)
         costs = budget.measure(self)
-        elapsed = time.monotonic() - self.started
+        elapsed = self.dist.sum([time.monotonic() - self.started])[0] / self.dist.world
         steps, reserve = budget.plan_steps(self, budget_s, elapsed, costs, self.plan.steps_per_epoch)
         p = self.plan
         self.plan = Plan(p.micro_batches_per_epoch, p.steps_per_epoch, steps, warmup_steps(t, steps),
@@ -392,8 +512,10 @@ class Trainer:
         last_time, last_step = self._pace
         if step <= last_step:
             return
-        per_step = (now - last_time) / (step - last_step)
-        fits = step + math.floor(max(self.deadline - now, 0.0) / per_step)
+        # every rank must shorten the plan alike: they agree on the mean pace and time left
+        per_step, left = (v / self.dist.world for v in self.dist.sum([(now - last_time) / (step - last_step),
+                                                                      max(self.deadline - now, 0.0)]))
+        fits = step + math.floor(left / max(per_step, 1e-9))
         if fits < self.plan.total_steps:
             self.log(f"time budget: {per_step:.3f}s per step lately, slower than planned: "
                      f"shortening the plan from {self.plan.total_steps} to {max(fits, step)} steps")
@@ -416,14 +538,17 @@ class Trainer:
                            for k, v in splits.items())
         self.log(f"data: {counts}; train has {len(self.train_ds):,} "
                  f"{'windows' if cfg.data.batching == 'pack' else 'rows'} of <= {cfg.data.seq_len} tokens")
+        if self.dist.enabled:
+            self.log(f"distributed: {self.dist.describe()}; each reads its share of every global batch")
         self.log(f"plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch, {plan.epochs} epoch(s)), "
-                 f"batch {t.batch_size} x {t.grad_accum} accumulation, warm-up {plan.warmup_steps} steps, "
-                 f"{t.schedule} schedule, peak lr {t.lr:g}")
+                 f"{self._batch_text()} ({self.dist.world * t.batch_size * t.grad_accum * cfg.data.seq_len:,} "
+                 f"tokens at most) per step, warm-up {plan.warmup_steps} steps, {t.schedule} schedule, "
+                 f"peak lr {t.lr:g}")
         from tqdm import tqdm
 
         stopped = None
         timed_tokens, window_start = 0, time.perf_counter()  # throughput since the last report
-        with StopRequest() as stop:
+        with StopRequest(quiet=not self.dist.is_main) as stop:
             while s.epoch < plan.epochs and s.step < plan.total_steps and stopped is None:
                 left = min(plan.steps_per_epoch - s.batch_in_epoch // t.grad_accum, plan.total_steps - s.step)
                 bar = tqdm(total=left, desc=f"epoch {s.epoch + 1}/{plan.epochs}", disable=not self.progress,
@@ -450,7 +575,8 @@ class Trainer:
                         tps = timed_tokens / max(elapsed, 1e-9)
                         mean = s.window_loss_sum / max(s.window_tokens, 1)
                         # MFU of the real (non-padding) tokens: padding is compute that teaches nothing
-                        mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else None
+                        peak = self.peak_flops * self.dist.world if self.peak_flops else None
+                        mfu = tps * self.flops_per_token / peak if peak else None
                         mfu_text = f", MFU {mfu:.1%}" if mfu is not None else ""
                         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
                                         mfu=mfu_text[6:] or "n/a")
@@ -470,13 +596,16 @@ class Trainer:
                     if t.checkpoint_every and s.step % t.checkpoint_every == 0:
                         self._save(f"{cfg.name}_checkpoint_step{s.step:07d}", "step", resumable=True)
                         window_start = time.perf_counter()
+                    # every rank stops at the same step: a signal or the deadline seen by one is seen by all
+                    late = self.deadline is not None and time.monotonic() > self.deadline
+                    signalled, late = (v > 0 for v in self.dist.sum([float(stop.requested), float(late)]))
                     if self.should_stop_early():
                         stopped = "early stopping"
-                    elif self.deadline is not None and time.monotonic() > self.deadline and s.step < plan.total_steps:
+                    elif late and s.step < plan.total_steps:
                         stopped = "time budget"
                     elif self.stop_after and s.step >= self.stop_after:
                         stopped = f"stop-after {self.stop_after}"
-                    elif stop.requested:
+                    elif signalled:
                         stopped = "signal"
                     if stopped or s.step >= plan.total_steps:
                         break
@@ -510,8 +639,7 @@ class Trainer:
         summary = {"step": s.step, "tokens": s.tokens_seen, "best_val_loss": _json_float(s.best_val_loss),
                    "final": str(final), "stopped": stopped}
         if t.test_at_end and self.test_ds is not None:
-            r = evaluate(self.model, self.loader(self.test_ds, 0, train=False), self.device, self.precision,
-                         self.tokenizer.token_bytes)
+            r = self.evaluate(self.test_ds)
             self.metrics.write({"kind": "test", "step": s.step, "epoch": min(s.epoch + 1, plan.epochs),
                                 "test_loss": r["loss"],
                                 "test_perplexity": r["perplexity"], "test_bits_per_byte": r["bits_per_byte"],
@@ -531,6 +659,7 @@ class Trainer:
         from ..generate import SamplingConfig, generate_text
 
         t, stories = self.cfg.train, []
+        self.model.eval()
         for i in range(t.end_stories):
             prompt = END_PROMPTS[i % len(END_PROMPTS)]
             s = SamplingConfig(max_new_tokens=t.end_story_tokens, temperature=0.8, top_k=50, seed=i + 1)
@@ -539,23 +668,37 @@ class Trainer:
             stories.append({"prompt": prompt, "seed": s.seed, "text": prompt + text})
         body = "".join(f"## Story {i + 1} (seed {st['seed']}, temperature 0.8, top-k 50)\n\n{st['text'].strip()}\n\n"
                        for i, st in enumerate(stories))
-        ckpt.write_atomic_text(self.out / "stories.md", f"# Stories from {self.cfg.name}, step {self.state.step}\n\n"
-                               + body)
+        # every rank generated (FSDP needs them all for each forward); rank 0 writes
+        text = f"# Stories from {self.cfg.name}, step {self.state.step}\n\n" + body
+        self.dist.on_main(lambda: ckpt.write_atomic_text(self.out / "stories.md", text), share_result=False)
         for i, st in enumerate(stories):
             self.log(f"story {i + 1}: {st['text'].strip()}")
         self.log(f"stories saved to {self.out / 'stories.md'}")
         return stories
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _masked_row(ds) -> dict:
+    """A one-row batch whose targets are all padding: a forward pass that counts nothing."""
+    x = ds[0]["input_ids"][None]
+    return {"input_ids": x, "labels": torch.full_like(x, -100)}
+
+
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int = 0,
           log: Callable[[str], None] = print, progress: bool = False, started: Optional[float] = None) -> dict:
     """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary.
-    `started` (time.monotonic()) is when the command began: a time budget counts from there."""
+    `started` (time.monotonic()) is when the command began: a time budget counts from there.
+
+    Under torchrun every process calls this; they train one model together (see distributed.py)."""
     started = time.monotonic() if started is None else started
     validate(cfg)
-    trainer = Trainer(cfg, Path(out_dir), resume, stop_after, log, progress, started)
-    try:
-        return trainer.run()
-    finally:
-        if trainer.tb is not None:
-            trainer.tb.close()
+    with session(cfg.train, log) as dist:
+        trainer = Trainer(cfg, Path(out_dir), resume, stop_after, log, progress, dist, started)
+        try:
+            return trainer.run()
+        finally:
+            if trainer.tb is not None:
+                trainer.tb.close()
