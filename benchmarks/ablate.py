@@ -29,13 +29,18 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name.strip(), shlex.split(flags)
 
 
+class Failed(Exception):
+    pass
+
+
 def run(args: list[str], log_path: Path) -> str:
     cmd = [sys.executable, "-m", "cairn", "train", *args, "--no-progress"]
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log.write(proc.stdout)
     if proc.returncode != 0:
-        raise SystemExit(f"variant failed ({' '.join(cmd)}):\n{proc.stdout[-2000:]}")
+        lines = [x for x in proc.stdout.splitlines() if x.startswith("error:")]
+        raise Failed(lines[-1] if lines else proc.stdout[-500:])
     return proc.stdout
 
 
@@ -81,18 +86,26 @@ def main(argv=None) -> int:
              "--test-at-end", "false", "--eval-every", "0", "--checkpoint-every", "0"], root / f"{slug}.warm.log")
         out_dir = root / slug
         start = time.monotonic()
-        out = run([*base, "--out", str(out_dir), "--time-budget", args.budget, "--end-stories", "0"],
-                  root / f"{slug}.log")
+        try:
+            out = run([*base, "--out", str(out_dir), "--time-budget", args.budget, "--end-stories", "0"],
+                      root / f"{slug}.log")
+        except Failed as e:  # e.g. one step does not fit the budget: that is a result too
+            results.append({"variant": name, "flags": " ".join(flags), "failed": str(e)})
+            print(f"{name}: failed: {e}", flush=True)
+            continue
         r = {"variant": name, "flags": " ".join(flags), **score(out_dir, out),
              "wall_s": round(time.monotonic() - start, 1)}
         results.append(r)
         print(f"{name}: val {r['val_bits_per_byte']:.4f} bits/byte, {r['steps_done']} steps, "
               f"{r['tokens']:,} tokens, {r['tokens_per_s']:,.0f} tok/s, {r['wall_s']}s", flush=True)
 
-    base_bpb = results[0]["val_bits_per_byte"]
+    base_bpb = next((r["val_bits_per_byte"] for r in results if "failed" not in r), 0.0)
     print(f"\n| variant | flags | val bits/byte | vs first | steps | tokens | tokens/s | params | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        if "failed" in r:
+            print(f"| {r['variant']} | `{r['flags']}` | failed: {r['failed']} | | | | | | |")
+            continue
         print(f"| {r['variant']} | `{r['flags'] or '(preset)'}` | {r['val_bits_per_byte']:.4f} | "
               f"{r['val_bits_per_byte'] - base_bpb:+.4f} | {r['steps_done']} | {r['tokens']:,} | "
               f"{r['tokens_per_s']:,.0f} | {r['parameters']:,} | {r['wall_s']} |")

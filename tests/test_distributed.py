@@ -274,3 +274,21 @@ def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_pat
     torch.save(trainer, f)
     train(apply_overrides(preset("tiny"), opts), part, resume=True, log=lambda m: None)
     assert_same_runs(full, part)
+
+
+def test_a_budgeted_fsdp_run_with_a_learned_tokenizer_plans_alike_on_every_rank(tmp_path):
+    """Ranks time the calibration differently; if they planned different step counts, or stopped
+    at different deadlines, the job would hang in a collective (and fail on LAUNCH_TIMEOUT)."""
+    if not TINYSTORIES.is_dir():
+        pytest.skip("TinyStories sample not found")
+    run = tmp_path / "run"
+    opts = options(tmp_path / "cache", max_steps=12, time_budget="90s", end_stories=1, end_story_tokens=16,
+                   tokenizer="bpe:300")
+    out = launch_train(run, opts, "--parallel", "fsdp")
+    assert "time budget 90s" in out and "learned tokenizer" in out
+    plan = json.loads((run / "run.json").read_text())["plan"]
+    assert plan["budget_s"] == 90 and 0 < plan["total_steps"] <= 12
+    steps = [r["step"] for r in records(run) if r["kind"] == "train"]
+    assert steps[-1] == plan["total_steps"] or "shortening the plan" in out
+    assert (run / "stories.md").read_text().count("## Story") == 1
+    assert (run / "tokenizer" / "tokenizer.json").is_file()

@@ -44,6 +44,7 @@ def steps_per_epoch(run: Path) -> int:
     ("pack", {}),
     ("pad", {}),
     ("pack", {"grad_accum": 2, "dropout": 0.1}),  # dropout: the torch RNG must be restored too
+    ("pack", {"optimizer": "muon"}),  # two torch optimizers behind one: both states must come back
 ])
 def test_stop_and_resume_equals_uninterrupted_across_an_epoch_boundary(tmp_path, stories_file, batching, extra):
     probe = tmp_path / "probe"

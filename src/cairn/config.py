@@ -62,6 +62,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     epochs: int = 1  # passes over the training split
     max_steps: int = 0  # cap on optimizer steps (0 = as many as the epochs give); the schedule is planned for it
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for embeddings, head, norms and biases (one lr)
+    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
     lr: float = 5e-4  # peak learning rate
     min_lr: float = 0.0  # learning rate at the end of the decay
     schedule: str = "linear"  # after warm-up: "linear" decay (the tutorial's), "cosine", or "constant"
@@ -446,6 +448,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     if t.precision not in ("auto", "fp32", "bf16"):
         raise CairnError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}: "
                          "use one of them with --precision")
+    if t.optimizer not in ("adamw", "muon"):
+        raise CairnError(f"train.optimizer must be 'adamw' or 'muon', got {t.optimizer!r}: use --optimizer adamw or muon")
+    if t.optimizer == "muon" and t.parallel == "fsdp":
+        raise CairnError("train.optimizer muon needs whole weight matrices, which FSDP shards: "
+                         "use --parallel ddp, or --optimizer adamw with FSDP")
+    if not 0 <= t.muon_momentum < 1:
+        raise CairnError(f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}: change --muon-momentum")
     if t.parallel not in ("ddp", "fsdp"):
         raise CairnError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}: use --parallel ddp or fsdp")
     positive("train", "dist_timeout_s", t.dist_timeout_s)

@@ -243,14 +243,14 @@ class Dist:
         0 under FSDP): one format that a single process, DDP and FSDP all load."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        return get_optimizer_state_dict(model, optimizer, options=_full_options())
+        return get_optimizer_state_dict(model, _parts(optimizer), options=_full_options())
 
     def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Every rank loads the whole state it read from the (shared) checkpoint and keeps its shard."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = _named_optimizer_state(state, model, optimizer)
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(model, _parts(optimizer), state, options=StateDictOptions(full_state_dict=True))
 
     # ------------------------------------------------------------ failures
 
@@ -294,6 +294,12 @@ def _record_for_torchrun(error: CairnError) -> None:
 
     with contextlib.suppress(Exception):
         ErrorHandler().record_exception(error)
+
+
+def _parts(optimizer):
+    """The torch optimizers behind cairn's optimizer (Muon + AdamW is two); torch's state-dict
+    functions take them as a list and key the state of all of them by parameter name."""
+    return getattr(optimizer, "parts", optimizer)
 
 
 def _full_options():

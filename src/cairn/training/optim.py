@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedules."""
+"""The optimizers (AdamW with weight decay on matrices only; or Muon for the blocks' matrices with
+AdamW for the rest) and the learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -9,16 +10,59 @@ import torch
 from ..config import TrainConfig
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+class MuonWithAdamW:
+    """torch's Muon for the transformer blocks' weight matrices, AdamW for everything else
+    (embeddings, the output head, norms, biases), stepped as one optimizer. Muon's
+    "match_rms_adamw" scaling gives its updates AdamW's size, so both follow one learning rate and
+    one schedule. Checkpoints save both parts, keyed by parameter name (see distributed.py)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+        self.parts = [muon, adamw]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        for o in self.parts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def _adamw(groups: list[dict], t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel is one launch per step instead of one per tensor; it exists for GPUs.
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=device.type == "cuda")
+
+
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device):
     """Decay every parameter with two or more dimensions (linear weights, embeddings); not biases
     or LayerNorm gains, which decay would only pull towards zero for no regularising benefit."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if t.optimizer == "muon":
+        # Muon orthogonalises each update matrix: it is for the hidden layers' matrices only, not
+        # for the embedding (a lookup table) or the output head (Keller Jordan; torch's docs)
+        hidden = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
+        rest = [(n, p) for n, p in named if not (n.startswith("blocks.") and p.dim() == 2)]
+        muon = torch.optim.Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, momentum=t.muon_momentum,
+                                nesterov=True, adjust_lr_fn="match_rms_adamw")
+        groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
+                  {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+        return MuonWithAdamW(muon, _adamw(groups, t, device))
+    decay = [p for _, p in named if p.dim() >= 2]
+    no_decay = [p for _, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel is one launch per step instead of one per tensor; it exists for GPUs.
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=fused)
+    return _adamw(groups, t, device)
 
 
 def warmup_steps(t: TrainConfig, total_steps: int) -> int:
