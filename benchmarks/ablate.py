@@ -100,7 +100,7 @@ def main(argv=None) -> int:
               f"{r['tokens']:,} tokens, {r['tokens_per_s']:,.0f} tok/s, {r['wall_s']}s", flush=True)
 
     base_bpb = next((r["val_bits_per_byte"] for r in results if "failed" not in r), 0.0)
-    print(f"\n| variant | flags | val bits/byte | vs first | steps | tokens | tokens/s | params | wall s |")
+    print("\n| variant | flags | val bits/byte | vs first | steps | tokens | tokens/s | params | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "failed" in r:

@@ -1,6 +1,5 @@
 """kill -9 at random moments (checkpoint writes included), resume each time: same final weights."""
 
-import os
 import random
 import shutil
 import signal
