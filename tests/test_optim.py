@@ -53,3 +53,27 @@ def test_muon_lowers_the_loss_and_its_state_round_trips():
     step(twin, twin_opt)
     for (n, a), (_, b) in zip(m.named_parameters(), twin.named_parameters()):
         assert torch.equal(a, b), n
+
+
+def test_float32_muon_takes_torchs_muon_steps():
+    """cairn's CPU Muon is torch's algorithm with float32 Newton-Schulz: compare with torch's own
+    (bfloat16 Newton-Schulz, so agreement is to bf16 precision, ~1%, not bitwise)."""
+    from cairn.training.optim import Float32Muon
+
+    torch.manual_seed(0)
+    shapes = [(16, 24), (24, 16), (20, 20)]
+    ours = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    a = Float32Muon(ours, lr=0.02, weight_decay=0.1, momentum=0.9)
+    b = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=True,
+                         adjust_lr_fn="match_rms_adamw")
+    start = [p.detach().clone() for p in ours]
+    for _ in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    for p, q, s in zip(ours, theirs, start):
+        moved, gap = (p - s).norm().item(), (p - q).norm().item()
+        assert moved > 0.1 and gap < 0.02 * moved, (moved, gap)

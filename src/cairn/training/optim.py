@@ -10,6 +10,49 @@ import torch
 from ..config import TrainConfig
 
 
+class Float32Muon(torch.optim.Optimizer):
+    """torch.optim.Muon's update (Nesterov momentum, 5 quintic Newton-Schulz steps, Moonshot's
+    "match_rms_adamw" scale 0.2 * sqrt(max(rows, cols)), decoupled weight decay), with the
+    Newton-Schulz products in float32. torch's runs them in bfloat16, which CPUs without bf16
+    instructions emulate: measured here at 8.1 s per step against 0.8 s for AdamW. On CUDA cairn
+    uses torch's own. Same math as torch's (tested against it in float32)."""
+
+    NS = (3.4445, -4.775, 2.0315)
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.1, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @staticmethod
+    def orthogonalise(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+        a, b, c = Float32Muon.NS
+        x = g.float()
+        tall = x.size(0) > x.size(1)
+        if tall:
+            x = x.T
+        x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return x.T if tall else x
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)  # torch: buf = mu * buf + (1 - mu) * grad
+                update = p.grad.lerp(buf, mu)  # Nesterov
+                update = self.orthogonalise(update, group["ns_steps"]).to(p.dtype)
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+
+
 class MuonWithAdamW:
     """torch's Muon for the transformer blocks' weight matrices, AdamW for everything else
     (embeddings, the output head, norms, biases), stepped as one optimizer. Muon's
@@ -54,8 +97,11 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
         # for the embedding (a lookup table) or the output head (Keller Jordan; torch's docs)
         hidden = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
         rest = [(n, p) for n, p in named if not (n.startswith("blocks.") and p.dim() == 2)]
-        muon = torch.optim.Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, momentum=t.muon_momentum,
-                                nesterov=True, adjust_lr_fn="match_rms_adamw")
+        if device.type == "cuda":
+            muon = torch.optim.Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, momentum=t.muon_momentum,
+                                    nesterov=True, adjust_lr_fn="match_rms_adamw")
+        else:
+            muon = Float32Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, momentum=t.muon_momentum)
         groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
                   {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
         return MuonWithAdamW(muon, _adamw(groups, t, device))
