@@ -125,9 +125,10 @@ def end_reserve(trainer, c: Costs) -> float:
     return batches * c.eval_batch_s + 2 * c.checkpoint_s + t.end_stories * t.end_story_tokens * c.story_token_s
 
 
-def plan_steps(trainer, budget_s: float, elapsed_s: float, c: Costs, steps_per_epoch: int) -> tuple[int, float]:
-    """(steps, end reserve): as many steps as fit in what is left of the budget, counting the
-    periodic evaluations and checkpoints they bring."""
+def plan_steps(trainer, budget_s: float, elapsed_s: float, c: Costs,
+               steps_per_epoch: int) -> tuple[int, float, float]:
+    """(steps, end reserve, overhead per step): as many steps as fit in what is left of the
+    budget, counting the periodic evaluations and checkpoints they bring (the overhead)."""
     t = trainer.cfg.train
     reserve = end_reserve(trainer, c)
     available = budget_s - elapsed_s - reserve - SAFETY_FRAC * budget_s - SAFETY_S
@@ -147,4 +148,4 @@ def plan_steps(trainer, budget_s: float, elapsed_s: float, c: Costs, steps_per_e
                          "or shrink the model or the validation split")
     if t.max_steps:
         steps = min(steps, t.max_steps)
-    return steps, reserve
+    return steps, reserve, per_step - c.step_s

@@ -143,7 +143,9 @@ class Trainer:
         self.stop_after = stop_after
         self.started = time.monotonic() if started is None else started  # the time budget counts from here
         self.deadline: Optional[float] = None  # monotonic time by which the last step must be done
-        self._pace: Optional[tuple[float, int]] = None  # (time, step) of the first pace check
+        self._overhead_s = 0.0  # planned evaluation and checkpoint seconds per step
+        self._step_s = [0.0, 0]  # seconds spent in training steps, and their number (the measured pace)
+        self._replanned = False  # the one re-plan that may also add steps
         self.plan_restored = False
         if t.tensorboard:  # fail before the data is prepared, not after
             from ..tensorboard import require_tensorboard
@@ -488,7 +490,7 @@ class Trainer:
         budget_s = parse_duration(t.time_budget)
         costs = budget.measure(self)
         elapsed = self.dist.sum([time.monotonic() - self.started])[0] / self.dist.world
-        steps, reserve = budget.plan_steps(self, budget_s, elapsed, costs, self.plan.steps_per_epoch)
+        steps, reserve, self._overhead_s = budget.plan_steps(self, budget_s, elapsed, costs, self.plan.steps_per_epoch)
         p = self.plan
         self.plan = Plan(p.micro_batches_per_epoch, p.steps_per_epoch, steps, warmup_steps(t, steps),
                          math.ceil(steps / p.steps_per_epoch), budget_s=budget_s, step_s=costs.step_s)
@@ -498,28 +500,31 @@ class Trainer:
                  f"{reserve:.0f}s kept for the end of the run -> {steps} steps "
                  f"({steps / p.steps_per_epoch:.2f} epochs)")
 
-    def replan_if_late(self) -> None:
-        """Under a time budget, a machine that slows down (another job, thermal limits) would reach
-        the deadline mid-schedule, at a high learning rate. Instead, when the average pace since the
-        first check (evaluations and checkpoints included) no longer fits, shorten the plan, so the
-        schedule still decays to its end. Plans only shrink: a faster pace does not add steps."""
-        if self.deadline is None:
+    def replan(self) -> None:
+        """Under a time budget, fit the plan to the pace actually measured. Six calibration steps
+        are a noisy estimate (the first real steps, a busy neighbour), so once a tenth of the plan
+        is done, the plan is set once from the mean step time so far, up or down; after that it
+        only shrinks, when the machine slows down, so the deadline never falls mid-schedule at a
+        high learning rate and the schedule still decays to its end."""
+        if self.deadline is None or self._step_s[1] == 0:
             return
-        now, step = time.monotonic(), self.state.step
-        if self._pace is None:
-            self._pace = (now, step)
+        t, s, plan = self.cfg.train, self.state, self.plan
+        # every rank must change the plan alike: they agree on the mean pace and time left
+        pace, left = (v / self.dist.world for v in self.dist.sum([self._step_s[0] / self._step_s[1],
+                                                                  max(self.deadline - time.monotonic(), 0.0)]))
+        fits = s.step + math.floor(left / (pace + self._overhead_s))
+        if t.max_steps:
+            fits = min(fits, t.max_steps)
+        fits = max(fits, s.step, plan.warmup_steps)
+        if not self._replanned and s.step >= plan.total_steps / 10:
+            self._replanned = True
+        elif fits >= plan.total_steps:
             return
-        last_time, last_step = self._pace
-        if step <= last_step:
-            return
-        # every rank must shorten the plan alike: they agree on the mean pace and time left
-        per_step, left = (v / self.dist.world for v in self.dist.sum([(now - last_time) / (step - last_step),
-                                                                      max(self.deadline - now, 0.0)]))
-        fits = step + math.floor(left / max(per_step, 1e-9))
-        if fits < self.plan.total_steps:
-            self.log(f"time budget: {per_step:.3f}s per step lately, slower than planned: "
-                     f"shortening the plan from {self.plan.total_steps} to {max(fits, step)} steps")
-            self.plan.total_steps = max(fits, step)
+        if fits != plan.total_steps:
+            self.log(f"time budget: {pace:.3f}s per step measured over {self._step_s[1]} steps: "
+                     f"re-planned from {plan.total_steps} to {fits} steps")
+            plan.total_steps, plan.warmup_steps = fits, warmup_steps(t, fits)
+            plan.epochs = max(plan.epochs, math.ceil(fits / plan.steps_per_epoch))
 
     # ------------------------------------------------------------ the loop
 
@@ -558,7 +563,10 @@ class Trainer:
                     micro.append(batch)
                     if len(micro) < t.grad_accum:
                         continue
+                    began = time.perf_counter()
                     loss, grad_norm, n_tok = self.train_step(micro)
+                    self._step_s[0] += time.perf_counter() - began
+                    self._step_s[1] += 1
                     s.batch_in_epoch += len(micro)
                     micro = []
                     s.epoch_loss_sum += loss * n_tok
@@ -588,7 +596,7 @@ class Trainer:
                                  f"{tps:,.0f} tok/s{mfu_text}")
                         s.window_loss_sum, s.window_tokens = 0.0, 0
                         timed_tokens, window_start = 0, time.perf_counter()
-                        self.replan_if_late()
+                        self.replan()
 
                     if t.eval_every and s.step % t.eval_every == 0:
                         self.validate(full=False)
