@@ -66,3 +66,20 @@ def test_toml_round_trip_and_file_errors(tmp_path):
     assert load_toml(f).model.d_model == 512 and load_toml(f).name == "cpu-small"
     with pytest.raises(CairnError, match="unknown preset"):
         preset("gpt5")
+
+
+def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
+    from cairn.config import PRESETS, validate
+    from cairn.model import Transformer
+
+    for name in PRESETS:
+        validate(preset(name))
+    c = preset("cpu-10min")
+    # the settings docs/ablation-cpu-10min.md measured; the run's time budget plans the steps
+    assert c.tokenizer == "bpe:4096" and c.train.time_budget == "10m" and c.train.end_stories == 3
+    assert (c.model.positions, c.model.norm, c.model.mlp, c.model.bias) == ("rope", "rmsnorm", "swiglu", False)
+    assert (c.model.d_model, c.model.n_layers, c.train.lr) == (192, 4, 1.5e-3)
+    assert c.data.val_frac > 0  # scored on a validation split it never trains on
+    c.model.vocab_size = 4096
+    params = Transformer(c.model).num_params()
+    assert params == (2_557_632 if c.model.tie_embeddings else 2_557_632 + 4096 * 192)
