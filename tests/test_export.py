@@ -38,6 +38,17 @@ def save_run(run: Path, cfg, model: Transformer) -> Path:
     return ckpt.save_checkpoint(run / "checkpoints" / f"{cfg.name}_final", model.weights(), meta)
 
 
+def assert_same_greedy_tokens(model, hf, prompt: list[int], n: int = 30) -> None:
+    s = SamplingConfig(max_new_tokens=n, temperature=0.0)
+    ours = list(generate_ids(model, list(prompt), s, 50256, True))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+    if theirs and theirs[-1] == 50256:  # transformers keeps the end-of-text it stopped at; cairn does not
+        theirs = theirs[:-1]
+    assert ours == theirs and len(ours) > 0
+
+
 def tiny_model(bias: bool = True, seed: int = 0, tied: bool = False):
     cfg = preset("tiny")
     cfg.model.bias = bias
@@ -101,15 +112,7 @@ def test_transformers_loads_it_offline_with_the_same_logits_and_tokens(exported)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
 
-    prompt = ids[:12]
-    s = SamplingConfig(max_new_tokens=30, temperature=0.0)
-    ours_gen = list(generate_ids(loaded.model, list(prompt), s, 50256, True))
-    with torch.no_grad():
-        out_ids = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=30, do_sample=False)[0, len(prompt):].tolist()
-    if out_ids and out_ids[-1] == 50256:  # transformers keeps the end-of-text it stopped at; cairn does not
-        out_ids = out_ids[:-1]
-    assert ours_gen == out_ids and len(ours_gen) > 0
+    assert_same_greedy_tokens(loaded.model, hf, ids[:12])
 
 
 def test_a_model_without_biases_is_refused(tmp_path, capsys):
@@ -183,15 +186,7 @@ def test_the_llama_block_exports_as_llama_with_the_same_logits_and_generation(tm
     # float32, cairn in float64 (a wrong theta or mapping differs by whole units, not 1e-5)
     assert diff <= 2e-5 * ours_logits.abs().max().item(), diff
 
-    prompt = ids[:12]
-    s = SamplingConfig(max_new_tokens=30, temperature=0.0)
-    ours = list(generate_ids(loaded.model, list(prompt), s, 50256, True))
-    with torch.no_grad():
-        theirs = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=30, do_sample=False)[0, len(prompt):].tolist()
-    if theirs and theirs[-1] == 50256:
-        theirs = theirs[:-1]
-    assert ours == theirs and len(ours) > 0
+    assert_same_greedy_tokens(loaded.model, hf, ids[:12])
 
 
 def test_a_block_mixing_gpt2_and_llama_is_refused_naming_the_fields(tmp_path, capsys):

@@ -104,7 +104,7 @@ def _add_plot(sub) -> None:
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a trained model to Hugging Face format (GPT-2 or Llama, as its architecture)",
                        description="Write a run's final checkpoint (or the given checkpoint) as a Hugging Face "
-                                   "GPT-2 model: config.json, generation_config.json, model.safetensors and "
+                                   "model, GPT-2 or Llama as its block is (a mix of the two is refused): config.json, generation_config.json, model.safetensors and "
                                    "tokenizer files, loadable offline with transformers' AutoModelForCausalLM "
                                    "and AutoTokenizer.")
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")

@@ -54,13 +54,25 @@ def hf_architecture(cfg) -> str:
                      "it cannot be exported; use it with cairn, or train one of the two blocks")
 
 
+def _source_weights(model) -> dict[str, torch.Tensor]:
+    """The model's weights as float32 on the CPU, each once (a tied head is the embedding: both
+    formats tie lm_head to the embedding themselves)."""
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def _all_used(sd: dict, fmt: str) -> None:
+    if sd:
+        raise CairnError(f"the model has weights {fmt}'s format has no place for ({', '.join(sorted(sd)[:3])}): "
+                         "it cannot be exported to --format hf")
+
+
 def llama_state_dict(model) -> dict[str, torch.Tensor]:
     """cairn weights -> LlamaForCausalLM weights. cairn's rotary form is Llama's (rotate_half), so
     q and k need no permutation; the fused q/k/v projection is cut into q_proj, k_proj, v_proj."""
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    tied = bool(model.cfg.tie_embeddings)
-    if tied:
-        sd.pop("lm_head.weight", None)
+    sd = _source_weights(model)
     out: dict[str, torch.Tensor] = {}
     names = ("weight", "bias") if model.cfg.bias else ("weight",)
 
@@ -79,11 +91,9 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
             for src, dst in (("gate", "gate_proj"), ("up", "up_proj"), ("proj", "down_proj")):
                 take(b + f"mlp.{src}.{n}", h + f"mlp.{dst}.{n}")
     take("ln_f.weight", "model.norm.weight")
-    if not tied:
+    if not model.cfg.tie_embeddings:
         take("lm_head.weight", "lm_head.weight")
-    if sd:
-        raise CairnError(f"the model has weights Llama's format has no place for ({', '.join(sorted(sd)[:3])}): "
-                         "it cannot be exported to --format hf")
+    _all_used(sd, "Llama")
     return out
 
 
@@ -118,10 +128,8 @@ def llama_config(cfg, eot_id: int) -> dict:
 
 def gpt2_state_dict(model) -> dict[str, torch.Tensor]:
     """cairn weights -> GPT2LMHeadModel weights (Conv1D ones transposed), every weight used once."""
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    tied = bool(getattr(model.cfg, "tie_embeddings", False))
-    if tied:  # the head is the embedding: transformers ties lm_head to wte itself
-        sd.pop("lm_head.weight", None)
+    sd = _source_weights(model)
+    tied = model.cfg.tie_embeddings
     out: dict[str, torch.Tensor] = {}
 
     def take(src: str, dst: str, transpose: bool = False) -> None:
@@ -145,9 +153,7 @@ def gpt2_state_dict(model) -> dict[str, torch.Tensor]:
     take("ln_f.bias", "transformer.ln_f.bias")
     if not tied:
         take("lm_head.weight", "lm_head.weight")
-    if sd:
-        raise CairnError(f"the model has weights GPT-2's format has no place for ({', '.join(sorted(sd)[:3])}): "
-                         "it cannot be exported to --format hf")
+    _all_used(sd, "GPT-2")
     return out
 
 
