@@ -442,7 +442,7 @@ CASES = [
       r"no text left"),
     C("eval-data-empty-string", lambda c: ["eval", c.w.final, "--data", ""], r"--data is empty"),
     C("eval-batch-size-negative", lambda c: ["eval", c.w.final, "--batch-size", "-1"], r"--batch-size must be positive"),
-    C("eval-unknown-split", lambda c: ["eval", c.w.final, "--split", "train"], r"--split: invalid choice: 'train'"),
+    C("eval-unknown-split", lambda c: ["eval", c.w.final, "--split", "training"], r"--split: invalid choice: 'training'"),
     C("eval-unknown-option", lambda c: ["eval", c.w.final, "--nope"], r"unknown option '--nope' for `cairn eval`"),
     C("generate-path-missing", lambda c: ["generate", c.tmp / "nope", "--prompt", "Hi"], r"does not exist"),
     C("generate-dir-not-a-run", lambda c: ["generate", c.folder("notrun", {}), "--prompt", "Hi"],

@@ -17,3 +17,27 @@ def test_bench_times_every_variant_and_checks_cached_decoding(tmp_path, capsys):
     assert rows["cairn"]["useful_tokens_per_s"] == rows["cairn"]["tokens_per_s"]
     assert set(result["generation_tokens_per_s"]) == {"kv_cache", "recompute"}
     assert "generation of 12 tokens" in capsys.readouterr().out
+
+
+def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    # the tiny preset's block; --vocab-size overrides the preset's 50257
+    assert main(["--preset", "tiny", "--vocab-size", "50000", "--seq-len", "32", "--batch-size", "2", "--rounds", "1",
+                 "--generate", "0", "--variants", "cairn", "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["shape"]["model"]["d_model"] == 64 and result["shape"]["model"]["vocab_size"] == 50000
+    assert result["shape"]["seq_len"] == 32 and result["precision"] == "fp32"
+    (row,) = result["training"]
+    # the model, its gradients and AdamW's two moments alone are 4 x its float32 weights (6.6M)
+    n_params = 64 * 50000 * 2 + 2 * (4 * 64 * 64 + 2 * 64 * 256)
+    assert 4 * 4 * n_params * 0.9 <= row["peak_memory_mb"] * 2**20 <= 4 * 4 * n_params * 3
+    assert 0 < row["mfu"] < 1
+    assert "(tiny)" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_variants_in_one_line(capsys):
+    from cairn.cli import main as cli
+
+    assert cli(["bench", "--variants", "nanogpt,fast"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --variants") and err.count("\n") == 1

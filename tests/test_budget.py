@@ -77,6 +77,10 @@ def test_a_budgeted_cli_run_ends_within_its_budget(tmp_path, stories_file, capsy
     assert "time budget 25s" in log and "steps (" in log
     seconds = float(log.split("done in ")[1].split("s")[0])
     assert seconds <= 25  # the plan keeps a margin; a slow machine shortens the plan instead of overrunning
+    # run.json holds the plan followed to the end: the last re-plan's, if the pace changed it
+    planned = [int(line.rsplit(" to ", 1)[1].split()[0]) for line in log.splitlines() if "re-planned from" in line]
+    first = int(log.split("-> ")[1].split(" steps")[0])
+    assert json.loads((out / "run.json").read_text())["plan"]["total_steps"] == (planned or [first])[-1]
     stories = (out / "stories.md").read_text()
     assert stories.count("## Story") == 1 and "Once upon a time" in stories
 

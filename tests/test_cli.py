@@ -63,6 +63,14 @@ def test_eval_json_on_the_test_split_matches_training_report(trained):
     assert 0 < out["bits_per_byte"] < out["loss"]
 
 
+def test_eval_on_the_training_split_sees_the_stories_it_trained_on(trained):
+    _, run, _ = trained
+    seen = json.loads(cairn("eval", run, "--split", "train", "--json").stdout)
+    held_out = json.loads(cairn("eval", run, "--split", "val", "--json").stdout)
+    # the training split is the largest, and a model fits what it was trained on at least as well
+    assert seen["tokens"] > held_out["tokens"] and seen["loss"] < held_out["loss"]
+
+
 def test_eval_on_other_stories_evaluates_every_story(trained, tmp_path):
     _, run, _ = trained
     stories = ["Once upon a time there was a cat. The cat liked milk. The end.",

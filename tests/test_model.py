@@ -120,6 +120,26 @@ def test_gpt2_initialisation():
     assert model.blocks[0].attn.qkv.bias.abs().max().item() == 0
 
 
+def test_zero_init_starts_every_block_as_the_identity_and_still_trains_every_weight():
+    model = small(zero_init=True, positions="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    x = torch.randint(0, 97, (2, 16))
+    # zero branch outputs and a zero head: uniform logits, a loss of exactly ln(vocab)
+    assert torch.equal(model(x), torch.zeros(2, 16, 97))
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)  # the rest as GPT-2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    for _ in range(3):  # the head moves first, then the projections, then what feeds them
+        s, n = lm_loss(model(x), torch.roll(x, -1, 1))
+        opt.zero_grad()
+        (s / n).backward()
+        opt.step()
+    assert [n for n, p in model.named_parameters() if torch.equal(p, before[n])] == []
+    # a tied head is the embedding: it keeps its random start
+    tied = small(zero_init=True, tie_embeddings=True)
+    assert tied.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert tied.blocks[1].mlp.proj.weight.abs().max().item() == 0
+
+
 def test_a_small_model_overfits_one_batch():
     model = small()
     torch.manual_seed(1)

@@ -14,11 +14,12 @@ first reference. Two references are written here in plain PyTorch:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -26,9 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ModelConfig, preset
+from .errors import CairnError
 from .model import Transformer, sinusoidal_table
-from .runtime import measured_matmul_flops, set_threads
+from .runtime import autocast, peak_flops, pick_device, resolve_precision, set_threads
 
 
 # ---------------------------------------------------------------- references
@@ -60,7 +62,7 @@ class NanoGPT(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied, as nanoGPT
 
     def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1)))
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
         for b in self.blocks:
             x = b(x)
         logits = self.lm_head(self.ln_f(x))
@@ -120,12 +122,63 @@ class Variant:
     useful: int  # real (non-padding) target tokens per step
     flops: float  # model FLOPs per step (6N + attention), for MFU
     times: list
+    peak_bytes: int = 0  # the variant's own peak memory: weights, gradients, optimizer state, activations
+    first_step_s: float = 0.0  # the untimed first step (includes compiling, with --compile)
 
 
-def make_step(model, opt, loss_fn):
+class PeakMemory:
+    """Peak memory of what is built and run inside the block, net of what existed before it: the
+    CUDA allocator's peak on GPUs; on CPUs the process's peak resident set (VmHWM), which Linux
+    lets a process reset by writing 5 to /proc/self/clear_refs (after glibc's malloc_trim). 0 where
+    neither is available."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, 0
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                # hand memory that freed tensors left in malloc's arenas back to the OS first, or
+                # this variant would reuse it without its resident set growing
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.base = self._status("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.bytes = max(0, self._status("VmHWM") - self.base)
+        return False
+
+
+def make_step(model, opt, loss_fn, ctx, clip: float = 1.0):
+    """One training step as a training loop takes it: forward under the autocast context,
+    backward, global-norm clipping, optimizer step."""
     def step():
-        loss = loss_fn()
+        with ctx():
+            loss = loss_fn()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -148,102 +201,187 @@ def story_lengths(n: int, seed: int = 0) -> np.ndarray:
     return np.clip(rng.lognormal(math.log(190), 0.4, n), 20, 999).astype(int)
 
 
-def bench_training(d, layers, heads, seq, batch, vocab, rounds, variants, tutorial_batch) -> list[Variant]:
+@dataclass
+class Shape:
+    model: ModelConfig  # cairn's model (any block); the references take its d, layers, heads, vocab
+    seq: int
+    batch: int
+
+
+def _adamw(model: nn.Module, device: torch.device):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+
+def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batch: int, device: torch.device,
+                   precision: str, compile_: bool = False) -> list[Variant]:
+    """Build each variant (and, with compile_, a torch.compile'd copy of nanogpt and cairn), take
+    one untimed step each, then time `rounds` steps of each, alternating."""
+    from .training.optim import make_optimizer
+    from .config import TrainConfig
+
+    mc, seq, batch = shape.model, shape.seq, shape.batch
+    d, layers, heads, vocab = mc.d_model, mc.n_layers, mc.n_heads, mc.vocab_size
+    ctx = lambda: autocast(device, precision)  # noqa: E731
     torch.manual_seed(0)
-    out = []
-    x = torch.randint(0, vocab, (batch, seq))
-    y = torch.randint(0, vocab, (batch, seq))
+    x = torch.randint(0, vocab, (batch, seq), device=device)
+    y = torch.randint(0, vocab, (batch, seq), device=device)
+    builders = []
     if "nanogpt" in variants:
-        m = NanoGPT(vocab, d, layers, heads, seq)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        n = sum(p.numel() for mod in m.modules() if isinstance(mod, nn.Linear) for p in [mod.weight])
-        out.append(Variant("nanogpt", make_step(m, opt, lambda m=m: m(x, y)), batch * seq, batch * seq,
-                           (6 * n + 12 * layers * d * seq) * batch * seq, []))
+        def nanogpt(compiled):
+            m = NanoGPT(vocab, d, layers, heads, seq).to(device)
+            n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+            f = torch.compile(m) if compiled else m
+            return make_step(m, _adamw(m, device), lambda: f(x, y), ctx), batch * seq, batch * seq, \
+                (6 * n + 12 * layers * d * seq) * batch * seq
+        builders.append(("nanogpt", nanogpt))
     if "cairn" in variants:
-        cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, d_mlp=4 * d, context_len=seq)
-        m = Transformer(cfg)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        fl = m.flops_per_token(seq) * batch * seq
-        out.append(Variant("cairn", make_step(m, opt, lambda m=m: (lambda s: s[0] / s[1])(m(x, labels=y))),
-                           batch * seq, batch * seq, fl, []))
+        def cairn(compiled):
+            m = Transformer(mc).to(device)
+            # cairn's own optimizer set-up: decay on matrices only, the fused kernel on GPUs
+            opt = make_optimizer(m, TrainConfig(lr=1e-4), device)
+            f = torch.compile(m) if compiled else m
+            return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), ctx), batch * seq, \
+                batch * seq, m.flops_per_token(seq) * batch * seq
+        builders.append(("cairn", cairn))
     if "tutorial" in variants:
-        ctx = 1000
-        m = Tutorial(vocab, d, layers, heads, 4 * d, ctx)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-        lengths = story_lengths(tutorial_batch)
-        xt = torch.randint(0, vocab, (tutorial_batch, ctx))
-        for i, n_real in enumerate(lengths):
-            xt[i, n_real:] = 0
-        n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-        out.append(Variant("tutorial", make_step(m, opt, lambda m=m: m(xt, xt)), tutorial_batch * ctx,
-                           int((lengths - 1).sum()), (6 * n + 12 * layers * d * ctx) * tutorial_batch * ctx, []))
-    for v in out:  # warm-up step each
-        v.step()
+        def tutorial(compiled):
+            width = 1000
+            m = Tutorial(vocab, d, layers, heads, 4 * d, width).to(device)
+            lengths = story_lengths(tutorial_batch)
+            xt = torch.randint(0, vocab, (tutorial_batch, width))
+            for i, n_real in enumerate(lengths):
+                xt[i, n_real:] = 0
+            xt = xt.to(device)
+            n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+            return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx), tutorial_batch * width, \
+                int((lengths - 1).sum()), (6 * n + 12 * layers * d * width) * tutorial_batch * width
+        builders.append(("tutorial", tutorial))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    out = []
+    for name, build in builders:
+        for compiled in ((False, True) if compile_ and name != "tutorial" else (False,)):
+            with PeakMemory(device) as mem:  # built and stepped once inside: its whole footprint
+                step, tokens, useful, flops = build(compiled)
+                t = time.perf_counter()
+                step()
+                sync()
+            v = Variant(name + ("+compile" if compiled else ""), step, tokens, useful, flops, [],
+                        mem.bytes, time.perf_counter() - t)
+            if compiled:
+                for _ in range(2):  # compiled code may still recompile on its second call
+                    step()
+            out.append(v)
+    sync()
     for _ in range(rounds):
         for v in out:
             t = time.perf_counter()
             v.step()
+            sync()
             v.times.append(time.perf_counter() - t)
     return out
 
 
 @torch.no_grad()
-def bench_generation(d, layers, heads, vocab, new_tokens, prompt_len=16) -> dict:
+def bench_generation(mc: ModelConfig, new_tokens: int, device: torch.device, precision: str,
+                     prompt_len: int = 16) -> dict:
     from .generate import SamplingConfig, generate_ids
 
-    cfg = ModelConfig(vocab_size=vocab, d_model=d, n_layers=layers, n_heads=heads, d_mlp=4 * d,
-                      context_len=max(prompt_len + new_tokens, 32))
+    cfg = replace(mc, context_len=max(mc.context_len, prompt_len + new_tokens, 32))
     torch.manual_seed(0)
-    m = Transformer(cfg).eval()
+    m = Transformer(cfg).to(device).eval()
     s = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eot=False)
     prompt = list(range(1, prompt_len + 1))
     res = {}
     outs = {}
     for name, cache in (("kv_cache", True), ("recompute", False), ("kv_cache", True), ("recompute", False)):
         t = time.perf_counter()
-        outs[name] = list(generate_ids(m, prompt, s, use_cache=cache))
+        with autocast(device, precision):
+            outs[name] = list(generate_ids(m, prompt, s, use_cache=cache))
         res.setdefault(name, []).append(time.perf_counter() - t)
-    assert outs["kv_cache"] == outs["recompute"], "cached and recomputed decoding disagree"
+    if precision == "fp32":  # in bf16 a near-tie between two tokens may legitimately flip
+        assert outs["kv_cache"] == outs["recompute"], "cached and recomputed decoding disagree"
     return {k: new_tokens / min(v) for k, v in res.items()}
+
+
+def resolve_shape(a) -> Shape:
+    """The preset's model, sequence length and batch, with any shape flag given on top; without a
+    preset, a GPT-2 block (d_mlp = 4 d) of the given shape."""
+    if a.preset:
+        cfg = preset(a.preset)
+        mc, seq, batch = cfg.model, min(cfg.data.seq_len, cfg.model.context_len), cfg.train.batch_size
+    else:
+        mc, seq, batch = ModelConfig(d_model=256, n_layers=4, n_heads=8, d_mlp=1024, context_len=256), 256, 8
+    flags = {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": a.n_heads, "vocab_size": a.vocab_size}
+    mc = replace(mc, **{k: v for k, v in flags.items() if v is not None})
+    if a.d_model is not None and not a.preset:
+        mc = replace(mc, d_mlp=4 * a.d_model)
+    seq = a.seq_len or seq
+    mc = replace(mc, context_len=max(mc.context_len, seq))
+    if mc.d_model % mc.n_heads:
+        raise CairnError(f"--d-model {mc.d_model} is not divisible by --n-heads {mc.n_heads}")
+    return Shape(mc, seq, a.batch_size or batch)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="cairn bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--n-heads", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=50257)
-    p.add_argument("--rounds", type=int, default=3, help="timed steps per variant (alternating)")
+    p.add_argument("--preset", help="take the model, sequence length and batch from this preset "
+                                     "(e.g. reference-105m, cpu-10min); shape flags override it")
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--n-layers", type=int)
+    p.add_argument("--n-heads", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--vocab-size", type=int, help="default 50257 (GPT-2), or the preset's")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto = bf16 autocast on GPUs that have it, float32 elsewhere (as training)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd nanogpt and cairn")
+    p.add_argument("--rounds", type=int, default=0, help="timed steps per variant, alternating "
+                                                           "(default 3 on CPU, 20 on GPU)")
     p.add_argument("--variants", default="nanogpt,cairn", help="comma list of nanogpt, cairn, tutorial")
     p.add_argument("--tutorial-batch", type=int, default=2, help="rows of 1000 tokens for the tutorial step")
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
-    set_threads(0)
-    peak = measured_matmul_flops(n=2048, repeats=10)
-    print(f"# shape d{a.d_model} L{a.n_layers} H{a.n_heads} T{a.seq_len} B{a.batch_size} V{a.vocab_size}; "
-          f"{torch.get_num_threads()} threads; measured float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
-    variants = bench_training(a.d_model, a.n_layers, a.n_heads, a.seq_len, a.batch_size, a.vocab_size, a.rounds,
-                              a.variants.split(","), a.tutorial_batch)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - {"nanogpt", "cairn", "tutorial"})
+    if unknown or not variants:
+        raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, tutorial")
+    shape = resolve_shape(a)
+    device = pick_device(a.device)
+    precision = resolve_precision(a.precision, device)
+    rounds = a.rounds or (20 if device.type == "cuda" else 3)
+    if device.type == "cpu":
+        set_threads(0)
+    peak, peak_source = peak_flops(device, precision)
+    mc = shape.model
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    peak_text = f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"no peak: {peak_source}"
+    print(f"# shape d{mc.d_model} L{mc.n_layers} H{mc.n_heads} T{shape.seq} B{shape.batch} V{mc.vocab_size}"
+          f"{' (' + a.preset + ')' if a.preset else ''}; {where}; {precision}; torch {torch.__version__}; {peak_text}")
+    runs = bench_training(shape, rounds, variants, a.tutorial_batch, device, precision, a.compile)
     rows = []
     base = None
-    print(f"{'variant':<10} {'s/step':>8} {'tok/s':>9} {'useful tok/s':>13} {'MFU':>6} {'vs first':>9} {'useful vs first':>16}")
-    for v in variants:
+    print(f"{'variant':<16} {'s/step':>8} {'tok/s':>9} {'useful tok/s':>13} {'MFU':>6} {'peak MB':>8} "
+          f"{'vs first':>9} {'useful vs first':>16} {'first step s':>13}")
+    for v in runs:
         t = statistics.median(v.times)
         r = {"variant": v.name, "s_per_step": t, "tokens_per_s": v.tokens / t, "useful_tokens_per_s": v.useful / t,
-             "mfu": v.flops / t / peak, "steps": v.times}
+             "mfu": v.flops / t / peak if peak else None, "peak_memory_mb": v.peak_bytes / 2**20,
+             "first_step_s": v.first_step_s, "steps": v.times}
         base = base or r
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["useful_speedup"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
         rows.append(r)
-        print(f"{v.name:<10} {t:8.3f} {r['tokens_per_s']:9.0f} {r['useful_tokens_per_s']:13.0f} {r['mfu']:6.1%} "
-              f"{r['speedup']:8.2f}x {r['useful_speedup']:15.2f}x")
-    result = {"shape": vars(a), "peak_flops": peak, "training": rows}
+        mfu = f"{r['mfu']:6.1%}" if peak else f"{'-':>6}"
+        print(f"{v.name:<16} {t:8.3f} {r['tokens_per_s']:9.0f} {r['useful_tokens_per_s']:13.0f} {mfu} "
+              f"{r['peak_memory_mb']:8.0f} {r['speedup']:8.2f}x {r['useful_speedup']:15.2f}x {v.first_step_s:13.1f}")
+    result = {"shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
+              "device": where, "precision": precision, "torch": torch.__version__,
+              "peak_flops": peak, "peak_source": peak_source, "training": rows}
     if a.generate:
-        g = bench_generation(a.d_model, a.n_layers, a.n_heads, a.vocab_size, a.generate)
+        g = bench_generation(mc, a.generate, device, precision)
         result["generation_tokens_per_s"] = g
         print(f"generation of {a.generate} tokens: KV cache {g['kv_cache']:.1f} tok/s, full recomputation "
               f"{g['recompute']:.1f} tok/s: {g['kv_cache'] / g['recompute']:.2f}x")

@@ -68,7 +68,8 @@ def _add_eval(sub) -> None:
                        description="Evaluate a run's final checkpoint (or the given checkpoint directory).")
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--data", help="evaluate every story of this source (no split) instead of the run's split")
-    p.add_argument("--split", choices=("val", "test"), default="test", help="split of the run's data (default test)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test",
+                   help="split of the run's data (default test; train shows how far it overfits)")
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, bits_per_byte, tokens")
@@ -445,11 +446,11 @@ def cmd_tokenizer(args) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     started = time.monotonic()  # a --time-budget counts from here
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
     try:
+        if argv[:1] == ["bench"]:
+            from .bench import main as bench_main
+
+            return bench_main(argv[1:])
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
         if args.command is None:

@@ -182,7 +182,9 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2's initialisation: weights N(0, 0.02), biases zero, LayerNorm weight one, and the
         two projections that write into the residual stream scaled by 1/sqrt(2 * n_layers) so the
-        stream's variance does not grow with depth."""
+        stream's variance does not grow with depth. With zero_init those two start at zero
+        instead (each block starts as the identity; the gradients still reach every weight,
+        through the projections' inputs), and so does an untied head."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
@@ -194,7 +196,14 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
         for block in self.blocks:
             for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * self.cfg.n_layers))
+                if self.cfg.zero_init:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=INIT_STD / math.sqrt(2 * self.cfg.n_layers))
+        if self.cfg.zero_init and not self.cfg.tie_embeddings:
+            # zero logits: the first loss is exactly ln(vocab) and the first steps learn the unigram
+            # distribution instead of undoing a random head (modded-nanogpt's initialisation)
+            nn.init.zeros_(self.lm_head.weight)
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
                 labels: Optional[torch.Tensor] = None):

@@ -246,6 +246,9 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(self.out / "tokenizer")  # own tokenizers: the run keeps a copy (gpt2: nothing)
         ckpt.write_atomic_text(self.out / "config.toml", to_toml(self.cfg))
+        self._write_run_info()
+
+    def _write_run_info(self) -> None:
         info = {
             "cairn_version": __version__,
             "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
@@ -450,7 +453,7 @@ class Trainer:
         t, s = self.cfg.train, self.state
         lr = lr_at(s.step, t, self.plan.total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         # the step's real tokens on every rank, so each weighs 1/n_tokens of the step wherever it is
         n_tokens = int(self.dist.sum([sum(int((b["labels"] != -100).sum()) for b in micro_batches)])[0])
         loss_total = torch.zeros((), device=self.device)
@@ -525,6 +528,7 @@ class Trainer:
                      f"re-planned from {plan.total_steps} to {fits} steps")
             plan.total_steps, plan.warmup_steps = fits, warmup_steps(t, fits)
             plan.epochs = max(plan.epochs, math.ceil(fits / plan.steps_per_epoch))
+            self.dist.on_main(self._write_run_info)  # run.json holds the plan being followed
 
     # ------------------------------------------------------------ the loop
 

@@ -102,13 +102,21 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
                                     nesterov=True, adjust_lr_fn="match_rms_adamw")
         else:
             muon = Float32Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, momentum=t.muon_momentum)
-        groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
-                  {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        return MuonWithAdamW(muon, _adamw(groups, t, device))
-    decay = [p for _, p in named if p.dim() >= 2]
+        return MuonWithAdamW(muon, _adamw(_adamw_groups(rest, t), t, device))
+    return _adamw(_adamw_groups(named, t), t, device)
+
+
+def _adamw_groups(named: list[tuple[str, torch.nn.Parameter]], t: TrainConfig) -> list[dict]:
+    embed = [p for n, p in named if n == "wte.weight"] if t.embed_lr_scale != 1.0 else []
+    decay = [p for _, p in named if p.dim() >= 2 and not any(p is e for e in embed)]
     no_decay = [p for _, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return _adamw(groups, t, device)
+    if embed:
+        # a row of the embedding is updated only when its token is in the batch, so it sees far
+        # fewer updates than the matrices it feeds; a separate group (absent at scale 1, so older
+        # checkpoints still load) lets it move faster
+        groups.append({"params": embed, "weight_decay": t.weight_decay, "lr_scale": t.embed_lr_scale})
+    return groups
 
 
 def warmup_steps(t: TrainConfig, total_steps: int) -> int:

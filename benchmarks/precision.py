@@ -1,0 +1,64 @@
+"""Does bf16 autocast train as well as float32? The same run (preset, data, seed, steps) trained
+once per precision, one after the other; prints the validation-loss curves side by side and the
+final held-out figures, and writes them as JSON.
+
+    python benchmarks/precision.py --data ../shared/data/tinystories --json benchmarks/precision.json \
+        -- --preset cpu-10min --max-steps 300 --time-budget "" ...
+
+Everything after `--` goes to `cairn train` for both runs. bf16 autocast keeps float32 master
+weights and optimizer state; the loss's softmax statistics stay in float32 (ops.py). On a CPU
+without bf16 instructions the bf16 run is emulated and slow: there it checks numerics, not speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def train(data: str, out: Path, precision: str, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "cairn", "train", "--data", data, "--out", str(out), "--precision", precision,
+           "--no-progress", *extra]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{precision} run failed:\n{proc.stdout[-2000:]}")
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "seconds": time.perf_counter() - t,
+        "val": [(r["step"], r["val_loss"]) for r in records if r["kind"] == "val"],
+        "train": [(r["step"], r["train_loss"]) for r in records if r["kind"] == "train"],
+        "test": next((r for r in records if r["kind"] == "test"), None),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True)
+    p.add_argument("--json", default="")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then cairn train options for both runs")
+    a = p.parse_args()
+    extra = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {prec: train(a.data, Path(tmp) / prec, prec, extra) for prec in ("fp32", "bf16")}
+    f, b = runs["fp32"], runs["bf16"]
+    print(f"{'step':>6} {'val fp32':>9} {'val bf16':>9} {'bf16 - fp32':>12}")
+    for (step, lf), (_, lb) in zip(f["val"], b["val"]):
+        print(f"{step:>6} {lf:9.4f} {lb:9.4f} {lb - lf:+12.4f}")
+    for name, r in runs.items():
+        t = r["test"]
+        if t:
+            print(f"{name}: test loss {t['test_loss']:.4f}, {t.get('test_bits_per_byte', float('nan')):.4f} "
+                  f"bits/byte; {r['seconds']:.0f}s")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": extra, "runs": runs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
