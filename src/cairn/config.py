@@ -161,14 +161,14 @@ def _cpu_10min() -> RunConfig:
     - batches of 4 x 256 tokens, the most updates per token that still helps (batch 8: 1.266,
       4: 1.231, 2: 1.242 at 300 s);
     - AdamW at peak lr 1.5e-3 (3e-3 lost by 0.32 at 120 s; Muon never beat it at equal time) with the
-      token embedding at 5x that lr (-0.016 at 300 s), a 3% warm-up and a linear decay to zero
+      token embedding at 10x that lr (5x: -0.055 at d128 and 300 s; 10x a further -0.008), a 3% warm-up and a linear decay to zero
       that the time budget plans to end exactly at its end."""
     cfg = RunConfig(name="cpu-10min", tokenizer="bpe:4096")
     cfg.model = ModelConfig(vocab_size=4096, d_model=128, n_layers=4, n_heads=2, d_mlp=352, context_len=256,
                             bias=False, tie_embeddings=False, positions="rope", norm="rmsnorm", mlp="swiglu")
     cfg.data = DataConfig(batching="pack", seq_len=256, train_frac=0.9, val_frac=0.05)
     cfg.train = TrainConfig(
-        batch_size=4, epochs=1, lr=1.5e-3, min_lr=0.0, embed_lr_scale=5.0, schedule="linear", warmup_frac=0.03,
+        batch_size=4, epochs=1, lr=1.5e-3, min_lr=0.0, embed_lr_scale=10.0, schedule="linear", warmup_frac=0.03,
         weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, time_budget="10m",
         report_every=50, eval_every=500, eval_batches=8, patience=0, checkpoint_every=500, keep_checkpoints=2,
         end_stories=3, end_story_tokens=200,
