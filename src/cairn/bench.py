@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, preset
+from .config import ModelConfig, TrainConfig, preset
 from .errors import CairnError
 from .model import Transformer, sinusoidal_table
 from .runtime import autocast, peak_flops, pick_device, resolve_precision, set_threads
@@ -217,7 +217,6 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
     """Build each variant (and, with compile_, a torch.compile'd copy of nanogpt and cairn), take
     one untimed step each, then time `rounds` steps of each, alternating."""
     from .training.optim import make_optimizer
-    from .config import TrainConfig
 
     mc, seq, batch = shape.model, shape.seq, shape.batch
     d, layers, heads, vocab = mc.d_model, mc.n_layers, mc.n_heads, mc.vocab_size
