@@ -436,8 +436,6 @@ CASES = [
     C("eval-run-data-gone",
       _eval_after(lambda p: _edit_state(p, lambda m: m["config"]["data"].update(source=str(p.parent / "gone.jsonl")))),
       r"gone\.jsonl.* does not exist"),
-    C("eval-data-too-short", lambda c: ["eval", c.w.final, "--data", c.jsonl("short.jsonl", [{"text": "Hi."}])],
-      r"shorter than one window"),
     C("eval-data-every-story-empty", lambda c: ["eval", c.w.final, "--data", c.jsonl("e.jsonl", [{"text": " "}])],
       r"no text left"),
     C("eval-data-empty-string", lambda c: ["eval", c.w.final, "--data", ""], r"--data is empty"),

@@ -18,6 +18,7 @@ from cairn.config import DataConfig
 from cairn.data import (
     PackedDataset,
     PaddedDataset,
+    StoryWindows,
     PreparedData,
     SplitTokens,
     clean_texts,
@@ -404,6 +405,75 @@ def test_padded_rows_and_chunking():
     assert torch.cat([c["input_ids"] for c in chunks]).tolist() == [eot] + story
     assert torch.cat([c["labels"] for c in chunks]).tolist() == story + [eot]  # none lost, none twice
     assert ds[4]["input_ids"].tolist() == [eot, 14] and ds[4]["labels"].tolist() == [14, eot]
+
+
+def test_story_windows_score_every_target_once_with_context():
+    eot = 99
+    split = synthetic_split([3, 10, 1], eot=eot)
+    T, S = 4, 2
+    ds = StoryWindows(split, T, stride=S)
+    # rows of 4, 11 and 2 targets: the 11 are scored as 4, then 2, 2, 2, 1 with context before them
+    assert len(ds) == 7
+    rows = [[eot, 1, 2, 3, eot], [eot] + list(range(4, 14)) + [eot], [eot, 14, eot]]
+    scored = {0: [], 1: [], 2: []}
+    story_of = [0, 1, 1, 1, 1, 1, 2]
+    for i, story in enumerate(story_of):
+        item = ds[i]
+        x, y = item["input_ids"].tolist(), item["labels"].tolist()
+        row = rows[story]
+        assert len(x) == len(y) <= T
+        start = row.index(x[0]) if x[0] != eot else 0
+        assert x == row[start:start + len(x)] and all(l in (-100, row[start + j + 1]) for j, l in enumerate(y))
+        real = [v for v in y if v != -100]
+        assert y[len(y) - len(real):] == real  # the context comes first, the scored targets after it
+        if i > 1 and story == 1:
+            assert len(x) == T and len(y) - len(real) >= T - S  # a later window has T - S of context
+        scored[story] += real
+    assert [scored[k] for k in (0, 1, 2)] == [r[1:] for r in rows]  # every target once, in order
+    n_targets = sum(int((b["labels"] != -100).sum())
+                    for b in make_loader(ds, 3, shuffle=False, seed=0, epoch=0, drop_last=False))
+    assert n_targets == split.n_tokens
+    with pytest.raises(ValueError):
+        StoryWindows(split, T, stride=T + 1)
+
+
+def test_story_windows_loss_against_a_direct_computation():
+    """The evaluation over StoryWindows equals, token by token, a direct computation: each story
+    on its own from [EOT], each target t predicted from row[start:e], where e is the first window
+    end (T, T + S, T + 2S, ..., capped at the row) past t and start = max(0, e - T). So a story's
+    score does not depend on its neighbours, and a long story's tail sees its earlier tokens."""
+    import torch.nn.functional as F
+
+    from cairn.config import ModelConfig
+    from cairn.evaluate import evaluate
+    from cairn.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_mlp=64, context_len=16)).eval()
+    stories = [[5, 6, 7, 8, 9], list(range(20, 41)), [10, 11, 12, 13]]
+    T, S, eot = 8, 3, 99
+    parts, offsets = [], [0]
+    for story in stories:
+        parts += story + [eot]
+        offsets.append(len(parts))
+    split = SplitTokens(np.array(parts, dtype=np.uint16), np.array(offsets), n_bytes=0, eot_id=eot)
+    loader = make_loader(StoryWindows(split, T, stride=S), 2, shuffle=False, seed=0, epoch=0, drop_last=False)
+    r = evaluate(model, loader, torch.device("cpu"), "fp32", np.ones(128, dtype=np.int64))
+
+    expected, count = 0.0, 0
+    with torch.no_grad():
+        for story in stories:
+            row = [eot] + story + [eot]
+            n = len(row) - 1
+            ends = [min(T + k * S, n) for k in range(n)]
+            for t in range(n):
+                e = next(b for b in ends if b > t)
+                start = max(0, e - T)
+                logits = model(torch.tensor([row[start:e]]))[0, t - start]
+                expected += float(F.cross_entropy(logits, torch.tensor(row[t + 1])))
+                count += 1
+    assert r["tokens"] == count == split.n_tokens
+    assert r["loss"] * r["tokens"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_collate_padded_pads_to_longest_in_batch():

@@ -323,7 +323,7 @@ def cmd_prepare(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from .data import PackedDataset, PaddedDataset, SplitTokens, clean_texts, load_texts, make_loader, prepare_data
+    from .data import SplitTokens, StoryWindows, clean_texts, load_texts, make_loader, prepare_data
     from .evaluate import evaluate
     from .loading import load
     from .runtime import resolve_precision, set_threads
@@ -348,10 +348,7 @@ def cmd_eval(args) -> int:
         if split.n_stories == 0:
             raise CairnError(f"the run's {args.split} split is empty: evaluate --split val, or pass --data")
         what = f"{args.split} split ({split.n_stories} stories)"
-    Dataset = PackedDataset if cfg.data.batching == "pack" else PaddedDataset
-    ds = Dataset(split, cfg.data.seq_len)
-    if len(ds) == 0:
-        raise CairnError(f"{what} is shorter than one window of {cfg.data.seq_len} tokens: give more text")
+    ds = StoryWindows(split, cfg.data.seq_len)  # every story from its own beginning, as in training's evaluations
     bs = args.batch_size or cfg.train.batch_size
     loader = make_loader(ds, bs, shuffle=False, seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
     precision = resolve_precision(cfg.train.precision, loaded.device)

@@ -11,8 +11,8 @@ from .splits import split_assignment, split_stories
 
 # Batching needs torch (seconds to import); data worker processes import this package and need
 # none of it, so those names are loaded on first use.
-_BATCHING = ("PackedDataset", "PaddedDataset", "collate_packed", "collate_padded", "epoch_order", "make_loader",
-             "num_batches")
+_BATCHING = ("PackedDataset", "PaddedDataset", "StoryWindows", "collate_packed", "collate_padded", "epoch_order",
+             "make_loader", "num_batches")
 
 
 def __getattr__(name: str) -> Any:
@@ -34,6 +34,7 @@ __all__ = [
     "prepare_data",
     "PackedDataset",
     "PaddedDataset",
+    "StoryWindows",
     "collate_padded",
     "collate_packed",
     "epoch_order",

@@ -106,6 +106,56 @@ class PaddedDataset(Dataset):
         return {"input_ids": window[:-1], "labels": window[1:]}
 
 
+class StoryWindows(PaddedDataset):
+    """Held-out scoring, one story at a time: every story is read from its own beginning.
+
+    Row i is [EOT] + story + [EOT], as in `PaddedDataset`, so no story is scored with another
+    story in its context (packed windows give it the previous story's tail) or cut off from its
+    own beginning at a window boundary. A row with more than T = seq_len inputs is scored in
+    overlapping windows (a sliding window): the first scores targets [0, T), each later one the
+    next `stride` targets with the T - stride inputs before them as context and their labels
+    masked (-100). Every target is still scored exactly once, and none with less than
+    T - stride tokens of context. Batch with `collate_padded`.
+    """
+
+    def __init__(self, split: SplitTokens, seq_len: int, stride: Optional[int] = None,
+                 eot_id: Optional[int] = None):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        stride = max(1, seq_len // 2) if stride is None else int(stride)
+        if not 1 <= stride <= seq_len:
+            raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+        self.split, self.seq_len, self.stride = split, seq_len, stride
+        self.eot_id = split.eot_id if eot_id is None else int(eot_id)
+        windows = []  # (story, first new target, end of targets), targets indexed in the row's labels
+        for story, n in enumerate(np.diff(split.offsets).tolist()):
+            a, b = 0, min(seq_len, n)
+            windows.append((story, a, b))
+            while b < n:
+                a, b = b, min(b + stride, n)
+                windows.append((story, a, b))
+        self._windows = np.asarray(windows, dtype=np.int64).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self._windows):
+            raise IndexError(f"window {i} out of range ({len(self._windows)} windows)")
+        story, a, b = (int(v) for v in self._windows[i])
+        lo = int(self.split.offsets[story])
+        start = max(0, b - self.seq_len)  # row position of the first input
+        # Row position p is the leading EOT for p = 0, else stream token lo + p - 1.
+        if start == 0:
+            window = np.concatenate([[self.eot_id], self.split.tokens[lo:lo + b]])
+        else:
+            window = self.split.tokens[lo + start - 1:lo + b]
+        window = _as_long(window)
+        labels = window[1:].clone()
+        labels[:a - start] = IGNORE_INDEX  # context only: scored by an earlier window
+        return {"input_ids": window[:-1], "labels": labels}
+
+
 def collate_padded(batch: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest row in this batch (not to a fixed length).
 

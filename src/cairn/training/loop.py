@@ -25,7 +25,7 @@ import torch
 
 from .. import __version__
 from ..config import RunConfig, from_dict, parse_duration, to_toml, validate
-from ..data import PackedDataset, PaddedDataset, make_loader, num_batches, prepare_data
+from ..data import PackedDataset, PaddedDataset, StoryWindows, make_loader, num_batches, prepare_data
 from ..errors import CairnError
 from ..evaluate import evaluate
 from ..model import Transformer
@@ -165,8 +165,9 @@ class Trainer:
         self.data = data
         Dataset = PackedDataset if cfg.data.batching == "pack" else PaddedDataset
         self.train_ds = Dataset(data.train, cfg.data.seq_len)
-        # a held-out split too short for one row is treated as absent (no evaluation on it)
-        self.val_ds, self.test_ds = (Dataset(split, cfg.data.seq_len) or None for split in (data.val, data.test))
+        # held-out stories are scored one at a time from their own beginning, however training cuts
+        # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
+        self.val_ds, self.test_ds = (StoryWindows(split, cfg.data.seq_len) or None for split in (data.val, data.test))
         self.plan = self._plan()
 
         self.model = Transformer(cfg.model).to(self.device)  # the same initial weights on every rank
