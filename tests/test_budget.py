@@ -120,3 +120,28 @@ def test_bad_bpe_specs_are_refused(tmp_path, stories_file, capsys, spec):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bpe:N" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path, stories_file, monkeypatch):
+    """An epoch's end validates and saves. When that would run past the deadline, the run stops at
+    the epoch's last step and its end validates the final model once, in the time kept for it;
+    it does not validate at the epoch's end, take one more step, find itself late and validate again."""
+    from cairn.training.loop import Trainer
+
+    plan = Trainer.plan_for_budget
+
+    def pessimistic(self):
+        plan(self)
+        self._epoch_end_s = 1e6  # as if the epoch's validation would outlast the budget
+
+    monkeypatch.setattr(Trainer, "plan_for_budget", pessimistic)
+    out = tmp_path / "run"
+    done = train(config(stories_file, time_budget="60s", report_every=1000, eval_every=0, end_stories=0), out,
+                 **quiet)
+    plan_json = json.loads((out / "run.json").read_text())["plan"]
+    per_epoch = plan_json["steps_per_epoch"]
+    assert plan_json["total_steps"] > per_epoch  # the plan went on past the first epoch
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert done["stopped"] == "time budget" and done["step"] == per_epoch
+    assert [r["step"] for r in records if r["kind"] == "val"] == [per_epoch]  # once, at the end
+    assert not list((out / "checkpoints").glob("*epoch*"))

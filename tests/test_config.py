@@ -76,10 +76,10 @@ def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
         validate(preset(name))
     c = preset("cpu-10min")
     # the settings docs/ablation-cpu-10min.md measured; the run's time budget plans the steps
-    assert c.tokenizer == "bpe:4096" and c.train.time_budget == "10m" and c.train.end_stories == 3
+    assert c.tokenizer == "bpe:4096" and c.train.time_budget == "10m" and c.train.end_stories == 3 and c.train.compile
     assert (c.model.positions, c.model.norm, c.model.mlp, c.model.bias) == ("rope", "rmsnorm", "swiglu", False)
-    assert (c.model.d_model, c.model.n_layers, c.model.tie_embeddings) == (128, 4, False)
-    assert (c.train.batch_size, c.train.lr, c.train.embed_lr_scale) == (4, 1.5e-3, 10.0)
+    assert (c.model.d_model, c.model.n_layers, c.model.tie_embeddings) == (128, 3, False)
+    assert (c.train.batch_size, c.train.lr, c.train.embed_lr_scale, c.train.beta2) == (4, 2.5e-3, 10.0, 0.999)
     assert c.data.val_frac > 0  # scored on a validation split it never trains on
     c.model.vocab_size = 4096
-    assert Transformer(c.model).num_params() == 1_852_544
+    assert Transformer(c.model).num_params() == 1_651_584

@@ -125,6 +125,13 @@ def end_reserve(trainer, c: Costs) -> float:
     return batches * c.eval_batch_s + 2 * c.checkpoint_s + t.end_stories * t.end_story_tokens * c.story_token_s
 
 
+def epoch_end_s(trainer, c: Costs) -> float:
+    """Seconds of an epoch's end: a validation on the full split and an epoch checkpoint."""
+    full_val = num_batches(len(trainer.val_ds), trainer.cfg.train.batch_size, drop_last=False) \
+        if trainer.val_ds is not None else 0
+    return full_val * c.eval_batch_s + c.checkpoint_s
+
+
 def plan_steps(trainer, budget_s: float, elapsed_s: float, c: Costs,
                steps_per_epoch: int) -> tuple[int, float, float]:
     """(steps, end reserve, overhead per step): as many steps as fit in what is left of the
@@ -138,9 +145,7 @@ def plan_steps(trainer, budget_s: float, elapsed_s: float, c: Costs,
         per_step += (limit * c.eval_batch_s + c.checkpoint_s) / t.eval_every  # + a best-model save
     if t.checkpoint_every:
         per_step += c.checkpoint_s / t.checkpoint_every
-    # each epoch end validates on the full split and writes an epoch checkpoint
-    full_val = num_batches(len(trainer.val_ds), t.batch_size, drop_last=False) if trainer.val_ds is not None else 0
-    per_step += (full_val * c.eval_batch_s + c.checkpoint_s) / steps_per_epoch
+    per_step += epoch_end_s(trainer, c) / steps_per_epoch
     steps = math.floor(available / per_step)
     if steps < 1:
         raise CairnError(f"the time budget of {budget_s:.0f}s is too short: set-up took {elapsed_s:.0f}s, the end "

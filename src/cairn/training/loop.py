@@ -29,7 +29,8 @@ from ..data import PackedDataset, PaddedDataset, StoryWindows, make_loader, num_
 from ..errors import CairnError
 from ..evaluate import evaluate
 from ..model import Transformer
-from ..runtime import autocast, peak_flops, pick_device, resolve_precision, seed_everything, set_threads
+from ..runtime import (autocast, cpu_compiler, keep_freed_memory, peak_flops, pick_device, resolve_precision,
+                       seed_everything, set_threads)
 from ..tokenizer import TOKENIZER_FILE, get_tokenizer, run_tokenizer
 from ..tokenizer_train import parse_bpe_spec, split_tokenizer
 from . import budget
@@ -144,6 +145,7 @@ class Trainer:
         self.started = time.monotonic() if started is None else started  # the time budget counts from here
         self.deadline: Optional[float] = None  # monotonic time by which the last step must be done
         self._overhead_s = 0.0  # planned evaluation and checkpoint seconds per step
+        self._epoch_end_s = 0.0  # planned seconds of an epoch end's full validation and checkpoint
         self._step_s = [0.0, 0]  # seconds spent in training steps, and their number (the measured pace)
         self._replanned = False  # the one re-plan that may also add steps
         self.plan_restored = False
@@ -152,6 +154,8 @@ class Trainer:
             require_tensorboard()
         self.threads = set_threads(self.dist.cpu_threads(t.num_threads))
         self.device = self.dist.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a CPU step's large tensors would otherwise be page-faulted in anew each step
         self.precision = resolve_precision(t.precision, self.device)
         self.ckpt_dir = out_dir / "checkpoints"
         resume_from = self.dist.on_main(lambda: self._check_run_dir(resume))
@@ -183,7 +187,12 @@ class Trainer:
             self._seed_rank(0)
         if saved is not None:
             self._restore_trainer(*saved)
-        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        compiled = t.compile
+        if compiled and self.device.type == "cpu" and cpu_compiler() is None:
+            self.log("compile: torch.compile needs a C++ compiler on CPUs and none was found (g++, clang++ or "
+                     "$CXX): training without it; install one to get its speed")
+            compiled = False
+        self.forward = torch.compile(self.wrapped) if compiled else self.wrapped
         if t.time_budget and not self.plan_restored:
             self.plan_for_budget()  # before the run directory is written: a budget too short leaves nothing
         self.dist.on_main(self._write_run_files)
@@ -410,9 +419,12 @@ class Trainer:
     # ------------------------------------------------------------ pieces of the loop
 
     def loader(self, ds, epoch: int, start: int = 0, train: bool = True):
-        """This rank's share of every global batch (all of it in a single process)."""
+        """This rank's share of every global batch (all of it in a single process). Held-out rows
+        come in one seeded order, the same at every evaluation: a partial evaluation
+        (`eval_batches`) is then a fixed random sample of the split, not its first stories, which
+        are the first source file's (the splits keep file order)."""
         t = self.cfg.train
-        return make_loader(ds, t.batch_size, shuffle=train, seed=self.cfg.seed, epoch=epoch, start_batch=start,
+        return make_loader(ds, t.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch, start_batch=start,
                            drop_last=train, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id,
                            rank=self.dist.rank, world=self.dist.world)
 
@@ -499,6 +511,7 @@ class Trainer:
         self.plan = Plan(p.micro_batches_per_epoch, p.steps_per_epoch, steps, warmup_steps(t, steps),
                          math.ceil(steps / p.steps_per_epoch), budget_s=budget_s, step_s=costs.step_s)
         self.deadline = self.started + budget_s - reserve - budget.SAFETY_S
+        self._epoch_end_s = budget.epoch_end_s(self, costs)
         self.log(f"time budget {budget_s:.0f}s: {elapsed:.1f}s used by set-up and measuring; {costs.step_s:.3f}s per "
                  f"step, {costs.eval_batch_s:.3f}s per evaluation batch, {costs.checkpoint_s:.2f}s per checkpoint, "
                  f"{reserve:.0f}s kept for the end of the run -> {steps} steps "
@@ -627,6 +640,13 @@ class Trainer:
                 if epoch_done and s.epoch_tokens:
                     mean = s.epoch_loss_sum / s.epoch_tokens
                     self.log(f"epoch {s.epoch + 1}: train loss {mean:.4f}, perplexity {math.exp(min(mean, 700)):.2f}")
+                if epoch_done and stopped is None and s.step < plan.total_steps and self.deadline is not None:
+                    # an epoch's end validates and saves; when that would run past the deadline the
+                    # run stops here, and its end validates this very model once, in the time kept
+                    # for it (not twice, late)
+                    late = time.monotonic() + self._epoch_end_s > self.deadline
+                    if self.dist.sum([float(late)])[0] > 0:
+                        stopped, epoch_done = "time budget", False
                 if epoch_done:
                     self.validate(full=True)
                     s.epoch, s.batch_in_epoch, s.epoch_loss_sum, s.epoch_tokens = s.epoch + 1, 0, 0.0, 0

@@ -1,0 +1,65 @@
+"""The process-level settings a CPU run makes (runtime.py)."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+# A few training steps of a small model with the cpu-10min preset's vocabulary and batch: the
+# same large blocks (logits, activations, gradients) freed and asked for again every step.
+PROBE = """
+import resource, sys, torch
+from cairn.config import ModelConfig
+from cairn.model import Transformer
+from cairn.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+model = Transformer(ModelConfig(vocab_size=4096, d_model=64, n_layers=1, n_heads=2, d_mlp=128, context_len=256))
+x = torch.randint(0, 4096, (4, 257))
+def step():
+    loss, n = model(x[:, :-1], labels=x[:, 1:])
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator only")
+def test_keep_freed_memory_stops_page_faulting_the_same_blocks_in_again():
+    def faults_per_step(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    logits_pages = 4 * 256 * 4096 * 4 // 4096  # one step's float32 logits, in 4 KB pages
+    default, kept = faults_per_step("default"), faults_per_step("keep")
+    assert default > logits_pages  # glibc hands the blocks back and faults them in again
+    assert kept < 0.1 * default
+
+
+def test_cpu_compiler_is_found_on_the_path_or_in_cxx(monkeypatch):
+    from cairn.runtime import cpu_compiler
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setenv("PATH", "")
+    assert cpu_compiler() is None
+    monkeypatch.setenv("CXX", sys.executable)  # any executable file named by $CXX counts
+    assert cpu_compiler() == sys.executable
+
+
+def test_compile_without_a_cpu_compiler_trains_eagerly_and_says_so(tmp_path, stories_file, monkeypatch):
+    import cairn.training.loop as loop
+    from cairn.training import train
+    from test_resume import config
+
+    monkeypatch.setattr(loop, "cpu_compiler", lambda: None)
+    logs = []
+    done = train(config(stories_file, compile=True, max_steps=2, end_stories=0), tmp_path / "run", log=logs.append)
+    assert done["step"] == 2
+    assert any("none was found" in m and "training without it" in m for m in logs)
