@@ -145,3 +145,54 @@ def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path,
     assert done["stopped"] == "time budget" and done["step"] == per_epoch
     assert [r["step"] for r in records if r["kind"] == "val"] == [per_epoch]  # once, at the end
     assert not list((out / "checkpoints").glob("*epoch*"))
+
+
+def test_sampled_epoch_end_validation_still_ends_on_the_whole_split(tmp_path, stories_file):
+    """epoch_val = "sample": an epoch's end validates the fixed sample the periodic evaluations use
+    (and a budget plans for that), and the run's last figure is still the whole split's."""
+    out = tmp_path / "run"
+    train(config(stories_file, epochs=2, eval_every=0, eval_batches=1, epoch_val="sample", end_stories=0), out,
+          **quiet)
+    per_epoch = json.loads((out / "run.json").read_text())["plan"]["steps_per_epoch"]
+    vals = [r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
+    assert [(r["step"], r["full"]) for r in vals] == [(per_epoch, False), (2 * per_epoch, False), (2 * per_epoch, True)]
+    assert vals[0]["val_tokens"] < vals[2]["val_tokens"]
+
+
+class _FakeRun:
+    """Just what Trainer.replan reads: a plan, a pace, a deadline."""
+
+    def __init__(self, step: int, total: int, pace: float, left_s: float):
+        import time
+        from collections import deque
+        from types import SimpleNamespace
+
+        from cairn.config import TrainConfig
+        from cairn.training.loop import Plan
+
+        self.cfg = SimpleNamespace(train=TrainConfig(warmup_frac=0.03))
+        self.state = SimpleNamespace(step=step)
+        self.plan = Plan(100, 100, total, 3, total // 100, budget_s=600, step_s=pace)
+        self.deadline = time.monotonic() + left_s
+        self._step_times = deque([pace] * 50)
+        self._overhead_s = 0.0
+        self.dist = SimpleNamespace(world=1, sum=lambda xs: xs, on_main=lambda fn: None)
+        self.logs = []
+        self.log = self.logs.append
+        self._write_run_info = lambda: None
+
+
+@pytest.mark.parametrize("step,pace,expect", [
+    (50, 0.05, 1000),  # a tenth of the plan not yet done: it does not grow yet...
+    (50, 0.2, 550),  # ... but shrinks when the steps left no longer fit (100 s left)
+    (500, 0.05, 2500),  # later a machine that sped up grows it
+    (500, 0.4, 750),  # and one that slowed down shrinks it
+    (500, 0.1995, 1000),  # a wobble within GROW_MARGIN (fits 1001) leaves it alone
+])
+def test_the_plan_follows_the_recent_pace_both_ways(step, pace, expect):
+    from cairn.training.loop import Trainer
+
+    run = _FakeRun(step, total=1000, pace=pace, left_s=100.0)
+    Trainer.replan(run)
+    assert abs(run.plan.total_steps - expect) <= 1  # the clock moved on a little meanwhile
+    assert bool(run.logs) == (expect != 1000)

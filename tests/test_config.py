@@ -43,6 +43,9 @@ def test_bad_overrides(key, value, match):
     ({"batch_size": 0}, "positive"),
     ({"schedule": "step"}, "schedule"),
     ({"batching": "bucket"}, "batching"),
+    ({"batching": "pad", "story_mask": True}, "story_mask is for packed rows"),
+    ({"epoch_val": "some"}, "epoch_val must be 'full' or 'sample'"),
+    ({"embed_weight_decay": -0.5}, "embed_weight_decay must be >= 0"),
 ])
 def test_validation_errors(changes, match):
     c = apply_overrides(RunConfig(), changes)

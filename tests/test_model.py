@@ -170,3 +170,71 @@ def test_tied_embeddings_share_one_matrix_and_save_it_once():
     assert torch.equal(other.lm_head.weight, tied.wte.weight)
     with pytest.raises(RuntimeError, match="missing"):
         untied.load_weights(w)  # an untied model needs its own head
+
+
+@blocks
+def test_story_mask_reads_each_packed_story_as_if_it_began_the_row(block):
+    """A row packing the tail of one story and two whole ones (each from its <|endoftext|>):
+    with `stories`, each story's logits are those of the story alone, at the start of a row, for
+    absolute and rotary positions alike; without, the later stories see the earlier ones."""
+    model = small(**block).eval()
+    eot = 96
+    g = torch.Generator().manual_seed(1)
+    tail, s1, s2 = (torch.randint(0, 96, (n,), generator=g) for n in (5, 9, 12))
+    row = torch.cat([tail, torch.tensor([eot]), s1, torch.tensor([eot]), s2]).unsqueeze(0)
+    stories = (row == eot).cumsum(1)
+    with torch.no_grad():
+        packed = model(row, stories=stories)
+        unmasked = model(row)
+        alone = [model(seg.unsqueeze(0)) for seg in (tail, torch.cat([torch.tensor([eot]), s1]),
+                                                     torch.cat([torch.tensor([eot]), s2]))]
+    pieces = torch.split(packed, [5, 10, 13], dim=1)
+    for got, want in zip(pieces, alone):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (unmasked[:, 15:] - packed[:, 15:]).abs().max() > 1e-3
+
+
+def test_story_mask_loss_is_the_sum_of_the_stories_losses():
+    model = small(**BLOCKS["llama"]).eval()
+    eot = 96
+    g = torch.Generator().manual_seed(2)
+    s1, s2 = torch.randint(0, 96, (7,), generator=g), torch.randint(0, 96, (10,), generator=g)
+    stream = torch.cat([torch.tensor([eot]), s1, torch.tensor([eot]), s2, torch.tensor([eot])])
+    x, y = stream[:-1].unsqueeze(0), stream[1:].unsqueeze(0)
+    with torch.no_grad():
+        packed, n = model(x, labels=y, stories=(x == eot).cumsum(1))
+        first, _ = model(x[:, :8], labels=y[:, :8])
+        second, _ = model(x[:, 8:], labels=y[:, 8:])
+    assert int(n) == 19
+    torch.testing.assert_close(packed, first + second, rtol=1e-5, atol=1e-5)
+
+
+def test_story_mask_is_refused_with_a_kv_cache():
+    model = small(**BLOCKS["llama"]).eval()
+    x = torch.randint(0, 97, (1, 4))
+    with pytest.raises(ValueError, match="stories"):
+        model(x, cache=KVCache(model.cfg, 1, "cpu", torch.float32), stories=torch.zeros_like(x))
+
+
+def test_training_with_story_mask_numbers_the_stories_from_each_eot(tmp_path, stories_file, monkeypatch):
+    from cairn.config import apply_overrides
+    from cairn.training import train
+
+    seen = []
+    forward = Transformer.forward
+
+    def recording(self, idx, cache=None, labels=None, stories=None):
+        if self.training:  # training steps (evaluation reads each story alone, unmasked)
+            seen.append((idx.clone(), None if stories is None else stories.clone()))
+        return forward(self, idx, cache, labels, stories)
+
+    monkeypatch.setattr(Transformer, "forward", recording)
+    cfg = apply_overrides(preset("tiny"), {
+        "source": str(stories_file), "d_model": 32, "n_heads": 4, "n_layers": 1, "d_mlp": 64, "context_len": 64,
+        "seq_len": 64, "batch_size": 4, "max_steps": 2, "story_mask": True, "end_stories": 0, "eval_every": 0})
+    train(cfg, tmp_path / "run", log=lambda m: None)
+    assert len(seen) >= 2
+    for idx, stories in seen:
+        eot = idx == 50256
+        assert stories is not None and torch.equal(stories, eot.cumsum(1))
+    assert any(bool(eot.any()) for idx, _ in seen for eot in [idx == 50256])  # rows that pack several stories

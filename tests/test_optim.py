@@ -109,3 +109,30 @@ def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file):
     # one step from the same weights and batch: everything but the embedding moved the same way
     assert all(torch.equal(a[k], b[k]) for k in a if k != "wte.weight")
     assert not torch.equal(a["wte.weight"], b["wte.weight"])
+
+
+def test_embedding_weight_decay_is_its_own_and_spares_rows_not_seen():
+    """Decoupled decay shrinks every embedding row by lr * decay each step, its token seen or not;
+    at 10x the lr that is 10x the shrinkage, so the embedding can keep a decay of its own."""
+    rows = {}
+    for embed_wd in (-1.0, 0.0):
+        m = model(tied=False)
+        t = TrainConfig(lr=1e-2, weight_decay=0.5, embed_lr_scale=10.0, embed_weight_decay=embed_wd)
+        opt = make_optimizer(m, t, torch.device("cpu"))
+        for g in opt.param_groups:
+            g["lr"] = t.lr * g.get("lr_scale", 1.0)
+        before = m.wte.weight.detach().clone()
+        x = torch.tensor([[1, 2, 3, 4]])
+        loss, _ = m(x, labels=x)
+        loss.backward()
+        opt.step()
+        rows[embed_wd] = (before, m.wte.weight.detach().clone())
+        embed_group = [g for g in opt.param_groups if any(p is m.wte.weight for p in g["params"])][0]
+        assert embed_group["weight_decay"] == (0.5 if embed_wd < 0 else 0.0)
+        assert [g["weight_decay"] for g in opt.param_groups if g is not embed_group] == [0.5, 0.0]
+    unseen = 50  # a token not in the batch: no gradient, so only decay can move its row
+    before, after = rows[-1.0]
+    assert torch.allclose(after[unseen], before[unseen] * (1 - 1e-2 * 10 * 0.5))
+    before, after = rows[0.0]
+    assert torch.equal(after[unseen], before[unseen])
+    assert not torch.equal(after[1], before[1])  # a seen token's row still learns

@@ -54,6 +54,7 @@ class DataConfig:
     val_frac: float = 0.1  # fraction for validation; the rest (1 - train - val) is the test split
     batching: str = "pack"  # "pack": stories joined by <|endoftext|> and cut into windows; "pad": one story per row, padded
     seq_len: int = 256  # tokens per training row (the window in pack mode, the longest row in pad mode)
+    story_mask: bool = False  # pack mode: a token attends only to its own story, not to the stories packed before it
     cache_dir: str = ""  # where tokenized data is cached ("" = $CAIRN_CACHE or ~/.cache/cairn)
 
 
@@ -72,13 +73,15 @@ class TrainConfig:
     warmup_steps: int = -1  # warm-up length in optimizer steps (-1 = use warmup_frac)
     warmup_frac: float = 0.05  # warm-up as a fraction of all steps (1.0 = the whole run, the tutorial's)
     weight_decay: float = 0.01  # AdamW weight decay, applied to matrices only (not biases, norms)
+    embed_weight_decay: float = -1.0  # the token embedding's weight decay (-1 = weight_decay)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.999  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     report_every: int = 5  # log train loss every N steps
     eval_every: int = 0  # validate every N steps (0 = only at each epoch end)
-    eval_batches: int = 0  # validation batches in the periodic evaluations (0 = all); epoch-end uses all
+    eval_batches: int = 0  # validation batches in the periodic evaluations (0 = all); epoch ends use all unless epoch_val = "sample"
+    epoch_val: str = "full"  # validation at each epoch's end: "full" split, or "sample" (eval_batches, as eval_every's)
     patience: int = 5  # stop after this many evaluations without a better validation loss (0 = never)
     checkpoint_every: int = 50  # save a step checkpoint every N steps (0 = none)
     keep_checkpoints: int = 0  # keep only the newest K step checkpoints (0 = keep all)
@@ -436,6 +439,9 @@ def validate(cfg: RunConfig) -> RunConfig:
                          "the fractions must sum to at most 1 (the rest is the test split)")
     if d.batching not in ("pack", "pad"):
         raise CairnError(f"data.batching must be 'pack' or 'pad', got {d.batching!r}: use --batching pack or pad")
+    if d.story_mask and d.batching != "pack":
+        raise CairnError("data.story_mask is for packed rows (pad batching gives each story a row of its own): "
+                         "use --batching pack, or --story-mask false")
     if not d.source:
         raise CairnError("data.source is empty: pass --data PATH_OR_HUB_ID")
 
@@ -474,6 +480,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not (math.isfinite(t.embed_lr_scale) and t.embed_lr_scale > 0):
         raise CairnError(f"train.embed_lr_scale must be a positive number, got {t.embed_lr_scale}: "
                          "change --embed-lr-scale (1 = the same lr as everything else)")
+    if t.epoch_val not in ("full", "sample"):
+        raise CairnError(f"train.epoch_val must be 'full' or 'sample', got {t.epoch_val!r}: use --epoch-val full or sample")
+    if not (t.embed_weight_decay == -1 or (math.isfinite(t.embed_weight_decay) and t.embed_weight_decay >= 0)):
+        raise CairnError(f"train.embed_weight_decay must be >= 0 (or -1 for weight_decay's), got "
+                         f"{t.embed_weight_decay}: change --embed-weight-decay")
     if not 0 <= t.muon_momentum < 1:
         raise CairnError(f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}: change --muon-momentum")
     if t.parallel not in ("ddp", "fsdp"):

@@ -88,7 +88,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0,
-                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                story_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
@@ -98,7 +99,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        if past == 0:
+        if story_mask is not None:  # causal, and only within each story
+            mask, causal = story_mask, False
+        elif past == 0:
             mask, causal = None, True
         elif T == 1:
             mask, causal = None, False  # one new token may see every cached one
@@ -148,8 +151,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0,
-                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, rope)
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                story_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, rope, story_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -206,24 +210,41 @@ class Transformer(nn.Module):
             nn.init.zeros_(self.lm_head.weight)
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
-                labels: Optional[torch.Tensor] = None):
+                labels: Optional[torch.Tensor] = None, stories: Optional[torch.Tensor] = None):
         """Token ids [B, T] -> logits [B, T, vocab]. With a cache, idx holds only the new tokens.
 
         With `labels` ([B, T], -100 = padding) it returns (summed loss, real-token count) instead,
-        through the fused chunked head + cross-entropy that never holds all the logits."""
+        through the fused chunked head + cross-entropy that never holds all the logits.
+
+        `stories` ([B, T], non-decreasing along each row, no cache) numbers the stories packed
+        into a row: a token then attends only to earlier tokens of its own story, and absolute
+        positions restart at each story's first token, so each story is read as if it began the
+        row (rotary attention depends only on distances, so it needs no restart)."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.context_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.context_len})")
+        if stories is not None and cache is not None:
+            raise ValueError("stories (a per-story attention mask) is for whole rows, not for a KV cache")
         x = self.wte(idx)
-        rope = None
+        rope, story_mask = None, None
+        if stories is not None:
+            same = stories.unsqueeze(2) == stories.unsqueeze(1)  # [B, T, T]
+            story_mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()).unsqueeze(1)
         if self.pos_table is not None:
-            x = x + self.pos_table[start:start + T]
+            if stories is None:
+                x = x + self.pos_table[start:start + T]
+            else:
+                t = torch.arange(T, device=idx.device).expand(B, T)
+                first = torch.ones_like(stories, dtype=torch.bool)
+                first[:, 1:] = stories[:, 1:] != stories[:, :-1]
+                story_start = torch.where(first, t, torch.zeros_like(t)).cummax(dim=1).values
+                x = x + self.pos_table[t - story_start]
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = F.dropout(x, self.cfg.dropout, self.training)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, rope)
+            x = block(x, cache, i, rope, story_mask)
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)

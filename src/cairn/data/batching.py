@@ -94,16 +94,18 @@ class PaddedDataset(Dataset):
         if not 0 <= i < len(self._story):
             raise IndexError(f"row {i} out of range ({len(self._story)} rows)")
         story, chunk = int(self._story[i]), int(self._chunk[i])
-        lo, hi = int(self.split.offsets[story]), int(self.split.offsets[story + 1])
-        row_len = hi - lo + 1  # the leading EOT, then the story with its own EOT
-        start, end = chunk * self.seq_len, min(chunk * self.seq_len + self.seq_len + 1, row_len)
-        # Row position p is the leading EOT for p = 0, else stream token lo + p - 1.
-        if start == 0:
-            window = np.concatenate([[self.eot_id], self.split.tokens[lo:lo + end - 1]])
-        else:
-            window = self.split.tokens[lo + start - 1:lo + end - 1]
-        window = _as_long(window)
+        row_len = int(self.split.offsets[story + 1] - self.split.offsets[story]) + 1  # leading EOT + story + EOT
+        start = chunk * self.seq_len
+        window = self._row_slice(story, start, min(start + self.seq_len + 1, row_len))
         return {"input_ids": window[:-1], "labels": window[1:]}
+
+    def _row_slice(self, story: int, start: int, end: int) -> torch.Tensor:
+        """Positions [start, end) of story's row: position 0 is the leading EOT, position p > 0
+        the story's token p - 1 (its last, the story's own EOT)."""
+        lo = int(self.split.offsets[story])
+        if start == 0:
+            return _as_long(np.concatenate([[self.eot_id], self.split.tokens[lo:lo + end - 1]]))
+        return _as_long(self.split.tokens[lo + start - 1:lo + end - 1])
 
 
 class StoryWindows(PaddedDataset):
@@ -143,14 +145,8 @@ class StoryWindows(PaddedDataset):
         if not 0 <= i < len(self._windows):
             raise IndexError(f"window {i} out of range ({len(self._windows)} windows)")
         story, a, b = (int(v) for v in self._windows[i])
-        lo = int(self.split.offsets[story])
         start = max(0, b - self.seq_len)  # row position of the first input
-        # Row position p is the leading EOT for p = 0, else stream token lo + p - 1.
-        if start == 0:
-            window = np.concatenate([[self.eot_id], self.split.tokens[lo:lo + b]])
-        else:
-            window = self.split.tokens[lo + start - 1:lo + b]
-        window = _as_long(window)
+        window = self._row_slice(story, start, b + 1)
         labels = window[1:].clone()
         labels[:a - start] = IGNORE_INDEX  # context only: scored by an earlier window
         return {"input_ids": window[:-1], "labels": labels}

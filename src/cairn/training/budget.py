@@ -126,10 +126,14 @@ def end_reserve(trainer, c: Costs) -> float:
 
 
 def epoch_end_s(trainer, c: Costs) -> float:
-    """Seconds of an epoch's end: a validation on the full split and an epoch checkpoint."""
-    full_val = num_batches(len(trainer.val_ds), trainer.cfg.train.batch_size, drop_last=False) \
-        if trainer.val_ds is not None else 0
-    return full_val * c.eval_batch_s + c.checkpoint_s
+    """Seconds of an epoch's end: a validation (the full split, or its sample) and an epoch checkpoint."""
+    t = trainer.cfg.train
+    batches = 0
+    if trainer.val_ds is not None:
+        batches = num_batches(len(trainer.val_ds), t.batch_size, drop_last=False)
+        if t.epoch_val == "sample" and t.eval_batches:
+            batches = min(batches, t.eval_batches)
+    return batches * c.eval_batch_s + c.checkpoint_s
 
 
 def plan_steps(trainer, budget_s: float, elapsed_s: float, c: Costs,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 import signal
 import sys
 import time
@@ -39,6 +40,8 @@ from .distributed import Dist, session
 from .optim import lr_at, make_optimizer, warmup_steps
 
 
+PACE_WINDOW = 200  # steps over which a time-budgeted run measures its pace
+GROW_MARGIN = 0.01  # a plan grows only by more than this fraction: no re-plan for every small wobble
 # fixed, so the stories of two runs can be compared side by side
 END_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "Tom had a big red ball")
 
@@ -145,9 +148,10 @@ class Trainer:
         self.started = time.monotonic() if started is None else started  # the time budget counts from here
         self.deadline: Optional[float] = None  # monotonic time by which the last step must be done
         self._overhead_s = 0.0  # planned evaluation and checkpoint seconds per step
-        self._epoch_end_s = 0.0  # planned seconds of an epoch end's full validation and checkpoint
-        self._step_s = [0.0, 0]  # seconds spent in training steps, and their number (the measured pace)
-        self._replanned = False  # the one re-plan that may also add steps
+        self._epoch_end_s = 0.0  # planned seconds of an epoch end's validation and checkpoint
+        self._step_times: deque[float] = deque(maxlen=PACE_WINDOW)  # the last steps' seconds (the measured pace)
+        self._last_full_val_step = -1
+        self._story_mask = cfg.data.story_mask
         self.plan_restored = False
         if t.tensorboard:  # fail before the data is prepared, not after
             from ..tensorboard import require_tensorboard
@@ -418,19 +422,19 @@ class Trainer:
 
     # ------------------------------------------------------------ pieces of the loop
 
-    def loader(self, ds, epoch: int, start: int = 0, train: bool = True):
+    def loader(self, ds, epoch: int, start: int = 0, drop_last: bool = True):
         """This rank's share of every global batch (all of it in a single process). Held-out rows
         come in one seeded order, the same at every evaluation: a partial evaluation
         (`eval_batches`) is then a fixed random sample of the split, not its first stories, which
         are the first source file's (the splits keep file order)."""
         t = self.cfg.train
         return make_loader(ds, t.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch, start_batch=start,
-                           drop_last=train, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id,
+                           drop_last=drop_last, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id,
                            rank=self.dist.rank, world=self.dist.world)
 
     def evaluate(self, ds, max_batches: int = 0) -> dict:
         """Held-out metrics, each rank evaluating its share of the batches, the sums reduced."""
-        batches = self.loader(ds, 0, train=False)
+        batches = self.loader(ds, 0, drop_last=False)
         if self.dist.enabled:
             n = num_batches(len(ds), self.cfg.train.batch_size * self.dist.world, drop_last=False)
             batches = self.dist.lockstep(batches, min(n, max_batches or n), _masked_row(ds))
@@ -443,6 +447,8 @@ class Trainer:
         result = self.evaluate(self.val_ds, 0 if full else self.cfg.train.eval_batches)
         s = self.state
         s.last_eval_step = s.step
+        if full:
+            self._last_full_val_step = s.step
         improved = result["loss"] < s.best_val_loss
         if improved:
             s.best_val_loss, s.bad_evals = result["loss"], 0
@@ -475,7 +481,10 @@ class Trainer:
             # gradients are reduced across ranks once per step, on its last micro-batch
             with self.dist.grad_sync(self.wrapped, sync=i == len(micro_batches) - 1):
                 with autocast(self.device, self.precision):
-                    loss_sum, _ = self.forward(x, labels=y)
+                    if self._story_mask:  # a story starts at its <|endoftext|> (see data/batching.py)
+                        loss_sum, _ = self.forward(x, labels=y, stories=(x == self.tokenizer.eot_id).cumsum(1))
+                    else:
+                        loss_sum, _ = self.forward(x, labels=y)
                 # DDP and FSDP average the ranks' gradients: x world makes that average the token sum
                 (loss_sum * self.dist.world / n_tokens).backward()
             loss_total += loss_sum.detach()
@@ -518,27 +527,27 @@ class Trainer:
                  f"({steps / p.steps_per_epoch:.2f} epochs)")
 
     def replan(self) -> None:
-        """Under a time budget, fit the plan to the pace actually measured. Six calibration steps
-        are a noisy estimate (the first real steps, a busy neighbour), so once a tenth of the plan
-        is done, the plan is set once from the mean step time so far, up or down; after that it
-        only shrinks, when the machine slows down, so the deadline never falls mid-schedule at a
-        high learning rate and the schedule still decays to its end."""
-        if self.deadline is None or self._step_s[1] == 0:
+        """Under a time budget, fit the plan to the pace actually measured, over the last
+        PACE_WINDOW steps (the machine's pace wanders, by 20% from one run to the next here). When
+        the steps left no longer fit, the plan shrinks at once, so the deadline never falls
+        mid-schedule at a high learning rate. Once a tenth of the plan is done (six calibration
+        steps are a noisy estimate) it also grows, by more than GROW_MARGIN at a time, when the
+        machine has sped up: otherwise a run that speeds up ends early and wastes its budget. The
+        schedule is stretched or shortened to the new end; its learning rate moves by about the
+        same small fraction."""
+        if self.deadline is None or not self._step_times:
             return
         t, s, plan = self.cfg.train, self.state, self.plan
+        recent = sum(self._step_times) / len(self._step_times)
         # every rank must change the plan alike: they agree on the mean pace and time left
-        pace, left = (v / self.dist.world for v in self.dist.sum([self._step_s[0] / self._step_s[1],
-                                                                  max(self.deadline - time.monotonic(), 0.0)]))
+        pace, left = (v / self.dist.world for v in self.dist.sum([recent, max(self.deadline - time.monotonic(), 0.0)]))
         fits = s.step + math.floor(left / (pace + self._overhead_s))
         if t.max_steps:
             fits = min(fits, t.max_steps)
         fits = max(fits, s.step, plan.warmup_steps)
-        if not self._replanned and s.step >= plan.total_steps / 10:
-            self._replanned = True
-        elif fits >= plan.total_steps:
-            return
-        if fits != plan.total_steps:
-            self.log(f"time budget: {pace:.3f}s per step measured over {self._step_s[1]} steps: "
+        grow = s.step >= plan.total_steps / 10 and fits > plan.total_steps * (1 + GROW_MARGIN)
+        if fits < plan.total_steps or grow:
+            self.log(f"time budget: {pace:.3f}s per step over the last {len(self._step_times)} steps: "
                      f"re-planned from {plan.total_steps} to {fits} steps")
             plan.total_steps, plan.warmup_steps = fits, warmup_steps(t, fits)
             plan.epochs = max(plan.epochs, math.ceil(fits / plan.steps_per_epoch))
@@ -583,8 +592,7 @@ class Trainer:
                         continue
                     began = time.perf_counter()
                     loss, grad_norm, n_tok = self.train_step(micro)
-                    self._step_s[0] += time.perf_counter() - began
-                    self._step_s[1] += 1
+                    self._step_times.append(time.perf_counter() - began)
                     s.batch_in_epoch += len(micro)
                     micro = []
                     s.epoch_loss_sum += loss * n_tok
@@ -648,7 +656,7 @@ class Trainer:
                     if self.dist.sum([float(late)])[0] > 0:
                         stopped, epoch_done = "time budget", False
                 if epoch_done:
-                    self.validate(full=True)
+                    self.validate(full=t.epoch_val == "full")
                     s.epoch, s.batch_in_epoch, s.epoch_loss_sum, s.epoch_tokens = s.epoch + 1, 0, 0.0, 0
                     self._save(f"{cfg.name}_checkpoint_epoch{s.epoch}", "epoch", resumable=True)
                     if stopped is None and self.should_stop_early():
@@ -666,7 +674,7 @@ class Trainer:
         if stopped == "time budget":
             self.log(f"time budget: the machine ran slower than measured; stopping at step {s.step} of the "
                      f"{plan.total_steps} planned, to end in time")
-        if s.last_eval_step != s.step:
+        if self._last_full_val_step != s.step:  # the end's figure is always the whole split's
             self.validate(full=True)
         final = self._save(f"{cfg.name}_final", "final", resumable=True)
         summary = {"step": s.step, "tokens": s.tokens_seen, "best_val_loss": _json_float(s.best_val_loss),

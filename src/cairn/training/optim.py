@@ -107,15 +107,18 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
 
 
 def _adamw_groups(named: list[tuple[str, torch.nn.Parameter]], t: TrainConfig) -> list[dict]:
-    embed = [p for n, p in named if n == "wte.weight"] if t.embed_lr_scale != 1.0 else []
+    embed_wd = t.weight_decay if t.embed_weight_decay < 0 else t.embed_weight_decay
+    own_group = t.embed_lr_scale != 1.0 or embed_wd != t.weight_decay
+    embed = [p for n, p in named if n == "wte.weight"] if own_group else []
     decay = [p for _, p in named if p.dim() >= 2 and not any(p is e for e in embed)]
     no_decay = [p for _, p in named if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if embed:
         # a row of the embedding is updated only when its token is in the batch, so it sees far
-        # fewer updates than the matrices it feeds; a separate group (absent at scale 1, so older
-        # checkpoints still load) lets it move faster
-        groups.append({"params": embed, "weight_decay": t.weight_decay, "lr_scale": t.embed_lr_scale})
+        # fewer updates than the matrices it feeds; a separate group (absent when it has nothing of
+        # its own, so older checkpoints still load) lets it move faster. Decoupled decay shrinks
+        # it by lr * scale * decay every step, its token seen or not.
+        groups.append({"params": embed, "weight_decay": embed_wd, "lr_scale": t.embed_lr_scale})
     return groups
 
 
