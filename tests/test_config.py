@@ -44,6 +44,7 @@ def test_bad_overrides(key, value, match):
     ({"schedule": "step"}, "schedule"),
     ({"batching": "bucket"}, "batching"),
     ({"batching": "pad", "story_mask": True}, "story_mask is for packed rows"),
+    ({"batching": "pad", "pack_shift": True}, "pack_shift is for packed rows"),
     ({"epoch_val": "some"}, "epoch_val must be 'full' or 'sample'"),
     ({"embed_weight_decay": -0.5}, "embed_weight_decay must be >= 0"),
 ])
@@ -84,5 +85,6 @@ def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
     assert (c.model.d_model, c.model.n_layers, c.model.tie_embeddings) == (128, 3, False)
     assert (c.train.batch_size, c.train.lr, c.train.embed_lr_scale, c.train.beta2) == (4, 2.5e-3, 10.0, 0.999)
     assert c.data.val_frac > 0  # scored on a validation split it never trains on
+    assert c.data.story_mask and c.train.epoch_val == "sample"
     c.model.vocab_size = 4096
     assert Transformer(c.model).num_params() == 1_651_584

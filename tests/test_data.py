@@ -391,6 +391,45 @@ def test_packing_exact_fit():
     assert torch.cat([ds[i]["labels"] for i in range(3)]).tolist() == [2, 3, 4, 5, 99, 6, 7, 8, 99]
 
 
+def test_shifted_packing_cuts_elsewhere_with_as_many_windows():
+    from cairn.data import epoch_offset
+
+    split = synthetic_split([30, 40, 25])  # 98 tokens, 97 targets
+    T = 8
+    stream = np.asarray(split.tokens, dtype=np.int64)
+    ds = PackedDataset(split, T, shiftable=True)
+    assert len(ds) == (len(stream) - T) // T == 11
+    offsets = {epoch_offset(T, 42, e) for e in range(1, 40)}
+    assert epoch_offset(T, 42, 0) == 0 and len(offsets) > 3 and offsets <= set(range(T))
+    for o in range(T):  # every offset: the same count, each window the stream's next T + 1 tokens
+        shifted = ds.shifted(o)
+        assert len(shifted) == len(ds)
+        labels = torch.cat([shifted[i]["labels"] for i in range(len(shifted))]).numpy()
+        assert np.array_equal(labels, stream[o + 1:o + 1 + len(ds) * T])
+    with pytest.raises(ValueError, match="offset"):
+        PackedDataset(split, T, offset=3)  # not shiftable: its length has no room for an offset
+
+
+def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_path, stories_file):
+    """The training loader of epoch e cuts at epoch_offset(e); the first epoch is the unshifted cut."""
+    from cairn.config import apply_overrides, preset
+    from cairn.data import epoch_offset
+    from cairn.training.loop import Trainer
+
+    cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "seq_len": 16, "context_len": 64,
+                                           "pack_shift": True, "end_stories": 0})
+    trainer = Trainer(cfg, tmp_path / "run", resume=False, stop_after=0, log=lambda m: None, progress=False)
+    stream = np.asarray(trainer.train_ds.split.tokens, dtype=np.int64)
+    for epoch in (0, 1, 2):
+        o = epoch_offset(16, cfg.seed, epoch)
+        first = next(iter(trainer.loader(trainer.train_ds, epoch)))["input_ids"]
+        for row in first.numpy():  # every row is a window cut at o + k * 16
+            starts = [k for k in range(len(stream) - 16) if (k - o) % 16 == 0
+                      and np.array_equal(stream[k:k + 16], row)]
+            assert starts, f"epoch {epoch}: a row not cut at offset {o}"
+    assert epoch_offset(16, cfg.seed, 1) != 0 or epoch_offset(16, cfg.seed, 2) != 0
+
+
 def test_padded_rows_and_chunking():
     eot = 99
     split = synthetic_split([3, 10, 1], eot=eot)

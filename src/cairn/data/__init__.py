@@ -11,7 +11,8 @@ from .splits import split_assignment, split_stories
 
 # Batching needs torch (seconds to import); data worker processes import this package and need
 # none of it, so those names are loaded on first use.
-_BATCHING = ("PackedDataset", "PaddedDataset", "StoryWindows", "collate_packed", "collate_padded", "epoch_order",
+_BATCHING = ("PackedDataset", "PaddedDataset", "StoryWindows", "collate_packed", "collate_padded", "epoch_offset",
+             "epoch_order",
              "make_loader", "num_batches")
 
 

@@ -34,17 +34,26 @@ def _as_long(window: np.ndarray) -> torch.Tensor:
 class PackedDataset(Dataset):
     """Non-overlapping windows over the split's token stream, no padding.
 
-    Item i: input_ids = stream[i*T : i*T+T], labels = stream[i*T+1 : i*T+T+1] (T = seq_len), so
-    every token of the stream after the first is a target exactly once. The last
-    (n_tokens - 1) % T tokens, too few for a full window, are dropped: len = (n_tokens - 1) // T.
+    Item i: input_ids = stream[o+i*T : o+i*T+T], labels = stream[o+i*T+1 : o+i*T+T+1] (T = seq_len,
+    o = offset, 0 unless shifted), so every token of the stream after the first is a target
+    exactly once. The last (n_tokens - 1) % T tokens, too few for a full window, are dropped:
+    len = (n_tokens - 1) // T. With `shiftable` the windows leave room for any offset below T
+    (len = (n_tokens - T) // T), so `shifted(o)` cuts the same number of windows at other places.
     """
 
-    def __init__(self, split: SplitTokens, seq_len: int):
+    def __init__(self, split: SplitTokens, seq_len: int, shiftable: bool = False, offset: int = 0):
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
+        if not 0 <= offset < seq_len or (offset and not shiftable):
+            raise ValueError(f"offset {offset} needs shiftable windows and must be in [0, seq_len={seq_len})")
         self.split = split
         self.seq_len = seq_len
-        self._len = max(0, (split.n_tokens - 1) // seq_len)
+        self.shiftable, self.offset = shiftable, offset
+        room = seq_len - 1 if shiftable else 0
+        self._len = max(0, (split.n_tokens - 1 - room) // seq_len)
+
+    def shifted(self, offset: int) -> "PackedDataset":
+        return PackedDataset(self.split, self.seq_len, shiftable=True, offset=offset)
 
     def __len__(self) -> int:
         return self._len
@@ -52,13 +61,22 @@ class PackedDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < self._len:
             raise IndexError(f"window {i} out of range ({self._len} windows)")
-        start = i * self.seq_len
+        start = self.offset + i * self.seq_len
         window = _as_long(self.split.tokens[start:start + self.seq_len + 1])
         return {"input_ids": window[:-1], "labels": window[1:]}
 
     @property
     def n_target_tokens(self) -> int:
         return self._len * self.seq_len
+
+
+def epoch_offset(seq_len: int, seed: int, epoch: int) -> int:
+    """Where epoch `epoch` starts cutting the packed stream: 0 for the first, then seeded, so a
+    story is cut at other places in other epochs (and the tokens after a cut, with no context
+    then, get some in other epochs). A function of (seed, epoch) only: resume rebuilds it."""
+    if epoch == 0:
+        return 0
+    return int(np.random.default_rng([seed, epoch, 1]).integers(seq_len))
 
 
 class PaddedDataset(Dataset):

@@ -26,7 +26,8 @@ import torch
 
 from .. import __version__
 from ..config import RunConfig, from_dict, parse_duration, to_toml, validate
-from ..data import PackedDataset, PaddedDataset, StoryWindows, make_loader, num_batches, prepare_data
+from ..data import (PackedDataset, PaddedDataset, StoryWindows, epoch_offset, make_loader, num_batches,
+                    prepare_data)
 from ..errors import CairnError
 from ..evaluate import evaluate
 from ..model import Transformer
@@ -171,8 +172,10 @@ class Trainer:
         # rank 0 tokenizes a new source into the (shared) cache; the other ranks then read it
         data = self.dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, self.tokenizer, log=self.log))
         self.data = data
-        Dataset = PackedDataset if cfg.data.batching == "pack" else PaddedDataset
-        self.train_ds = Dataset(data.train, cfg.data.seq_len)
+        if cfg.data.batching == "pack":
+            self.train_ds = PackedDataset(data.train, cfg.data.seq_len, shiftable=cfg.data.pack_shift)
+        else:
+            self.train_ds = PaddedDataset(data.train, cfg.data.seq_len)
         # held-out stories are scored one at a time from their own beginning, however training cuts
         # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
         self.val_ds, self.test_ds = (StoryWindows(split, cfg.data.seq_len) or None for split in (data.val, data.test))
@@ -428,6 +431,8 @@ class Trainer:
         (`eval_batches`) is then a fixed random sample of the split, not its first stories, which
         are the first source file's (the splits keep file order)."""
         t = self.cfg.train
+        if ds is self.train_ds and self.cfg.data.pack_shift:
+            ds = ds.shifted(epoch_offset(self.cfg.data.seq_len, self.cfg.seed, epoch))
         return make_loader(ds, t.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch, start_batch=start,
                            drop_last=drop_last, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id,
                            rank=self.dist.rank, world=self.dist.world)
