@@ -196,3 +196,15 @@ def test_the_plan_follows_the_recent_pace_both_ways(step, pace, expect):
     Trainer.replan(run)
     assert abs(run.plan.total_steps - expect) <= 1  # the clock moved on a little meanwhile
     assert bool(run.logs) == (expect != 1000)
+
+
+def test_the_budget_clock_starts_with_the_process_not_after_the_imports():
+    """A wall clock around `cairn train` counts the interpreter's start and torch's import: so
+    does the budget. A process that sleeps before asking has an age of at least the sleep."""
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(1.0); from cairn.cli import process_started; "
+            "print(time.monotonic() - process_started())")
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.0 <= age < 30

@@ -137,3 +137,4 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | tupl
     if device.type == "cpu":
         return measured_matmul_flops(), "measured float32 matmul"
     return None, f"no peak known for {device.type}"
+
