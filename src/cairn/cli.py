@@ -456,7 +456,9 @@ def process_started() -> float:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    started = process_started()  # a --time-budget counts from here
+    # a --time-budget counts from the command's start: the process's, when this is the program
+    # (argv from the command line); a call from Python code starts its own clock here
+    started = process_started() if argv is None else time.monotonic()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["bench"]:
