@@ -411,7 +411,8 @@ def test_shifted_packing_cuts_elsewhere_with_as_many_windows():
 
 
 def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_path, stories_file):
-    """The training loader of epoch e cuts at epoch_offset(e); the first epoch is the unshifted cut."""
+    """The training loader of epoch e cuts at epoch_offset(e); the first epoch is the unshifted cut;
+    a loader resumed mid-epoch gives the batches the uninterrupted epoch gives."""
     from cairn.config import apply_overrides, preset
     from cairn.data import epoch_offset
     from cairn.training.loop import Trainer
@@ -428,6 +429,9 @@ def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_pat
                       and np.array_equal(stream[k:k + 16], row)]
             assert starts, f"epoch {epoch}: a row not cut at offset {o}"
     assert epoch_offset(16, cfg.seed, 1) != 0 or epoch_offset(16, cfg.seed, 2) != 0
+    whole = [b["input_ids"] for b in trainer.loader(trainer.train_ds, 1)]
+    resumed = [b["input_ids"] for b in trainer.loader(trainer.train_ds, 1, start=2)]
+    assert len(resumed) == len(whole) - 2 and all(torch.equal(a, b) for a, b in zip(resumed, whole[2:]))
 
 
 def test_padded_rows_and_chunking():

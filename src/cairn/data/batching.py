@@ -48,7 +48,7 @@ class PackedDataset(Dataset):
             raise ValueError(f"offset {offset} needs shiftable windows and must be in [0, seq_len={seq_len})")
         self.split = split
         self.seq_len = seq_len
-        self.shiftable, self.offset = shiftable, offset
+        self.offset = offset
         room = seq_len - 1 if shiftable else 0
         self._len = max(0, (split.n_tokens - 1 - room) // seq_len)
 

@@ -152,7 +152,6 @@ class Trainer:
         self._epoch_end_s = 0.0  # planned seconds of an epoch end's validation and checkpoint
         self._step_times: deque[float] = deque(maxlen=PACE_WINDOW)  # the last steps' seconds (the measured pace)
         self._last_full_val_step = -1
-        self._story_mask = cfg.data.story_mask
         self.plan_restored = False
         if t.tensorboard:  # fail before the data is prepared, not after
             from ..tensorboard import require_tensorboard
@@ -486,7 +485,7 @@ class Trainer:
             # gradients are reduced across ranks once per step, on its last micro-batch
             with self.dist.grad_sync(self.wrapped, sync=i == len(micro_batches) - 1):
                 with autocast(self.device, self.precision):
-                    if self._story_mask:  # a story starts at its <|endoftext|> (see data/batching.py)
+                    if self.cfg.data.story_mask:  # a story starts at its <|endoftext|> (see data/batching.py)
                         loss_sum, _ = self.forward(x, labels=y, stories=(x == self.tokenizer.eot_id).cumsum(1))
                     else:
                         loss_sum, _ = self.forward(x, labels=y)
