@@ -176,7 +176,7 @@ def _cpu_10min() -> RunConfig:
       against 0.977 bits/byte in 10-minute runs); without a C++ compiler the run goes on eagerly;
     - stories of up to 300 tokens at the end: the sample's stories average 217, so at 200 most
       were cut off before their ending;
-    - epoch ends validate the periodic evaluations' fixed sample, not the whole split (estimated 15 s:
+    - epoch ends validate the periodic evaluations' fixed sample, not the whole split (an estimated 15 s
       of the 10 minutes back for training); the run's last validation is the whole split's."""
     cfg = RunConfig(name="cpu-10min", tokenizer="bpe:4096")
     cfg.model = ModelConfig(vocab_size=4096, d_model=128, n_layers=3, n_heads=2, d_mlp=352, context_len=256,
