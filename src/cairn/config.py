@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import CairnError
+from .tokenizer import parse_bpe_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -498,8 +499,6 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise CairnError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}: use --parallel ddp or fsdp")
     positive("train", "dist_timeout_s", t.dist_timeout_s)
     if cfg.tokenizer.startswith("bpe:"):
-        from .tokenizer_train import parse_bpe_spec
-
         parse_bpe_spec(cfg.tokenizer)
     elif cfg.tokenizer != "gpt2" and not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
         raise CairnError(f"tokenizer {cfg.tokenizer!r} is neither 'gpt2', 'bpe:N' nor a directory holding "

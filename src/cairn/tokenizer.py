@@ -25,6 +25,7 @@ import numpy as np
 from .errors import CairnError
 
 EOT = "<|endoftext|>"
+MIN_VOCAB = 257  # an own BPE holds the 256 bytes and <|endoftext|>
 
 # sha256 of OpenAI's GPT-2 files, as pinned by tiktoken_ext.openai_public.gpt2
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -267,3 +268,16 @@ def run_tokenizer(spec: str, run_dir: str | Path):
     if spec != "gpt2" and not Path(spec).is_dir() and (Path(run_dir) / "tokenizer" / TOKENIZER_FILE).is_file():
         return get_tokenizer(str(Path(run_dir) / "tokenizer"))
     return get_tokenizer(spec)
+
+
+BPE_SPEC_PREFIX = "bpe:"  # `--tokenizer bpe:4096`: learn a 4096-token BPE on the run's own training split
+
+
+def parse_bpe_spec(spec: str) -> Optional[int]:
+    """The vocabulary size of a "bpe:N" tokenizer spec, None for other specs; CairnError if malformed."""
+    if not spec.startswith(BPE_SPEC_PREFIX):
+        return None
+    size = spec[len(BPE_SPEC_PREFIX):]
+    if not size.isdigit() or int(size) < MIN_VOCAB or int(size) > 65536:
+        raise CairnError(f"tokenizer {spec!r} must be bpe:N with N from {MIN_VOCAB} to 65536 (e.g. bpe:4096)")
+    return int(size)

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import CairnError
-from .tokenizer import EOT, INFO_FILE, TOKENIZER_FILE, BPETokenizer, content_name
+from .tokenizer import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, content_name
 
-MIN_VOCAB = 257  # the 256 bytes and <|endoftext|>
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> BPETokenizer:
@@ -110,19 +109,6 @@ def training_texts(source: str, *, text_field: str = "text", txt_separator: str 
     # the same shuffle and cut as `cairn train`: its first int(train_frac * n) stories are the training split
     splits = split_stories(texts, seed, n_samples, train_frac, 0.0)
     return splits["train"], splits["test"]
-
-
-BPE_SPEC_PREFIX = "bpe:"  # `--tokenizer bpe:4096`: learn a 4096-token BPE on the run's own training split
-
-
-def parse_bpe_spec(spec: str) -> Optional[int]:
-    """The vocabulary size of a "bpe:N" tokenizer spec, None for other specs; CairnError if malformed."""
-    if not spec.startswith(BPE_SPEC_PREFIX):
-        return None
-    size = spec[len(BPE_SPEC_PREFIX):]
-    if not size.isdigit() or int(size) < MIN_VOCAB or int(size) > 65536:
-        raise CairnError(f"tokenizer {spec!r} must be bpe:N with N from {MIN_VOCAB} to 65536 (e.g. bpe:4096)")
-    return int(size)
 
 
 def split_tokenizer(vocab_size: int, data_cfg, seed: int, log=print) -> BPETokenizer:

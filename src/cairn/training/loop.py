@@ -33,8 +33,8 @@ from ..evaluate import evaluate
 from ..model import Transformer
 from ..runtime import (autocast, cpu_compiler, keep_freed_memory, peak_flops, pick_device, resolve_precision,
                        seed_everything, set_threads)
-from ..tokenizer import TOKENIZER_FILE, get_tokenizer, run_tokenizer
-from ..tokenizer_train import parse_bpe_spec, split_tokenizer
+from ..tokenizer import TOKENIZER_FILE, get_tokenizer, parse_bpe_spec, run_tokenizer
+from ..tokenizer_train import split_tokenizer
 from . import budget
 from . import checkpoint as ckpt
 from .distributed import Dist, session
