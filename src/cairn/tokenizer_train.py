@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .errors import CairnError
 from .tokenizer import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, content_name
