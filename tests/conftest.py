@@ -47,3 +47,23 @@ def stories_file(tmp_path) -> Path:
     f = tmp_path / "stories.jsonl"
     f.write_text("".join(json.dumps({"text": s}) + "\n" for s in make_stories(60)), encoding="utf-8")
     return f
+
+
+@pytest.fixture
+def logs():
+    """The messages cairn logs during the test, in order."""
+    import logging
+
+    got: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            got.append(record.getMessage())
+
+    logger, handler = logging.getLogger("cairn"), Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield got
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -13,8 +13,6 @@ from cairn.errors import CairnError
 from cairn.training import train
 from test_resume import assert_same_weights, config
 
-quiet = dict(log=lambda m: None)
-
 
 def saved_plan(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "state.json").read_text())["plan"]
@@ -31,12 +29,12 @@ def test_bad_durations_are_refused(bad):
         parse_duration(bad)
 
 
-def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(tmp_path, stories_file):
+def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(logs, tmp_path, stories_file):
     # report_every is beyond the stop, so no pace check can shorten the plan before step 6
     budgeted = tmp_path / "budgeted"
     # max_steps caps the plan, so the resumed run stays short whatever the machine's speed
     cfg = config(stories_file, time_budget="60s", max_steps=30, report_every=1000, epochs=1, end_stories=0)
-    out = train(cfg, budgeted, stop_after=6, **quiet)
+    out = train(cfg, budgeted, stop_after=6)
     plan = saved_plan(Path(out["checkpoint"]))
     assert plan["budget_s"] == 60 and plan["step_s"] > 0 and plan["total_steps"] > 6
     run_json = json.loads((budgeted / "run.json").read_text())
@@ -45,16 +43,16 @@ def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(tmp_path, s
     # the calibration steps were undone: the same weights as a run told the plan's steps up front
     fixed = tmp_path / "fixed"
     train(config(stories_file, max_steps=plan["total_steps"], report_every=1000, epochs=plan["epochs"],
-                 end_stories=0), fixed, stop_after=6, **quiet)
+                 end_stories=0), fixed, stop_after=6)
     a = load_file(str(Path(out["checkpoint"]) / "model.safetensors"))
     b = load_file(str(next((fixed / "checkpoints").glob("*step0000006")) / "model.safetensors"))
     assert_same_weights(a, b)
 
     # resuming keeps the plan (no second measurement, no new step count) and finishes it
-    logs = []
+    logs.clear()
     done = train(config(stories_file, time_budget="60s", max_steps=30, report_every=1000, epochs=1, end_stories=0),
                  budgeted,
-                 resume=True, log=logs.append)
+                 resume=True)
     assert done["step"] == plan["total_steps"]
     assert any("keeping the time budget's plan" in m for m in logs)
     assert not any(m.startswith("time budget 60s") for m in logs)
@@ -85,14 +83,13 @@ def test_a_budgeted_cli_run_ends_within_its_budget(tmp_path, stories_file, capsy
     assert stories.count("## Story") == 1 and "Once upon a time" in stories
 
 
-def test_bpe_tokenizer_is_learned_on_the_training_split_cached_and_kept_with_the_run(tmp_path, stories_file):
+def test_bpe_tokenizer_is_learned_on_the_training_split_cached_and_kept_with_the_run(logs, tmp_path, stories_file):
     from cairn.data import load_texts, split_stories
     from cairn.loading import load
 
-    logs = []
     cfg = config(stories_file, max_steps=4, end_stories=2, end_story_tokens=8)
     cfg.tokenizer = "bpe:300"
-    train(cfg, tmp_path / "a", log=logs.append)
+    train(cfg, tmp_path / "a")
     learned = next(m for m in logs if m.startswith("learned tokenizer"))
     cached = Path(learned.split("cached at ")[1])
     info = json.loads((cached / "cairn-tokenizer.json").read_text())
@@ -105,7 +102,7 @@ def test_bpe_tokenizer_is_learned_on_the_training_split_cached_and_kept_with_the
     logs.clear()
     cfg2 = config(stories_file, max_steps=4, end_stories=0)
     cfg2.tokenizer = "bpe:300"
-    train(cfg2, tmp_path / "b", log=logs.append)
+    train(cfg2, tmp_path / "b")
     assert any(m.startswith("using cached tokenizer") for m in logs)
     assert_same_weights(load_file(str(tmp_path / "a" / "checkpoints" / "tiny_final" / "model.safetensors")),
                         load_file(str(tmp_path / "b" / "checkpoints" / "tiny_final" / "model.safetensors")))
@@ -126,18 +123,17 @@ def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path,
     """An epoch's end validates and saves. When that would run past the deadline, the run stops at
     the epoch's last step and its end validates the final model once, in the time kept for it;
     it does not validate at the epoch's end, take one more step, find itself late and validate again."""
-    from cairn.training.loop import Trainer
+    from cairn.training import build
 
-    plan = Trainer.plan_for_budget
+    plan = build.plan_for_budget
 
-    def pessimistic(self):
-        plan(self)
-        self._epoch_end_s = 1e6  # as if the epoch's validation would outlast the budget
+    def pessimistic(trainer):
+        plan(trainer)
+        trainer.epoch_end_s = 1e6  # as if the epoch's validation would outlast the budget
 
-    monkeypatch.setattr(Trainer, "plan_for_budget", pessimistic)
+    monkeypatch.setattr(build, "plan_for_budget", pessimistic)
     out = tmp_path / "run"
-    done = train(config(stories_file, time_budget="60s", report_every=1000, eval_every=0, end_stories=0), out,
-                 **quiet)
+    done = train(config(stories_file, time_budget="60s", report_every=1000, eval_every=0, end_stories=0), out)
     plan_json = json.loads((out / "run.json").read_text())["plan"]
     per_epoch = plan_json["steps_per_epoch"]
     assert plan_json["total_steps"] > per_epoch  # the plan went on past the first epoch
@@ -151,51 +147,50 @@ def test_sampled_epoch_end_validation_still_ends_on_the_whole_split(tmp_path, st
     """epoch_val = "sample": an epoch's end validates the fixed sample the periodic evaluations use
     (and a budget plans for that), and the run's last figure is still the whole split's."""
     out = tmp_path / "run"
-    train(config(stories_file, epochs=2, eval_every=0, eval_batches=1, epoch_val="sample", end_stories=0), out,
-          **quiet)
+    train(config(stories_file, epochs=2, eval_every=0, eval_batches=1, epoch_val="sample", end_stories=0), out)
     per_epoch = json.loads((out / "run.json").read_text())["plan"]["steps_per_epoch"]
     vals = [r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
     assert [(r["step"], r["full"]) for r in vals] == [(per_epoch, False), (2 * per_epoch, False), (2 * per_epoch, True)]
     assert vals[0]["val_tokens"] < vals[2]["val_tokens"]
 
 
-class _FakeRun:
-    """Just what Trainer.replan reads: a plan, a pace, a deadline."""
-
-    def __init__(self, step: int, total: int, pace: float, left_s: float):
-        import time
-        from collections import deque
-        from types import SimpleNamespace
-
-        from cairn.config import TrainConfig
-        from cairn.training.loop import Plan
-
-        self.cfg = SimpleNamespace(train=TrainConfig(warmup_frac=0.03))
-        self.state = SimpleNamespace(step=step)
-        self.plan = Plan(100, 100, total, 3, total // 100, budget_s=600, step_s=pace)
-        self.deadline = time.monotonic() + left_s
-        self._step_times = deque([pace] * 50)
-        self._overhead_s = 0.0
-        self.dist = SimpleNamespace(world=1, sum=lambda xs: xs, on_main=lambda fn: None)
-        self.logs = []
-        self.log = self.logs.append
-        self._write_run_info = lambda: None
-
-
 @pytest.mark.parametrize("step,pace,expect", [
-    (50, 0.05, 1000),  # a tenth of the plan not yet done: it does not grow yet...
+    (50, 0.05, None),  # a tenth of the plan not yet done: it does not grow yet...
     (50, 0.2, 550),  # ... but shrinks when the steps left no longer fit (100 s left)
     (500, 0.05, 2500),  # later a machine that sped up grows it
     (500, 0.4, 750),  # and one that slowed down shrinks it
-    (500, 0.1995, 1000),  # a wobble within GROW_MARGIN (fits 1001) leaves it alone
+    (500, 0.1995, None),  # a wobble within GROW_MARGIN (fits 1001) leaves it alone
 ])
 def test_the_plan_follows_the_recent_pace_both_ways(step, pace, expect):
-    from cairn.training.loop import Trainer
+    from cairn.training.budget import replan
 
-    run = _FakeRun(step, total=1000, pace=pace, left_s=100.0)
-    Trainer.replan(run)
-    assert abs(run.plan.total_steps - expect) <= 1  # the clock moved on a little meanwhile
-    assert bool(run.logs) == (expect != 1000)
+    assert replan(step, total=1000, warmup=3, pace_s=pace, left_s=100.0, overhead_s=0.0) == expect
+
+
+def test_a_replan_counts_the_overhead_and_never_goes_below_the_steps_done_or_the_warmup():
+    from cairn.training.budget import replan
+
+    # 100 s at 0.1 s per step plus 0.1 s of evaluations and checkpoints per step: 500 more steps
+    assert replan(500, total=2000, warmup=3, pace_s=0.1, left_s=100.0, overhead_s=0.1) == 1000
+    assert replan(500, total=2000, warmup=3, pace_s=10.0, left_s=1.0, overhead_s=0.0) == 500
+    assert replan(5, total=2000, warmup=60, pace_s=10.0, left_s=1.0, overhead_s=0.0) == 60
+    assert replan(500, total=1000, warmup=3, pace_s=0.01, left_s=100.0, overhead_s=0.0, max_steps=1200) == 1200
+
+
+def test_a_budget_plan_reserves_the_end_and_spreads_the_evaluations():
+    from cairn.training.budget import SAFETY_FRAC, SAFETY_S, Costs, Workload, plan
+
+    c = Costs(step_s=0.1, eval_batch_s=0.05, checkpoint_s=0.5, story_token_s=0.01)
+    w = Workload(steps_per_epoch=1000, val_batches=20, test_batches=10, eval_every=100, eval_sample_batches=4,
+                 epoch_val_batches=20, checkpoint_every=200, story_tokens=300)
+    b = plan(600.0, elapsed_s=30.0, c=c, w=w)
+    assert b.reserve_s == 30 * 0.05 + 2 * 0.5 + 300 * 0.01
+    assert b.epoch_end_s == 20 * 0.05 + 0.5
+    assert abs(b.overhead_s - ((4 * 0.05 + 0.5) / 100 + 0.5 / 200 + b.epoch_end_s / 1000)) < 1e-12
+    available = 600 - 30 - b.reserve_s - SAFETY_FRAC * 600 - SAFETY_S
+    assert b.steps == int(available // (0.1 + b.overhead_s))
+    with pytest.raises(CairnError, match="too short"):
+        plan(10.0, elapsed_s=9.0, c=c, w=w)
 
 
 def test_the_budget_clock_starts_with_the_process_not_after_the_imports():

@@ -259,7 +259,7 @@ def test_prepare_round_trips_and_reuses_cache(tmp_path, tok, monkeypatch):
     src = write_jsonl(tmp_path / "s.jsonl", texts)
     cfg = data_cfg(tmp_path, src)
     logs: list[str] = []
-    data = prepare_data(cfg, seed=3, tokenizer=tok, log=logs.append)
+    data = prepare_data(cfg, seed=3, tokenizer=tok)
     assert isinstance(data, PreparedData) and data.cache_dir.parent == tmp_path / "cache" / "tokens"
     expected = split_stories(clean_texts(texts), 3, 0, 0.8, 0.1)
     for name in ("train", "val", "test"):
@@ -277,7 +277,7 @@ def test_prepare_round_trips_and_reuses_cache(tmp_path, tok, monkeypatch):
 
     monkeypatch.setattr(tok, "encode", refuse)
     logs.clear()
-    again = prepare_data(cfg, seed=3, tokenizer=tok, log=logs.append)
+    again = prepare_data(cfg, seed=3, tokenizer=tok)
     assert any("using cached tokens at" in line for line in logs)
     assert again.key == data.key and np.array_equal(again.train.tokens, data.train.tokens)
     assert np.array_equal(again.val.offsets, data.val.offsets)
@@ -285,19 +285,19 @@ def test_prepare_round_trips_and_reuses_cache(tmp_path, tok, monkeypatch):
 
 def test_cache_key_follows_settings_and_content(tmp_path, tok):
     src = write_jsonl(tmp_path / "s.jsonl", stories(20))
-    base = prepare_data(data_cfg(tmp_path, src), 0, tok, log=lambda m: None).key
+    base = prepare_data(data_cfg(tmp_path, src), 0, tok).key
     keys = {
-        "seed": prepare_data(data_cfg(tmp_path, src), 1, tok, log=lambda m: None).key,
-        "train_frac": prepare_data(data_cfg(tmp_path, src, train_frac=0.7), 0, tok, log=lambda m: None).key,
-        "val_frac": prepare_data(data_cfg(tmp_path, src, val_frac=0.2), 0, tok, log=lambda m: None).key,
-        "n_samples": prepare_data(data_cfg(tmp_path, src, n_samples=10), 0, tok, log=lambda m: None).key,
+        "seed": prepare_data(data_cfg(tmp_path, src), 1, tok).key,
+        "train_frac": prepare_data(data_cfg(tmp_path, src, train_frac=0.7), 0, tok).key,
+        "val_frac": prepare_data(data_cfg(tmp_path, src, val_frac=0.2), 0, tok).key,
+        "n_samples": prepare_data(data_cfg(tmp_path, src, n_samples=10), 0, tok).key,
     }
     (tmp_path / "moved").mkdir()
     copy = tmp_path / "moved" / "s.jsonl"
     copy.write_bytes(src.read_bytes())
-    assert prepare_data(data_cfg(tmp_path, copy), 0, tok, log=lambda m: None).key == base  # same content
+    assert prepare_data(data_cfg(tmp_path, copy), 0, tok).key == base  # same content
     write_jsonl(src, stories(19) + ["A different last story."])
-    keys["content"] = prepare_data(data_cfg(tmp_path, src), 0, tok, log=lambda m: None).key
+    keys["content"] = prepare_data(data_cfg(tmp_path, src), 0, tok).key
     assert base not in keys.values() and len(set(keys.values())) == len(keys)
 
 
@@ -315,15 +315,15 @@ def test_interrupted_prepare_leaves_nothing_and_broken_cache_is_rebuilt(tmp_path
 
     monkeypatch.setattr(tok, "encode", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        prepare_data(cfg, 0, tok, log=lambda m: None)
+        prepare_data(cfg, 0, tok)
     assert len(calls) == 10 and list((tmp_path / "cache" / "tokens").iterdir()) == []
     monkeypatch.setattr(tok, "encode", real)
 
-    data = prepare_data(cfg, 0, tok, log=lambda m: None)
+    data = prepare_data(cfg, 0, tok)
     good = np.array(data.train.tokens)
     (data.cache_dir / "train.tokens").write_bytes(b"\0\0")  # a damaged cache must not be trusted
     logs: list[str] = []
-    again = prepare_data(cfg, 0, tok, log=logs.append)
+    again = prepare_data(cfg, 0, tok)
     assert any("rebuilding" in line for line in logs)
     assert np.array_equal(np.array(again.train.tokens), good)
 
@@ -331,13 +331,13 @@ def test_interrupted_prepare_leaves_nothing_and_broken_cache_is_rebuilt(tmp_path
 def test_no_text_left(tmp_path, tok):
     src = write_jsonl(tmp_path / "blank.jsonl", ["", "  ", "\n"])
     with pytest.raises(CairnError) as e:
-        prepare_data(data_cfg(tmp_path, src), 0, tok, log=lambda m: None)
+        prepare_data(data_cfg(tmp_path, src), 0, tok)
     assert "no text left in" in one_line(e) and "blank.jsonl" in str(e.value)
 
 
 def test_empty_test_split_and_pickling(tmp_path, tok):
     src = write_jsonl(tmp_path / "s.jsonl", stories(300))
-    data = prepare_data(data_cfg(tmp_path, src, train_frac=0.9, val_frac=0.1), 0, tok, log=lambda m: None)
+    data = prepare_data(data_cfg(tmp_path, src, train_frac=0.9, val_frac=0.1), 0, tok)
     assert data.test.n_stories == 0 and data.test.n_tokens == 0
     assert len(PackedDataset(data.test, 8)) == 0 and len(PaddedDataset(data.test, 8)) == 0
     # A DataLoader worker gets the file's path, not a copy of the tokens.
@@ -415,11 +415,12 @@ def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_pat
     a loader resumed mid-epoch gives the batches the uninterrupted epoch gives."""
     from cairn.config import apply_overrides, preset
     from cairn.data import epoch_offset
-    from cairn.training.loop import Trainer
+    from cairn.training.build import build_trainer
+    from cairn.training.distributed import Dist
 
     cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "seq_len": 16, "context_len": 64,
                                            "pack_shift": True, "end_stories": 0})
-    trainer = Trainer(cfg, tmp_path / "run", resume=False, stop_after=0, log=lambda m: None, progress=False)
+    trainer = build_trainer(cfg, tmp_path / "run", Dist())
     stream = np.asarray(trainer.train_ds.split.tokens, dtype=np.int64)
     for epoch in (0, 1, 2):
         o = epoch_offset(16, cfg.seed, epoch)
@@ -593,7 +594,7 @@ def test_tinystories_sample(tmp_path, tok):
     texts = load_texts(str(TINYSTORIES))
     assert len(texts) == 4709 and clean_texts(texts) == texts
     assert load_texts(str(TINYSTORIES / "*.jsonl")) == texts
-    data = prepare_data(DataConfig(source=str(TINYSTORIES), cache_dir=str(tmp_path)), 42, tok, log=lambda m: None)
+    data = prepare_data(DataConfig(source=str(TINYSTORIES), cache_dir=str(tmp_path)), 42, tok)
     splits = (data.train, data.val, data.test)
     assert [s.n_stories for s in splits] == [3767, 470, 472]
     assert sum(s.n_tokens for s in splits) == 970663 + 4709

@@ -45,7 +45,7 @@ def write_jsonl(path: Path, texts) -> Path:
 def prepare(tmp_path: Path, source: Path, cache: str, tok, **kw):
     cfg_keys = {k: kw.pop(k) for k in ("n_samples", "train_frac", "val_frac") if k in kw}
     cfg = DataConfig(source=str(source), cache_dir=str(tmp_path / cache), **cfg_keys)
-    return prepare_data(cfg, kw.pop("seed", 7), tok, log=lambda m: None, **kw)
+    return prepare_data(cfg, kw.pop("seed", 7), tok, **kw)
 
 
 def split_texts(split, tok) -> list[str]:
@@ -219,7 +219,7 @@ from cairn.tokenizer import get_tokenizer
 if __name__ == "__main__":
     tok = get_tokenizer("gpt2")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    prepare_data(DataConfig(source=sys.argv[1], cache_dir=sys.argv[2]), 0, tok, log=lambda m: None, workers=1)
+    prepare_data(DataConfig(source=sys.argv[1], cache_dir=sys.argv[2]), 0, tok, workers=1)
     print(json.dumps({"growth_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before}))
 """
 

@@ -116,7 +116,7 @@ def runs(tmp_path_factory) -> dict:
     cache = base / "cache"
     single = base / "single"
     cfg = apply_overrides(preset("tiny"), options(cache, **SINGLE))
-    train(cfg, single, log=lambda m: None)
+    train(cfg, single)
     ddp_log = launch_train(base / "ddp", options(cache, **PER_RANK))
     launch_train(base / "fsdp", options(cache, parallel="fsdp", **PER_RANK))
     return {"base": base, "cache": cache, "single": single, "ddp": base / "ddp", "fsdp": base / "fsdp",
@@ -156,11 +156,10 @@ def test_stopped_and_resumed_fsdp_run_equals_the_uninterrupted_one(runs, stopped
     assert_same_runs(runs["fsdp"], run)
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_global_batch(runs, stopped):
+def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_global_batch(logs, runs, stopped):
     run = stopped_copy(runs, stopped, "to-one")
     cfg = apply_overrides(load_toml(run / "config.toml", RunConfig()), SINGLE)
-    logs = []
-    train(cfg, run, resume=True, log=logs.append)
+    train(cfg, run, resume=True)
     assert any("2 -> 1 processes with the same 8 rows per step" in m for m in logs)
     assert any("parallel = fsdp" in m and "one process" in m for m in logs)
     assert_close_runs(runs["single"], run)
@@ -170,7 +169,7 @@ def test_a_resume_with_another_global_batch_mid_epoch_says_what_to_pass(runs, st
     run = stopped_copy(runs, stopped, "wrong-batch")
     cfg = load_toml(run / "config.toml", RunConfig())  # batch 2 in 1 process: 4 rows per step, not 8
     with pytest.raises(CairnError, match=r"2 processes x batch 2 x 2 accumulation = 8 rows.*--batch-size 4"):
-        train(cfg, run, resume=True, log=lambda m: None)
+        train(cfg, run, resume=True)
 
 
 # ---------------------------------------------------------------- failures
@@ -256,13 +255,13 @@ def test_parallel_must_be_ddp_or_fsdp():
 
 def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file):
     """Checkpoints written before the state was keyed by parameter name hold torch's own format."""
-    from cairn.training import checkpoint as ckpt
+    from cairn import checkpoint as ckpt
 
     opts = {"source": str(stories_file), "d_model": 16, "n_heads": 2, "n_layers": 1, "d_mlp": 32, "seq_len": 32,
             "batch_size": 4, "max_steps": 6, "eval_every": 0, "checkpoint_every": 3, "patience": 0}
     full, part = tmp_path / "full", tmp_path / "part"
-    train(apply_overrides(preset("tiny"), opts), full, log=lambda m: None)
-    train(apply_overrides(preset("tiny"), opts), part, stop_after=3, log=lambda m: None)
+    train(apply_overrides(preset("tiny"), opts), full)
+    train(apply_overrides(preset("tiny"), opts), part, stop_after=3)
     f = ckpt.latest(part / "checkpoints") / "trainer.pt"
     trainer = torch.load(f, weights_only=True)
     named = trainer["optimizer"]
@@ -272,7 +271,7 @@ def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_pat
         "state": {order.index(name): v for name, v in named["state"].items()},
         "param_groups": [{**g, "params": [order.index(n) for n in g["params"]]} for g in named["param_groups"]]}
     torch.save(trainer, f)
-    train(apply_overrides(preset("tiny"), opts), part, resume=True, log=lambda m: None)
+    train(apply_overrides(preset("tiny"), opts), part, resume=True)
     assert_same_runs(full, part)
 
 

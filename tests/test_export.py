@@ -22,7 +22,7 @@ from cairn.generate import SamplingConfig, generate_ids  # noqa: E402
 from cairn.loading import load  # noqa: E402
 from cairn.model import Transformer  # noqa: E402
 from cairn.tokenizer import gpt2  # noqa: E402
-from cairn.training import checkpoint as ckpt  # noqa: E402
+from cairn import checkpoint as ckpt  # noqa: E402
 
 # a TinyStories story (real text, with the dataset's curly quote)
 STORY = ("One day, a little girl named Lily found a needle in her room. She knew it was difficult to play with it "

@@ -15,7 +15,7 @@ import torch
 from conftest import make_stories
 from safetensors.torch import load_file
 
-from cairn.training import checkpoint as ckpt
+from cairn import checkpoint as ckpt
 
 KILLS = 10
 

@@ -124,9 +124,9 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, tokdir, stories_file
     (other / "tokenizer.json").write_text((tokdir / "tokenizer.json").read_text() + "\n")
     assert get_tokenizer(str(other)).name != get_tokenizer(str(tokdir)).name
     run = tmp_path / "run"
-    train(tiny(stories_file, tokdir), run, stop_after=3, log=lambda m: None)
+    train(tiny(stories_file, tokdir), run, stop_after=3)
     with pytest.raises(CairnError, match="tokenizer"):
-        train(tiny(stories_file, other), run, resume=True, log=lambda m: None)
+        train(tiny(stories_file, other), run, resume=True)
 
 
 def test_two_tokenizers_never_share_a_token_cache(tmp_path, tokdir, stories_file):
@@ -134,8 +134,8 @@ def test_two_tokenizers_never_share_a_token_cache(tmp_path, tokdir, stories_file
 
     other = train_bpe(make_stories(300, seed=1), 512, tmp_path / "other")
     cfg = tiny(stories_file, tokdir)
-    a = prepare_data(cfg.data, cfg.seed, get_tokenizer(str(tokdir)), log=lambda m: None)
-    b = prepare_data(cfg.data, cfg.seed, other, log=lambda m: None)
+    a = prepare_data(cfg.data, cfg.seed, get_tokenizer(str(tokdir)))
+    b = prepare_data(cfg.data, cfg.seed, other)
     assert a.cache_dir != b.cache_dir
     assert a.train.n_bytes == b.train.n_bytes
 
@@ -149,7 +149,7 @@ def test_export_with_an_own_tokenizer(tmp_path, tokdir, stories_file):
     from cairn.export import export_hf
 
     run = tmp_path / "run"
-    train(tiny(stories_file, tokdir), run, log=lambda m: None)
+    train(tiny(stories_file, tokdir), run)
     out = export_hf(run, tmp_path / "hf")
     tok = get_tokenizer(str(tokdir))
     hf_tok = AutoTokenizer.from_pretrained(out)

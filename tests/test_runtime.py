@@ -53,13 +53,12 @@ def test_cpu_compiler_is_found_on_the_path_or_in_cxx(monkeypatch):
     assert cpu_compiler() == sys.executable
 
 
-def test_compile_without_a_cpu_compiler_trains_eagerly_and_says_so(tmp_path, stories_file, monkeypatch):
+def test_compile_without_a_cpu_compiler_trains_eagerly_and_says_so(logs, tmp_path, stories_file, monkeypatch):
     import cairn.training.loop as loop
     from cairn.training import train
     from test_resume import config
 
     monkeypatch.setattr(loop, "cpu_compiler", lambda: None)
-    logs = []
-    done = train(config(stories_file, compile=True, max_steps=2, end_stories=0), tmp_path / "run", log=logs.append)
+    done = train(config(stories_file, compile=True, max_steps=2, end_stories=0), tmp_path / "run")
     assert done["step"] == 2
     assert any("none was found" in m and "training without it" in m for m in logs)

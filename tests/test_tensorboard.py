@@ -95,7 +95,7 @@ def test_training_with_tensorboard_writes_the_run_scalars(tmp_path, stories_file
     cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "d_model": 32, "n_heads": 4, "d_mlp": 64,
                                            "seq_len": 32, "batch_size": 4, "max_steps": 6, "report_every": 2,
                                            "eval_every": 3, "eval_batches": 1, "tensorboard": True})
-    train(cfg, tmp_path / "run", log=lambda m: None)
+    train(cfg, tmp_path / "run")
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
     tags = acc.Tags()["scalars"]

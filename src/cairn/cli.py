@@ -11,32 +11,33 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import CairnError, SharedError
+from .log import setup as setup_logging
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --d-mod is not --d-model: options are spelled out
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit code 2, instead of usage + message
         raise CairnError(f"{message} (see `{self.prog} --help`)")
 
 
-def _overrides(extra: list[str]) -> dict[str, str]:
-    """`--key value` / `--key=value` pairs for any config field; a lone `--flag` means true."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise CairnError(f"unexpected argument {arg!r}: options are --key value (see `cairn train --help`)")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            value = extra[i + 1]
-            i += 1
-        else:
-            value = "true"
-        out[key] = value
-        i += 1
-    return out
+CFG = "cfg:"  # argparse dest prefix of the generated config options
+
+
+def _add_config_options(p) -> None:
+    """Every config field as `--name VALUE` (also `--name_with_underscores` and `--section.name`);
+    a lone `--flag` means true. Values stay text here: the config coerces and checks them."""
+    from .config import field_index
+
+    for key, (section, name, _) in field_index().items():
+        if "." in key or name in ("source", "max_steps"):  # --data and --max-steps are the command's own
+            continue
+        dashed = name.replace("_", "-")
+        flags = {f"--{dashed}", f"--{name}"} | ({f"--{section}.{name}", f"--{section}.{dashed}"} if section else set())
+        p.add_argument(*sorted(flags), dest=CFG + dashed, nargs="?", const="true", default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
 
 
 def _add_train(sub) -> None:
@@ -61,11 +62,13 @@ def _add_train(sub) -> None:
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="save a checkpoint and stop once step N is done, keeping the planned schedule")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (report lines only)")
+    _add_config_options(p)
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss, perplexity and bits per byte of a trained model",
                        description="Evaluate a run's final checkpoint (or the given checkpoint directory).")
+    p.set_defaults(func=cmd_eval)
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--data", help="evaluate every story of this source (no split) instead of the run's split")
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
@@ -78,6 +81,7 @@ def _add_eval(sub) -> None:
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained model",
                        description="Continue a prompt, printing tokens as they come; stops at <|endoftext|>.")
+    p.set_defaults(func=cmd_generate)
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--prompt", required=True, help="text to continue (a prompt longer than the context keeps its end)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
@@ -95,6 +99,7 @@ def _add_plot(sub) -> None:
                                    "learning rate and the throughput of one or more runs, read from their "
                                    "metrics.jsonl, into one picture; one colour per run. Needs matplotlib: "
                                    "pip install 'cairn-lm[plot]'.")
+    p.set_defaults(func=cmd_plot)
     p.add_argument("paths", nargs="+", metavar="RUN_DIR", help="run directories (each holds metrics.jsonl)")
     p.add_argument("--out", metavar="FILE.png",
                    help="picture to write (.png; .svg and .pdf work too); default RUN_DIR/plot.png for one run, "
@@ -108,6 +113,7 @@ def _add_export(sub) -> None:
                                    "model, GPT-2 or Llama as its block is (a mix of the two is refused): config.json, generation_config.json, model.safetensors and "
                                    "tokenizer files, loadable offline with transformers' AutoModelForCausalLM "
                                    "and AutoTokenizer.")
+    p.set_defaults(func=cmd_export)
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--format", choices=("hf",), default="hf", help="export format (default hf)")
     p.add_argument("--out", required=True, metavar="DIR", help="new (or empty) directory to write")
@@ -117,6 +123,7 @@ def _add_tokenizer(sub) -> None:
     p = sub.add_parser("tokenizer", help="train an own byte-level BPE tokenizer (`tokenizer train`)",
                        description="Own tokenizers: `cairn tokenizer train` writes a directory that "
                                    "`cairn train --tokenizer DIR` uses.")
+    p.set_defaults(func=cmd_tokenizer)
     tsub = p.add_subparsers(dest="tokenizer_command", metavar="SUBCOMMAND", parser_class=Parser)
     t = tsub.add_parser("train", help="train a byte-level BPE on a data source",
                         description="Learn a byte-level BPE (GPT-2's kind, with <|endoftext|> as a special token) "
@@ -145,6 +152,7 @@ def _add_prepare(sub) -> None:
                     "(the same cache for the same data and settings). The source is streamed in chunks, so "
                     "memory stays small whatever its size, and chunks are tokenized on --workers processes. "
                     "Prints the splits, tokens, throughput (MB/s of input), time and peak memory.")
+    p.set_defaults(func=cmd_prepare)
     p.add_argument("--data", help="data source, as for `cairn train --data` (default: the config's)")
     p.add_argument("--preset", help="take the data settings of this preset (as `cairn train --preset`)")
     p.add_argument("--config", help="take the data settings of this TOML config file")
@@ -183,6 +191,14 @@ def build_parser() -> Parser:
 
 # ---------------------------------------------------------------- commands
 
+def _not_empty(args, command: str, *flags: str) -> None:
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is not None and not str(value).strip():
+            raise CairnError(f"--{flag.replace('_', '-')} is empty: give a value or leave the option out "
+                             f"(see `cairn {command} --help`)")
+
+
 def _check_out(out: Path) -> None:
     """The run directory must be a directory, or creatable as one (checked before any work)."""
     if out.exists() and not out.is_dir():
@@ -195,38 +211,34 @@ def _check_out(out: Path) -> None:
             break
 
 
-def cmd_train(args, extra: list[str], started: float) -> int:
-    from .config import RunConfig, apply_overrides, load_toml, preset, validate
-    from .training import train
+def _config_overrides(args, extra: list[str]) -> dict[str, str]:
+    """The `--key value` config options given, by config key; anything argparse did not know is refused."""
+    for arg in extra:
+        if arg.startswith("--") and len(arg) > 2:
+            raise CairnError(f"unknown option {arg[2:].split('=', 1)[0]!r}: run `cairn train --help` to see every option")
+        raise CairnError(f"unexpected argument {arg!r}: options are --key value (see `cairn train --help`)")
+    return {k[len(CFG):]: v for k, v in vars(args).items() if k.startswith(CFG)}
 
-    overrides = _overrides(extra)
-    for flag in ("preset", "config", "data", "out", "resume"):
-        value = getattr(args, flag)
-        if value is not None and not value.strip():
-            raise CairnError(f"--{flag} is empty: give a value or leave the option out (see `cairn train --help`)")
-    if args.stop_after < 0:
-        raise CairnError(f"--stop-after must be zero (off) or a step number, got {args.stop_after}")
+
+def train_config(args, overrides: dict[str, str]) -> tuple[object, Path, bool]:
+    """(config, run directory, resume?) from the preset, config file, saved run and overrides."""
+    from .config import RunConfig, apply_overrides, load_toml, preset, validate
+    from .training.resume import run_config
+
     resume = False
     if args.resume and args.resume != "auto":
         run = Path(args.resume)
         if args.out and Path(args.out) != run:
             raise CairnError("--resume RUN_DIR and --out name different directories: give one of them")
-        if not (run / "config.toml").is_file():
-            raise CairnError(f"{run} is not a cairn run directory (no config.toml): check the path")
-        cfg = load_toml(run / "config.toml", RunConfig())
-        if cfg.tokenizer != "gpt2" and not Path(cfg.tokenizer).is_dir() and (run / "tokenizer").is_dir():
-            cfg.tokenizer = str(run / "tokenizer")  # its tokenizer directory moved: the run keeps a copy
+        cfg = run_config(run)
         if args.preset or args.config:
             raise CairnError("--resume RUN_DIR uses the run's saved config: drop --preset/--config "
                              "(overrides like --max-steps are allowed)")
         out, resume = run, True
     else:
         base = preset(args.preset) if args.preset else None
-        if args.config:
-            # without --preset, a `preset = "..."` line in the file picks the base
-            cfg = load_toml(args.config, base)
-        else:
-            cfg = base or RunConfig()
+        # without --preset, a `preset = "..."` line in the file picks the base
+        cfg = load_toml(args.config, base) if args.config else (base or RunConfig())
         out = Path(args.out) if args.out else Path("runs") / cfg.name
         resume = args.resume == "auto"
     _check_out(out)
@@ -234,39 +246,28 @@ def cmd_train(args, extra: list[str], started: float) -> int:
         overrides["source"] = args.data
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
-    apply_overrides(cfg, overrides)
-    validate(cfg)
+    return validate(apply_overrides(cfg, overrides)), out, resume
+
+
+def cmd_train(args, extra: list[str], started: float) -> int:
+    from .training import train
+
+    overrides = _config_overrides(args, extra)
+    _not_empty(args, "train", "preset", "config", "data", "out", "resume")
+    if args.stop_after < 0:
+        raise CairnError(f"--stop-after must be zero (off) or a step number, got {args.stop_after}")
+    cfg, out, resume = train_config(args, overrides)
     progress = not args.no_progress and sys.stderr.isatty()
-    if progress:
-        from tqdm import tqdm
-
-        log = tqdm.write
-    else:
-        def log(msg: str) -> None:
-            print(msg, flush=True)
-    train(cfg, out, resume=resume, stop_after=args.stop_after, log=log, progress=progress, started=started)
+    setup_logging(progress=progress)
+    train(cfg, out, resume=resume, stop_after=args.stop_after, progress=progress, started=started)
     return 0
-
-
-def _peak_rss_mb() -> tuple[float, float]:
-    """(this process, its largest finished child) peak resident memory in MB."""
-    import resource
-
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
-    return own / 1e6, children / 1e6
 
 
 def _prepare_config(args):
     """The run config whose data settings `cairn prepare` uses: preset, then config file, then flags."""
     from .config import RunConfig, apply_overrides, load_toml, preset, validate
 
-    for flag in ("data", "preset", "config", "tokenizer", "cache_dir"):
-        value = getattr(args, flag)
-        if value is not None and not value.strip():
-            raise CairnError(f"--{flag.replace('_', '-')} is empty: give a value or leave the option out "
-                             "(see `cairn prepare --help`)")
+    _not_empty(args, "prepare", "data", "preset", "config", "tokenizer", "cache_dir")
     if args.workers < 0:
         raise CairnError(f"--workers must be 0 (every usable core) or more, got {args.workers}")
     base = preset(args.preset) if args.preset else None
@@ -280,84 +281,29 @@ def _prepare_config(args):
 
 
 def cmd_prepare(args) -> int:
-    from .data import prepare_data
-    from .data.splits import SPLITS
-    from .tokenizer import get_tokenizer
+    from .data.report import prepare, report_lines
+    from .run_tokenizer import for_data
 
     cfg = _prepare_config(args)
-    log = (lambda m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    tok = get_tokenizer(cfg.tokenizer)
-    start = time.perf_counter()
-    data = prepare_data(cfg.data, cfg.seed, tok, log=log, workers=args.workers,
-                        progress=not (args.no_progress or args.json) and sys.stderr.isatty())
-    elapsed = time.perf_counter() - start
-    own, child = _peak_rss_mb()
-    splits = {s: data.meta["splits"][s] for s in SPLITS}
-    tokens = sum(v["tokens"] for v in splits.values())
-    made = data.meta.get("prepared", {}) if data.built else {}
-    in_bytes = made.get("source_bytes", 0)
-    report = {
-        "source": cfg.data.source, "cache_dir": str(data.cache_dir), "tokenizer": tok.name, "cached": not data.built,
-        "splits": splits, "tokens": tokens, "source_bytes": in_bytes, "workers": made.get("workers", 0),
-        "seconds": round(elapsed, 3), "mb_per_s": round(in_bytes / 1e6 / elapsed, 2) if made else None,
-        "tokens_per_s": round(tokens / elapsed) if made else None,
-        "peak_rss_mb": round(own, 1), "peak_rss_worker_mb": round(child, 1),
-    }
-    if args.json:
-        print(json.dumps(report))
-        return 0
-    print(f"{'prepared' if data.built else 'cached'} {cfg.data.source} in {data.cache_dir}")
-    for name, v in splits.items():
-        print(f"  {name:<5} {v['stories']:>12,} stories {v['tokens']:>15,} tokens")
-    if made:
-        workers = f"{report['workers']} worker{'s' if report['workers'] != 1 else ''}"
-        print(f"  read {in_bytes / 1e6:,.1f} MB in {elapsed:.1f}s with {workers}: "
-              f"{report['mb_per_s']:.1f} MB/s, {report['tokens_per_s']:,} tokens/s")
-    else:
-        print(f"  already prepared: mapped in {elapsed:.2f}s (delete the folder to prepare again)")
-    print(f"  peak memory: {own:,.0f} MB this process"
-          + (f", {child:,.0f} MB the largest worker process" if child else ""))
+    setup_logging(stream=sys.stderr, quiet=args.json)
+    report = prepare(cfg, for_data(cfg.tokenizer, cfg.data, cfg.seed), workers=args.workers,
+                     progress=not (args.no_progress or args.json) and sys.stderr.isatty())
+    print(json.dumps(report) if args.json else "\n".join(report_lines(report)))
     return 0
 
 
 def cmd_eval(args) -> int:
-    import torch
+    from .evaluate import evaluate_run
+    from .runtime import set_threads
 
-    from .data import SplitTokens, StoryWindows, clean_texts, load_texts, make_loader, prepare_data
-    from .evaluate import evaluate
-    from .loading import load
-    from .runtime import resolve_precision, set_threads
-
-    if args.batch_size < 0:
-        raise CairnError(f"--batch-size must be positive (or 0 for the run's), got {args.batch_size}")
-    if args.data is not None and not args.data.strip():
-        raise CairnError("--data is empty: give a data file or directory, or leave --data out to use the run's split")
+    _not_empty(args, "eval", "data")
+    setup_logging(stream=sys.stderr)
     set_threads(0)
-    loaded = load(args.path, args.device)
-    cfg, tok = loaded.config, loaded.tokenizer
-    if args.data is not None:
-        d = cfg.data
-        texts = clean_texts(load_texts(args.data, d.text_field, d.txt_separator, d.hub_split))
-        if not texts:
-            raise CairnError(f"no text left in {args.data!r} after dropping empty stories: check the file and --text-field")
-        split = SplitTokens.from_texts(texts, tok)
-        what = f"{args.data} ({len(texts)} stories)"
-    else:
-        data = prepare_data(cfg.data, cfg.seed, tok, log=lambda m: print(m, file=sys.stderr))
-        split = getattr(data, args.split)
-        if split.n_stories == 0:
-            raise CairnError(f"the run's {args.split} split is empty: evaluate --split val, or pass --data")
-        what = f"{args.split} split ({split.n_stories} stories)"
-    ds = StoryWindows(split, cfg.data.seq_len)  # every story from its own beginning, as in training's evaluations
-    bs = args.batch_size or cfg.train.batch_size
-    loader = make_loader(ds, bs, shuffle=False, seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
-    precision = resolve_precision(cfg.train.precision, loaded.device)
-    with torch.no_grad():
-        r = evaluate(loaded.model, loader, loaded.device, precision, tok.token_bytes)
+    r = evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps({k: r[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens")}))
     else:
-        print(f"{loaded.path} on {what}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
+        print(f"{r['checkpoint']} on {r['what']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte, {r['tokens']:,} tokens")
     return 0
 
@@ -378,12 +324,12 @@ def cmd_generate(args) -> int:
     s.check(flags=True)
     set_threads(0)
     loaded = load(args.path, args.device)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    show(args.prompt)
     start = time.perf_counter()
     text = generate_text(loaded.model, loaded.tokenizer, args.prompt, s, on_text=show, use_cache=not args.no_cache)
     elapsed = time.perf_counter() - start
@@ -474,15 +420,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return cmd_train(args, extra, started)
         if extra:
             raise CairnError(f"unknown option {extra[0]!r} for `cairn {args.command}` (see `cairn {args.command} --help`)")
-        if args.command == "plot":
-            return cmd_plot(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "tokenizer":
-            return cmd_tokenizer(args)
-        if args.command == "prepare":
-            return cmd_prepare(args)
-        return cmd_eval(args) if args.command == "eval" else cmd_generate(args)
+        return args.func(args)
     except CairnError as e:
         if not isinstance(e, SharedError):  # under torchrun rank 0 already said it
             print(f"error: {e}", file=sys.stderr)

@@ -1,14 +1,17 @@
-"""Held-out metrics: mean loss per real token, perplexity, bits per byte."""
+"""Held-out metrics: mean loss per real token, perplexity, bits per byte; and scoring a trained run."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .errors import CairnError
 from .model import Transformer
+from .ops import IGNORE_INDEX
 from .runtime import autocast
 
 
@@ -41,9 +44,41 @@ def evaluate(model: Transformer, loader, device: torch.device, precision: str, t
             s, n = model(x, labels=y)
         loss_sum += float(s)
         tokens += int(n)
-        real = batch["labels"][batch["labels"] != -100]
+        real = batch["labels"][batch["labels"] != IGNORE_INDEX]
         n_bytes += int(table[real].sum())
     model.train(was_training)
     if reduce is not None:
         loss_sum, tokens, n_bytes = reduce([loss_sum, tokens, n_bytes])
     return summarize(loss_sum, int(tokens), int(n_bytes))
+
+
+def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "test", batch_size: int = 0,
+                 device: str = "auto") -> dict:
+    """Score a trained model on every story of `data`, or on its run's `split`: each story from
+    its own beginning, as training's evaluations read them. Returns the metrics, with what was
+    scored ("what") and the checkpoint ("checkpoint")."""
+    from .data import SplitTokens, StoryWindows, clean_texts, load_texts, make_loader, prepare_data
+    from .loading import load
+    from .runtime import resolve_precision
+
+    if batch_size < 0:
+        raise CairnError(f"--batch-size must be positive (or 0 for the run's), got {batch_size}")
+    loaded = load(path, device)
+    cfg, tok = loaded.config, loaded.tokenizer
+    if data is not None:
+        d = cfg.data
+        texts = clean_texts(load_texts(data, d.text_field, d.txt_separator, d.hub_split))
+        if not texts:
+            raise CairnError(f"no text left in {data!r} after dropping empty stories: check the file and --text-field")
+        stories = SplitTokens.from_texts(texts, tok)
+        what = f"{data} ({len(texts)} stories)"
+    else:
+        stories = getattr(prepare_data(cfg.data, cfg.seed, tok), split)
+        if stories.n_stories == 0:
+            raise CairnError(f"the run's {split} split is empty: evaluate --split val, or pass --data")
+        what = f"{split} split ({stories.n_stories} stories)"
+    loader = make_loader(StoryWindows(stories, cfg.data.seq_len), batch_size or cfg.train.batch_size, shuffle=False,
+                         seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
+    r = evaluate(loaded.model, loader, loaded.device, resolve_precision(cfg.train.precision, loaded.device),
+                 tok.token_bytes)
+    return {**r, "what": what, "checkpoint": str(loaded.path)}

@@ -22,12 +22,12 @@ tokenizer files, so `transformers.AutoModelForCausalLM.from_pretrained(DIR)` and
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from . import files
 from .errors import CairnError
 from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer, TiktokenTokenizer
 
@@ -250,22 +250,13 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
     tensors = gpt2_state_dict(loaded.model) if arch == "gpt2" else llama_state_dict(loaded.model)
     config = gpt2_config(cfg, tok.eot_id) if arch == "gpt2" else llama_config(cfg, tok.eot_id)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with files.atomic_dir(out) as tmp:  # an empty `out` is replaced; a full one was refused above
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         write_tokenizer(tok, tmp, cfg.model.context_len)
         (tmp / "README.md").write_text(_card(loaded, tok, arch), encoding="utf-8")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .ops import linear_cross_entropy
+from .ops import IGNORE_INDEX, linear_cross_entropy
 
 
 def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
@@ -213,7 +213,7 @@ class Transformer(nn.Module):
                 labels: Optional[torch.Tensor] = None, stories: Optional[torch.Tensor] = None):
         """Token ids [B, T] -> logits [B, T, vocab]. With a cache, idx holds only the new tokens.
 
-        With `labels` ([B, T], -100 = padding) it returns (summed loss, real-token count) instead,
+        With `labels` ([B, T], IGNORE_INDEX = no target) it returns (summed loss, real-token count) instead,
         through the fused chunked head + cross-entropy that never holds all the logits.
 
         `stories` ([B, T], non-decreasing along each row, no cache) numbers the stories packed
@@ -250,7 +250,7 @@ class Transformer(nn.Module):
         x = self.ln_f(x)
         if labels is not None:
             loss_sum = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, labels.reshape(-1))
-            return loss_sum, (labels != -100).sum()
+            return loss_sum, (labels != IGNORE_INDEX).sum()
         return self.lm_head(x)
 
     # ------------------------------------------------------------ saving
@@ -280,14 +280,3 @@ class Transformer(nn.Module):
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6.0 * matmul + 12.0 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over real targets, and their count.
-
-    labels are already shifted (labels[t] is the token after input[t]); -100 marks padding, which
-    is never in the loss. Returning the sum lets the caller take the mean over all real tokens of
-    an optimizer step, however they are spread over micro-batches.
-    """
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                               ignore_index=-100, reduction="sum")
-    return loss_sum, (labels != -100).sum()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100  # a label with this value is no target: padding, context-only tokens (torch's convention)
+
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -28,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             hc = h[s:s + chunk].to(compute_dtype)
             yc = labels[s:s + chunk]
-            valid = yc != -100
+            valid = yc != IGNORE_INDEX
             safe = yc.clamp(min=0)
             logits = hc @ w.t()  # [c, V]
             if logits.dtype in (torch.bfloat16, torch.float16):
@@ -59,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk: int = 1024) -> torch.Tensor:
-    """sum over rows with label != -100 of cross_entropy(h @ weight.T, label). h: [N, d]."""
+    """sum over rows with label != IGNORE_INDEX of cross_entropy(h @ weight.T, label). h: [N, d]."""
     compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
         else h.dtype
     with torch.autocast(h.device.type, enabled=False):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .errors import CairnError
+from .host import usable_cores
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -32,15 +33,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise CairnError(f"device {name!r} asked for but MPS is not available: use --device cpu or auto")
     return device
-
-
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -64,7 +56,7 @@ def autocast(device: torch.device, precision: str):
 def set_threads(n: int = 0) -> int:
     """One torch thread per usable core unless told otherwise (oversubscription slows CPU runs)."""
     if n <= 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = usable_cores()
     torch.set_num_threads(n)
     return n
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Optional, Protocol
 
 import numpy as np
 
+from . import files
 from .errors import CairnError
 
 EOT = "<|endoftext|>"
@@ -229,15 +229,9 @@ class BPETokenizer:
                 return directory
         except CairnError:
             pass
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        shutil.copyfile(self.directory / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        (tmp / INFO_FILE).write_text(json.dumps(self.info(), indent=1) + "\n", encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        with files.atomic_dir(directory) as tmp:
+            shutil.copyfile(self.directory / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+            (tmp / INFO_FILE).write_text(json.dumps(self.info(), indent=1) + "\n", encoding="utf-8")
         return directory
 
 
@@ -260,14 +254,6 @@ def get_tokenizer(spec: str = "gpt2"):
                              "`cairn tokenizer train`") from None
         return _bpe(str(path.resolve()), st.st_mtime_ns, st.st_size)
     raise CairnError(f"unknown tokenizer {spec!r}: use 'gpt2' or a directory made by `cairn tokenizer train`")
-
-
-def run_tokenizer(spec: str, run_dir: str | Path):
-    """The tokenizer a training run in `run_dir` uses: `spec`, or, when `spec` names a directory that
-    is gone (moved), the copy the run keeps in RUN/tokenizer."""
-    if spec != "gpt2" and not Path(spec).is_dir() and (Path(run_dir) / "tokenizer" / TOKENIZER_FILE).is_file():
-        return get_tokenizer(str(Path(run_dir) / "tokenizer"))
-    return get_tokenizer(spec)
 
 
 BPE_SPEC_PREFIX = "bpe:"  # `--tokenizer bpe:4096`: learn a 4096-token BPE on the run's own training split

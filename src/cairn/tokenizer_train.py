@@ -18,11 +18,11 @@ a superset of these stories.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Sequence
 
+from . import files
+from .data import clean_texts, load_texts, split_stories
 from .errors import CairnError
 from .tokenizer import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, content_name
 
@@ -52,22 +52,13 @@ def train_bpe(texts: Sequence[str], vocab_size: int, out_dir: str | Path, min_fr
     tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
     text = tok.to_str()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with files.atomic_dir(out) as tmp:
         (tmp / TOKENIZER_FILE).write_text(text, encoding="utf-8")
         loaded = BPETokenizer(tmp)  # checks the file and computes the name from its bytes
         info = {**loaded.info(), "trained_on": {"stories": len(texts),
                                                 "bytes": sum(len(t.encode("utf-8")) for t in texts)},
                 "requested_vocab_size": vocab_size, "min_frequency": min_frequency}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     result = BPETokenizer(out)
     assert result.name == content_name((out / TOKENIZER_FILE).read_bytes())
     return result
@@ -97,8 +88,6 @@ def training_texts(source: str, *, text_field: str = "text", txt_separator: str 
 
     Both in file order; the first are exactly the train split `prepare_data` caches with the same
     seed, n_samples and train_frac (`split_assignment`), the second the rest of the kept stories."""
-    from .data import clean_texts, load_texts, split_stories
-
     texts = clean_texts(load_texts(source, text_field, txt_separator, hub_split))
     if not texts:
         raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and --text-field")
@@ -109,38 +98,3 @@ def training_texts(source: str, *, text_field: str = "text", txt_separator: str 
     # the same shuffle and cut as `cairn train`: its first int(train_frac * n) stories are the training split
     splits = split_stories(texts, seed, n_samples, train_frac, 0.0)
     return splits["train"], splits["test"]
-
-
-def split_tokenizer(vocab_size: int, data_cfg, seed: int, log=print) -> BPETokenizer:
-    """A BPE learned on exactly the training split `cairn train` makes of `data_cfg` with `seed`, so
-    no validation or test story shapes it. Cached by the data's content and split settings: the
-    second run with the same data maps it instead of learning it again (deterministic either way)."""
-    import hashlib
-
-    from .data import source_fingerprint
-    from .data.cache import cache_root
-
-    d = data_cfg
-    fingerprint = source_fingerprint(d.source, d.text_field, d.txt_separator, d.hub_split)
-    ident = {"version": 2, "fingerprint": fingerprint, "text_field": d.text_field, "txt_separator": d.txt_separator,
-             "hub_split": d.hub_split, "seed": seed, "n_samples": d.n_samples, "train_frac": d.train_frac,
-             "vocab_size": vocab_size, "min_frequency": 2}
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
-    out = cache_root(d.cache_dir).parent / "tokenizers" / f"bpe{vocab_size}-{key}"
-    if (out / TOKENIZER_FILE).is_file() and (out / INFO_FILE).is_file():
-        tok = BPETokenizer(out)
-        log(f"using cached tokenizer {tok.name} ({tok.vocab_size} tokens) at {out}")
-        return tok
-    learn, _ = training_texts(d.source, text_field=d.text_field, txt_separator=d.txt_separator,
-                              hub_split=d.hub_split, seed=seed, n_samples=d.n_samples, train_frac=d.train_frac)
-    import time
-
-    start = time.perf_counter()
-    try:
-        tok = train_bpe(learn, vocab_size, out)
-    except OSError as e:
-        raise CairnError(f"cannot write the tokenizer cache {out} ({e.strerror or e}): "
-                         "free disk space or set --cache-dir") from None
-    log(f"learned tokenizer {tok.name} ({tok.vocab_size} tokens) on the {len(learn):,} training stories in "
-        f"{time.perf_counter() - start:.1f}s; cached at {out}")
-    return tok

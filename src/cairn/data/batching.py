@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..ops import IGNORE_INDEX
 from .cache import SplitTokens
 
-IGNORE_INDEX = -100  # labels with this value are skipped by torch's cross_entropy
 
 
 def _as_long(window: np.ndarray) -> torch.Tensor:
@@ -134,7 +134,7 @@ class StoryWindows(PaddedDataset):
     own beginning at a window boundary. A row with more than T = seq_len inputs is scored in
     overlapping windows (a sliding window): the first scores targets [0, T), each later one the
     next `stride` targets with the T - stride inputs before them as context and their labels
-    masked (-100). Every target is still scored exactly once, and none with less than
+    masked (IGNORE_INDEX). Every target is still scored exactly once, and none with less than
     T - stride tokens of context. Batch with `collate_padded`.
     """
 
@@ -173,7 +173,7 @@ class StoryWindows(PaddedDataset):
 def collate_padded(batch: Sequence[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad rows to the longest row in this batch (not to a fixed length).
 
-    input_ids gets `pad_id` at padding, labels get -100 (never in the loss), attention_mask is
+    input_ids gets `pad_id` at padding, labels get IGNORE_INDEX (never in the loss), attention_mask is
     1 on real tokens and 0 on padding. All three are int64 [B, L].
     """
     length = max(len(item["input_ids"]) for item in batch)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import logging
 import json
 import os
 import shutil
@@ -22,16 +23,19 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from ..config import DataConfig
 from ..errors import CairnError
-from .parallel import ChunkPool, encode_chunk, scan_chunk, usable_cores
+from ..host import usable_cores
+from .parallel import ChunkPool, encode_chunk, scan_chunk
 from .sources import (CHUNK_BYTES, ChunkProblem, LineCounter, TextsChunk, source_bytes, source_chunks,
                       source_fingerprint)
 from .splits import SPLITS, split_assignment
+
+log = logging.getLogger(__name__)
 
 # Bump when the file layout or the meaning of the cache changes: old caches are then ignored.
 # 2: a split's stories are in file order (1: in shuffled order).
@@ -369,7 +373,7 @@ def _write_splits(directory: Path, data_cfg: DataConfig, pool: ChunkPool, chunk_
     return counts
 
 
-def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, log: Callable[[str], Any] = print, *,
+def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, *,
                  workers: int = 0, chunk_bytes: int = CHUNK_BYTES, progress: bool = True) -> PreparedData:
     """Read, clean, split and tokenize the data once; later calls with the same settings map the cache.
 
@@ -390,23 +394,23 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, log: Callable[[str]
 
     meta = _read_valid_meta(final)
     if meta is not None:
-        log(f"using cached tokens at {final}")
+        log.info(f"using cached tokens at {final}")
         return _load_cached(final, key, meta)
     if final.exists():
-        log(f"cache at {final} is incomplete or from another version: rebuilding it")
+        log.info(f"cache at {final} is incomplete or from another version: rebuilding it")
         shutil.rmtree(final, ignore_errors=True)
 
     start = time.perf_counter()
     total = source_bytes(data_cfg.source)
     with ChunkPool(prepare_workers(workers, total), tokenizer) as pool:
-        log(f"reading {data_cfg.source}" + (f" ({total / 1e6:,.1f} MB)" if total is not None else "")
+        log.info(f"reading {data_cfg.source}" + (f" ({total / 1e6:,.1f} MB)" if total is not None else "")
             + f" with {pool.workers} worker{'s' if pool.workers > 1 else ''}")
         scan = _scan(data_cfg, pool, chunk_bytes, total, progress)
         if scan.n_kept == 0:
             raise CairnError(f"no text left in {data_cfg.source} after dropping empty stories: "
                              f"check the data and --text-field / --txt-separator")
         assign = split_assignment(scan.n_kept, seed, data_cfg.n_samples, data_cfg.train_frac, data_cfg.val_frac)
-        log(f"{scan.stories} stories loaded, {scan.stories - scan.n_kept} empty dropped; "
+        log.info(f"{scan.stories} stories loaded, {scan.stories - scan.n_kept} empty dropped; "
             + ", ".join(f"{s} {int((assign == i).sum())}" for i, s in enumerate(SPLITS)))
 
         try:
@@ -437,7 +441,7 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, log: Callable[[str]
             # Whatever stopped us (an error, Ctrl-C), the half-written folder must not linger.
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    log(f"cached tokens at {final}: " + ", ".join(f"{s} {counts[s]['tokens']:,}" for s in SPLITS) + " tokens")
+    log.info(f"cached tokens at {final}: " + ", ".join(f"{s} {counts[s]['tokens']:,}" for s in SPLITS) + " tokens")
     data = _load_cached(final, key, meta)
     data.built = True
     return data

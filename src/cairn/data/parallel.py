@@ -26,17 +26,6 @@ from .sources import Chunk, clean_texts, read_chunk
 _WORKER_TOKENIZER = None  # a worker process's tokenizer, built once by _init_worker
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity or cgroup limit where Python can see them)."""
-    count = getattr(os, "process_cpu_count", None)  # Python 3.13+
-    if count is not None:
-        return max(1, count() or 1)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
-
 def tokenizer_spec(tokenizer) -> Optional[str]:
     """What `get_tokenizer` rebuilds `tokenizer` from in a worker; None if it cannot be rebuilt."""
     if tokenizer.name == "gpt2":

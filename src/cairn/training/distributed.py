@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import re
 import sys
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..errors import CairnError, SharedError
+from ..host import usable_cores
 from ..runtime import pick_device
 
 T = TypeVar("T")
@@ -100,8 +102,7 @@ class Dist:
         """Threads per process: processes on one node share its cores instead of each taking all."""
         if asked or not self.enabled:
             return asked
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, cores // self.local_world)
+        return max(1, usable_cores() // self.local_world)
 
     # ------------------------------------------------------------ agreeing on values
 
@@ -114,10 +115,6 @@ class Dist:
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local)
         return torch.stack(parts).sum(0).tolist()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is true on one (a signal reaches the ranks at different steps)."""
-        return self.sum([float(flag)])[0] > 0 if self.enabled else flag
 
     def _broadcast(self, obj: Any) -> Any:
         box = [obj]
@@ -321,7 +318,7 @@ def _named_optimizer_state(state: dict, model: nn.Module, optimizer: torch.optim
 
 
 @contextlib.contextmanager
-def session(t: TrainConfig, log: Callable[[str], None]) -> Iterator[Dist]:
+def session(t: TrainConfig) -> Iterator[Dist]:
     """The process group for one training run, when torchrun started several processes.
 
     Every collective waits at most `t.dist_timeout_s` for the other ranks, so a rank that hangs
@@ -330,7 +327,7 @@ def session(t: TrainConfig, log: Callable[[str], None]) -> Iterator[Dist]:
     env = torchrun_env()
     if env is None or env["WORLD_SIZE"] == 1:
         if t.parallel == "fsdp" and env is None:
-            log("parallel = fsdp shards a model across processes started by torchrun: training in this one process")
+            logging.getLogger(__name__).info("parallel = fsdp shards a model across processes started by torchrun: training in this one process")
         yield Dist(device=pick_device(t.device))
         return
     device = _rank_device(t.device, env["LOCAL_RANK"])

@@ -1,4 +1,6 @@
-"""Checkpoints: one directory each, written atomically, loaded without executing code.
+"""Checkpoints: one directory each, written atomically, read without executing code.
+
+Training writes them and loading reads them; neither side imports the other.
 
 A checkpoint directory holds
   model.safetensors  the weights (safetensors: plain tensors, no code can hide in it)
@@ -7,16 +9,14 @@ A checkpoint directory holds
   state.json         step, epoch, position in the epoch, early-stopping state, Python/NumPy RNG,
                      the resolved config, the tokenizer identity, cairn's version
 
-It is written into a temporary directory beside its final place, every file flushed and fsynced,
-then renamed into place: a crash leaves either the old checkpoint or the new one, never half of
-one. `checkpoints/latest` names the newest checkpoint that can resume, and moves only after the
+It is written with `files.atomic_dir`: a crash leaves either the old checkpoint or the new one,
+never half of one. `checkpoints/latest` names the newest checkpoint that can resume, and moves only after the
 rename.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -26,95 +26,30 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import CairnError
+from . import files
+from .errors import CairnError
 
 FORMAT = "cairn-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], meta: dict,
                     trainer_state: Optional[dict] = None) -> Path:
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with files.atomic_dir(Path(path)) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "state.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **meta},
                                                    indent=1), encoding="utf-8")
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if path.exists():  # replacing best/final: move the old one aside first, drop it after
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
-def cleanup(checkpoints: Path) -> None:
-    """Remove what a killed writer left behind: temporary directories and files, and put back a
-    checkpoint that was moved aside for replacement when its replacement never arrived."""
-    if not checkpoints.is_dir():
-        return
-    for p in checkpoints.iterdir():
-        if not p.name.startswith("."):
-            continue
-        if ".old-" in p.name:
-            original = checkpoints / p.name[1:].split(".old-")[0]
-            if not original.exists():
-                os.replace(p, original)
-                continue
-        if ".tmp-" in p.name or ".old-" in p.name:
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-
-
 def set_latest(checkpoint_dir: Path) -> None:
-    write_atomic_text(checkpoint_dir.parent / LATEST, checkpoint_dir.name + "\n")
+    files.write_text(checkpoint_dir.parent / LATEST, checkpoint_dir.name + "\n")
 
 
 def latest(checkpoints: Path) -> Optional[Path]:
@@ -190,7 +125,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, meta)
 
 
-def resolve(path: str | Path, prefer: str = "final") -> Path:
+def resolve(path: str | Path) -> Path:
     """A checkpoint directory as given, or for a run directory its final checkpoint (else the
     newest resumable one)."""
     p = Path(path)
@@ -200,10 +135,9 @@ def resolve(path: str | Path, prefer: str = "final") -> Path:
         return p
     ckpts = p / "checkpoints"
     if ckpts.is_dir():
-        if prefer == "final":
-            finals = sorted(ckpts.glob("*_final"))
-            if finals and (finals[0] / "state.json").is_file():
-                return finals[0]
+        finals = sorted(ckpts.glob("*_final"))
+        if finals and (finals[0] / "state.json").is_file():
+            return finals[0]
         newest = latest(ckpts)
         if newest is not None:
             return newest

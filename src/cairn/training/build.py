@@ -1,0 +1,167 @@
+"""Everything a run needs before its first step: the I/O half of training (the loop is loop.py).
+
+In order: threads, device and precision; the run directory (new, or the checkpoint to resume);
+the run's tokenizer; the tokenized data and its batches; the step plan; the model (and its
+resumed weights); wrapping for DDP/FSDP, the optimizer (and its resumed state), torch.compile;
+the time budget's measured plan; the run files.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import run_tokenizer
+from ..config import RunConfig, parse_duration, to_toml, validate
+from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
+from ..errors import CairnError
+from ..log import ensure_setup, only_main_speaks
+from ..model import Transformer
+from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, resolve_precision, seed_everything, set_threads
+from . import budget, resume
+from .calibrate import measure
+from .checkpointer import Checkpointer
+from .distributed import Dist, session
+from .loop import Trainer
+from .optim import make_optimizer, warmup_steps
+from .rundir import CONFIG, RunDir
+from .state import Plan
+
+log = logging.getLogger(__name__)
+
+
+def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool = False, stop_after: int = 0,
+                  progress: bool = False, started: Optional[float] = None) -> Trainer:
+    """A Trainer for `cfg` writing into `out_dir`, resumed from its newest checkpoint if asked.
+    The caller's `cfg` is not changed."""
+    cfg = copy.deepcopy(cfg)
+    t, main = cfg.train, dist.is_main
+    if t.tensorboard:  # fail before the data is prepared, not after
+        from ..tensorboard import require_tensorboard
+        require_tensorboard()
+    threads = set_threads(dist.cpu_threads(t.num_threads))
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # a CPU step's large tensors would otherwise be page-faulted in anew each step
+    precision = resolve_precision(t.precision, dist.device)
+    run = RunDir(out_dir, writer=main)
+    checkpointer = Checkpointer(run, dist, cfg.name, t.keep_checkpoints)
+    start_from = dist.on_main(lambda: resume.starting_point(run, checkpointer, resume_run))
+    # rank 0 learns a bpe:N tokenizer and tokenizes a new source into the (shared) cache; the others then read them
+    tokenizer = dist.main_first(lambda: run_tokenizer.for_training(cfg, run.path, start_from is not None))
+    cfg.model.vocab_size = tokenizer.vocab_size
+    seed_everything(cfg.seed)
+    data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
+    d = cfg.data
+    train_ds = PackedDataset(data.train, d.seq_len) if d.batching == "pack" else PaddedDataset(data.train, d.seq_len)
+    # held-out stories are scored one at a time from their own beginning, however training cuts
+    # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
+    val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
+    model = Transformer(cfg.model).to(dist.device)  # the same initial weights on every rank
+    peak, peak_source = peak_flops(dist.device, precision)
+    trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, initial_plan(cfg, len(train_ds), dist),
+                      model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
+                      time.monotonic() if started is None else started)
+    saved = resume.load_weights_and_state(trainer, start_from) if start_from is not None else None
+    trainer.wrapped = dist.wrap(model, precision)
+    trainer.optimizer = make_optimizer(model, t, dist.device)
+    if dist.enabled:
+        resume.seed_rank(trainer, 0)
+    if saved is not None:
+        resume.restore_optimizer_and_rng(trainer, *saved)
+    trainer.forward = torch.compile(trainer.wrapped) if _can_compile(t.compile, dist.device) else trainer.wrapped
+    if t.time_budget and not trainer.plan_restored:
+        plan_for_budget(trainer)  # before the run directory is written: a budget too short leaves nothing
+    dist.on_main(lambda: _write_run_files(trainer))
+    if t.tensorboard and main:
+        from ..tensorboard import TensorBoardLogger
+        # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
+        trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
+        run.metrics.sink = trainer.tb.write
+    return trainer
+
+
+def initial_plan(cfg: RunConfig, n_items: int, dist: Dist) -> Plan:
+    """The steps the config asks for: its epochs of the training split, capped by max_steps."""
+    t = cfg.train
+    micro = num_batches(n_items, t.batch_size * dist.world, drop_last=True)
+    steps_per_epoch = micro // t.grad_accum
+    if steps_per_epoch == 0:
+        unit = "windows" if cfg.data.batching == "pack" else "rows"
+        raise CairnError(f"the train split has {n_items} {unit} of up to {cfg.data.seq_len} tokens, "
+                         f"too few for one step of {t.batch_size} x {t.grad_accum}"
+                         f"{f' x {dist.world} processes' if dist.enabled else ''}: "
+                         "lower --batch-size, --grad-accum or --seq-len, or add data")
+    total = min(steps_per_epoch * t.epochs, t.max_steps or math.inf)
+    return Plan(micro, steps_per_epoch, total, warmup_steps(t, total), t.epochs)
+
+
+def _can_compile(asked: bool, device: torch.device) -> bool:
+    if asked and device.type == "cpu" and cpu_compiler() is None:
+        log.info("compile: torch.compile needs a C++ compiler on CPUs and none was found (g++, clang++ or "
+                 "$CXX): training without it; install one to get its speed")
+        return False
+    return asked
+
+
+def plan_for_budget(trainer: Trainer) -> None:
+    """Measure, then plan the steps that fit in the time budget (see budget.py)."""
+    t, dist, p = trainer.cfg.train, trainer.dist, trainer.plan
+    budget_s = parse_duration(t.time_budget)
+    costs = measure(trainer)
+    elapsed = dist.sum([time.monotonic() - trainer.started])[0] / dist.world
+    b = budget.plan(budget_s, elapsed, costs, _workload(trainer))
+    trainer.plan = Plan(p.micro_batches_per_epoch, p.steps_per_epoch, b.steps, warmup_steps(t, b.steps),
+                        math.ceil(b.steps / p.steps_per_epoch), budget_s=budget_s, step_s=costs.step_s)
+    trainer.deadline = trainer.started + budget_s - b.reserve_s - budget.SAFETY_S
+    trainer.overhead_s, trainer.epoch_end_s = b.overhead_s, b.epoch_end_s
+    log.info(f"time budget {budget_s:.0f}s: {elapsed:.1f}s used by set-up and measuring; {costs.step_s:.3f}s per "
+             f"step, {costs.eval_batch_s:.3f}s per evaluation batch, {costs.checkpoint_s:.2f}s per checkpoint, "
+             f"{b.reserve_s:.0f}s kept for the end of the run -> {b.steps} steps "
+             f"({b.steps / p.steps_per_epoch:.2f} epochs)")
+
+
+def _workload(trainer: Trainer) -> budget.Workload:
+    t = trainer.cfg.train
+
+    def batches(ds) -> int:
+        return num_batches(len(ds), t.batch_size, drop_last=False) if ds is not None else 0
+
+    val = batches(trainer.val_ds)
+    return budget.Workload(
+        steps_per_epoch=trainer.plan.steps_per_epoch, val_batches=val,
+        test_batches=batches(trainer.test_ds) if t.test_at_end else 0,
+        eval_every=t.eval_every, eval_sample_batches=min(t.eval_batches, val) if t.eval_batches else val,
+        epoch_val_batches=min(val, t.eval_batches) if t.epoch_val == "sample" and t.eval_batches else val,
+        checkpoint_every=t.checkpoint_every, story_tokens=t.end_stories * t.end_story_tokens, max_steps=t.max_steps)
+
+
+def _write_run_files(trainer: Trainer) -> None:
+    run_tokenizer.save_copy(trainer.tokenizer, trainer.rundir.path)
+    trainer.rundir.write(CONFIG, to_toml(trainer.cfg))
+    trainer.write_run_info()
+
+
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int = 0, progress: bool = False,
+          started: Optional[float] = None) -> dict:
+    """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary.
+    `started` (time.monotonic()) is when the command began: a time budget counts from there.
+
+    Under torchrun every process calls this; they train one model together (see distributed.py)."""
+    started = time.monotonic() if started is None else started
+    validate(cfg)
+    ensure_setup()
+    with session(cfg.train) as dist:
+        only_main_speaks(dist.rank)
+        trainer = build_trainer(cfg, Path(out_dir), dist, resume_run=resume, stop_after=stop_after,
+                                progress=progress, started=started)
+        try:
+            return trainer.run()
+        finally:
+            if trainer.tb is not None:
+                trainer.tb.close()

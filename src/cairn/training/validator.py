@@ -1,0 +1,44 @@
+"""Validation during a run: score the validation split, keep the best loss, count the patience."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+from .rundir import MetricsLog
+from .state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+class Validator:
+    def __init__(self, evaluate: Callable[[object, int], dict], val_ds, eval_batches: int, patience: int,
+                 metrics: MetricsLog, on_best: Callable[[], None]):
+        self.evaluate, self.val_ds, self.eval_batches = evaluate, val_ds, eval_batches
+        self.patience, self.metrics, self.on_best = patience, metrics, on_best
+        self.last_full_step = -1
+
+    def __call__(self, s: TrainState, full: bool) -> Optional[dict]:
+        """Validate the whole split (`full`) or the fixed sample of `eval_batches`; save the best model."""
+        if self.val_ds is None:
+            return None
+        r = self.evaluate(self.val_ds, 0 if full else self.eval_batches)
+        s.last_eval_step = s.step
+        if full:
+            self.last_full_step = s.step
+        improved = r["loss"] < s.best_val_loss
+        if improved:
+            s.best_val_loss, s.bad_evals = r["loss"], 0
+        else:
+            s.bad_evals += 1
+        self.metrics.write({"kind": "val", "step": s.step, "epoch": s.epoch + 1, "val_loss": r["loss"],
+                            "val_perplexity": r["perplexity"], "val_bits_per_byte": r["bits_per_byte"],
+                            "val_tokens": r["tokens"], "full": full})
+        log.info(f"step {s.step}: val loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f}, "
+                 f"{r['bits_per_byte']:.3f} bits/byte{' (best)' if improved else ''}")
+        if improved:
+            self.on_best()
+        return r
+
+    def out_of_patience(self, s: TrainState) -> bool:
+        return self.patience > 0 and s.bad_evals >= self.patience
