@@ -142,7 +142,6 @@ def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, 
     fig = Figure(figsize=(13, 8.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
-    ax_step, ax_tok, ax_lr, ax_tps = axes.flat
     colours = [f"C{i % 10}" for i in range(len(runs))]
     if len(runs) > 10:
         import matplotlib
@@ -150,6 +149,19 @@ def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, 
         cmap = matplotlib.colormaps["turbo"]
         colours = [cmap(i / (len(runs) - 1)) for i in range(len(runs))]
 
+    losses = _draw_curves(axes.flat, runs, colours)
+    _format_axes(axes, losses, ticker)
+    _legend(fig, runs, colours, Line2D)
+    fig.suptitle(title or ("cairn: " + (runs[0].name if len(runs) == 1 else f"{len(runs)} runs")), fontsize=14)
+
+    if out is not None:
+        save(fig, out)
+    return fig
+
+
+def _draw_curves(axes, runs, colours) -> list[float]:
+    """Each run's loss, learning-rate and throughput lines; returns every loss drawn."""
+    ax_step, ax_tok, ax_lr, ax_tps = axes
     losses: list[float] = []
     for run, colour in zip(runs, colours):
         n = run.name
@@ -181,6 +193,12 @@ def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, 
         ax_tps.plot(*_points(run.train, "tokens_per_s"), "-", color=colour, lw=1.6, marker=".", ms=4,
                     label=f"{n}: tokens/s")
 
+    return losses
+
+
+def _format_axes(axes, losses: list[float], ticker) -> None:
+    """Labels, scales and titles of the four panels."""
+    ax_step, ax_tok, ax_lr, ax_tps = axes.flat
     # a log scale for the loss when it spans a wide range (as from-scratch runs do: ~10 down to ~2-5),
     # so the slow late progress is not squashed under the steep start
     positive = [v for v in losses if v > 0]
@@ -213,6 +231,9 @@ def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, 
         if not any(len(line.get_xdata()) for line in ax.get_lines()):
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="0.5")
 
+
+
+def _legend(fig, runs, colours, Line2D) -> None:
     # one legend for the whole figure: a colour per run, a line style per series
     handles = []
     for run, colour in zip(runs, colours):
@@ -232,11 +253,6 @@ def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, 
         handles.append(Line2D([], [], color="0.3", ls="", marker="X", ms=9, mec="black", mew=0.6, label="test"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=10,
                frameon=False)
-    fig.suptitle(title or ("cairn: " + (runs[0].name if len(runs) == 1 else f"{len(runs)} runs")), fontsize=14)
-
-    if out is not None:
-        save(fig, out)
-    return fig
 
 
 def save(fig, out: str | Path) -> Path:
