@@ -254,11 +254,10 @@ def data_cfg(tmp_path: Path, source: Path, **kw) -> DataConfig:
     return DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), **kw)
 
 
-def test_prepare_round_trips_and_reuses_cache(tmp_path, tok, monkeypatch):
+def test_prepare_round_trips_and_reuses_cache(logs, tmp_path, tok, monkeypatch):
     texts = stories(40) + ["", "   "]
     src = write_jsonl(tmp_path / "s.jsonl", texts)
     cfg = data_cfg(tmp_path, src)
-    logs: list[str] = []
     data = prepare_data(cfg, seed=3, tokenizer=tok)
     assert isinstance(data, PreparedData) and data.cache_dir.parent == tmp_path / "cache" / "tokens"
     expected = split_stories(clean_texts(texts), 3, 0, 0.8, 0.1)
@@ -301,7 +300,7 @@ def test_cache_key_follows_settings_and_content(tmp_path, tok):
     assert base not in keys.values() and len(set(keys.values())) == len(keys)
 
 
-def test_interrupted_prepare_leaves_nothing_and_broken_cache_is_rebuilt(tmp_path, tok, monkeypatch):
+def test_interrupted_prepare_leaves_nothing_and_broken_cache_is_rebuilt(logs, tmp_path, tok, monkeypatch):
     src = write_jsonl(tmp_path / "s.jsonl", stories(20))
     cfg = data_cfg(tmp_path, src)
     real = tok.encode
@@ -322,7 +321,6 @@ def test_interrupted_prepare_leaves_nothing_and_broken_cache_is_rebuilt(tmp_path
     data = prepare_data(cfg, 0, tok)
     good = np.array(data.train.tokens)
     (data.cache_dir / "train.tokens").write_bytes(b"\0\0")  # a damaged cache must not be trusted
-    logs: list[str] = []
     again = prepare_data(cfg, 0, tok)
     assert any("rebuilding" in line for line in logs)
     assert np.array_equal(np.array(again.train.tokens), good)

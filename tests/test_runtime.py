@@ -54,11 +54,11 @@ def test_cpu_compiler_is_found_on_the_path_or_in_cxx(monkeypatch):
 
 
 def test_compile_without_a_cpu_compiler_trains_eagerly_and_says_so(logs, tmp_path, stories_file, monkeypatch):
-    import cairn.training.loop as loop
+    import cairn.training.build as build
     from cairn.training import train
     from test_resume import config
 
-    monkeypatch.setattr(loop, "cpu_compiler", lambda: None)
+    monkeypatch.setattr(build, "cpu_compiler", lambda: None)
     done = train(config(stories_file, compile=True, max_steps=2, end_stories=0), tmp_path / "run")
     assert done["step"] == 2
     assert any("none was found" in m and "training without it" in m for m in logs)

@@ -31,12 +31,13 @@ def _add_config_options(p) -> None:
     a lone `--flag` means true. Values stay text here: the config coerces and checks them."""
     from .config import field_index
 
+    taken = set(p._option_string_actions)  # the command's own options (--max-steps) win
     for key, (section, name, _) in field_index().items():
-        if "." in key or name in ("source", "max_steps"):  # --data and --max-steps are the command's own
+        if "." in key:
             continue
         dashed = name.replace("_", "-")
         flags = {f"--{dashed}", f"--{name}"} | ({f"--{section}.{name}", f"--{section}.{dashed}"} if section else set())
-        p.add_argument(*sorted(flags), dest=CFG + dashed, nargs="?", const="true", default=argparse.SUPPRESS,
+        p.add_argument(*sorted(flags - taken), dest=CFG + dashed, nargs="?", const="true", default=argparse.SUPPRESS,
                        help=argparse.SUPPRESS)
 
 

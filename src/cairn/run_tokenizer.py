@@ -32,18 +32,19 @@ RUN_COPY = "tokenizer"  # RUN/tokenizer: the run's own copy of an own tokenizer
 
 
 def for_training(cfg: RunConfig, run_dir: Path, resuming: bool) -> Tokenizer:
-    """The tokenizer a training run in `run_dir` uses. A resumed run uses its own copy (the very
-    tokenizer its checkpoints were trained with); a new `bpe:N` run learns (or finds cached) a BPE
-    on its training split; a directory that moved falls back to the run's copy."""
+    """The tokenizer a training run in `run_dir` uses. A resumed `bpe:N` run uses its own copy
+    (the very tokenizer its checkpoints were trained with); a new one learns (or finds cached) a
+    BPE on its training split. A directory is used as named (a resume then checks it is the
+    checkpoint's); when it has moved away, the run's copy stands in for it."""
     copy = Path(run_dir) / RUN_COPY
     has_copy = (copy / TOKENIZER_FILE).is_file()
     if cfg.tokenizer == "gpt2":
         return get_tokenizer("gpt2")
     vocab = parse_bpe_spec(cfg.tokenizer)
-    if has_copy and (resuming or (vocab is None and not Path(cfg.tokenizer).is_dir())):
-        return get_tokenizer(str(copy))
     if vocab is not None:
-        return learn_on_split(vocab, cfg.data, cfg.seed)
+        return get_tokenizer(str(copy)) if resuming and has_copy else learn_on_split(vocab, cfg.data, cfg.seed)
+    if not Path(cfg.tokenizer).is_dir() and has_copy:
+        return get_tokenizer(str(copy))
     return _directory(cfg.tokenizer)
 
 
