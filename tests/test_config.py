@@ -3,6 +3,74 @@ import pytest
 from cairn.config import (RunConfig, apply_overrides, from_dict, load_toml, preset, to_toml, validate)
 from cairn.errors import CairnError
 
+# every value of every preset: a refactoring must not change one (docs/presets.md says why they are so)
+PRESET_VALUES = {
+    "reference-105m": dict(
+        name="autoregressive-105m", seed=42, tokenizer="gpt2",
+        model=dict(vocab_size=50257, d_model=768, n_layers=4, n_heads=12, d_mlp=3072, context_len=1000, bias=True,
+            dropout=0.0, norm_eps=1e-05, tie_embeddings=False, positions="sinusoidal", rope_theta=10000.0,
+            norm="layernorm", mlp="gelu", zero_init=False),
+        data=dict(source="roneneldan/TinyStories", hub_split="train", text_field="text", txt_separator="<|endoftext|>",
+            n_samples=100, train_frac=0.8, val_frac=0.1, batching="pad", seq_len=1000, story_mask=False,
+            pack_shift=False, cache_dir=""),
+        train=dict(batch_size=32, grad_accum=1, epochs=1, max_steps=0, optimizer="adamw", muon_momentum=0.95, lr=0.0005,
+            min_lr=0.0, embed_lr_scale=1.0, schedule="linear", warmup_steps=-1, warmup_frac=0.05, weight_decay=0.01,
+            embed_weight_decay=-1.0, beta1=0.9, beta2=0.999, eps=1e-08, grad_clip=1.0, report_every=5, eval_every=0,
+            eval_batches=0, epoch_val="full", patience=5, checkpoint_every=50, keep_checkpoints=0, device="auto",
+            precision="auto", compile=False, num_threads=0, num_workers=0, test_at_end=True, tensorboard=False,
+            skip_nonfinite=0, time_budget="", end_stories=3, end_story_tokens=200, parallel="ddp",
+            dist_timeout_s=600),
+    ),
+    "cpu-small": dict(
+        name="cpu-small", seed=42, tokenizer="gpt2",
+        model=dict(vocab_size=50257, d_model=192, n_layers=4, n_heads=6, d_mlp=768, context_len=256, bias=True,
+            dropout=0.0, norm_eps=1e-05, tie_embeddings=True, positions="sinusoidal", rope_theta=10000.0,
+            norm="layernorm", mlp="gelu", zero_init=False),
+        data=dict(source="roneneldan/TinyStories", hub_split="train", text_field="text", txt_separator="<|endoftext|>",
+            n_samples=0, train_frac=0.9, val_frac=0.05, batching="pack", seq_len=256, story_mask=False,
+            pack_shift=False, cache_dir=""),
+        train=dict(batch_size=4, grad_accum=1, epochs=1, max_steps=360, optimizer="adamw", muon_momentum=0.95, lr=0.003,
+            min_lr=0.0003, embed_lr_scale=1.0, schedule="cosine", warmup_steps=-1, warmup_frac=0.03,
+            weight_decay=0.1, embed_weight_decay=-1.0, beta1=0.9, beta2=0.95, eps=1e-08, grad_clip=1.0,
+            report_every=10, eval_every=60, eval_batches=8, epoch_val="full", patience=0, checkpoint_every=120,
+            keep_checkpoints=2, device="auto", precision="auto", compile=False, num_threads=0, num_workers=0,
+            test_at_end=True, tensorboard=False, skip_nonfinite=0, time_budget="", end_stories=3,
+            end_story_tokens=200, parallel="ddp", dist_timeout_s=600),
+    ),
+    "cpu-10min": dict(
+        name="cpu-10min", seed=42, tokenizer="bpe:4096",
+        model=dict(vocab_size=4096, d_model=128, n_layers=3, n_heads=2, d_mlp=352, context_len=256, bias=False,
+            dropout=0.0, norm_eps=1e-05, tie_embeddings=False, positions="rope", rope_theta=10000.0, norm="rmsnorm",
+            mlp="swiglu", zero_init=False),
+        data=dict(source="roneneldan/TinyStories", hub_split="train", text_field="text", txt_separator="<|endoftext|>",
+            n_samples=0, train_frac=0.9, val_frac=0.05, batching="pack", seq_len=256, story_mask=True,
+            pack_shift=False, cache_dir=""),
+        train=dict(batch_size=4, grad_accum=1, epochs=1, max_steps=0, optimizer="adamw", muon_momentum=0.95, lr=0.0025,
+            min_lr=0.0, embed_lr_scale=10.0, schedule="linear", warmup_steps=-1, warmup_frac=0.03, weight_decay=0.1,
+            embed_weight_decay=-1.0, beta1=0.9, beta2=0.999, eps=1e-08, grad_clip=1.0, report_every=50,
+            eval_every=500, eval_batches=8, epoch_val="sample", patience=0, checkpoint_every=500,
+            keep_checkpoints=2, device="auto", precision="auto", compile=True, num_threads=0, num_workers=0,
+            test_at_end=True, tensorboard=False, skip_nonfinite=0, time_budget="10m", end_stories=3,
+            end_story_tokens=300, parallel="ddp", dist_timeout_s=600),
+    ),
+    "tiny": dict(
+        name="tiny", seed=42, tokenizer="gpt2",
+        model=dict(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, d_mlp=256, context_len=128, bias=True, dropout=0.0,
+            norm_eps=1e-05, tie_embeddings=False, positions="sinusoidal", rope_theta=10000.0, norm="layernorm",
+            mlp="gelu", zero_init=False),
+        data=dict(source="roneneldan/TinyStories", hub_split="train", text_field="text", txt_separator="<|endoftext|>",
+            n_samples=0, train_frac=0.8, val_frac=0.1, batching="pack", seq_len=64, story_mask=False,
+            pack_shift=False, cache_dir=""),
+        train=dict(batch_size=8, grad_accum=1, epochs=1, max_steps=0, optimizer="adamw", muon_momentum=0.95, lr=0.003,
+            min_lr=0.0, embed_lr_scale=1.0, schedule="cosine", warmup_steps=-1, warmup_frac=0.1, weight_decay=0.1,
+            embed_weight_decay=-1.0, beta1=0.9, beta2=0.95, eps=1e-08, grad_clip=1.0, report_every=5, eval_every=20,
+            eval_batches=5, epoch_val="full", patience=5, checkpoint_every=20, keep_checkpoints=0, device="auto",
+            precision="auto", compile=False, num_threads=0, num_workers=0, test_at_end=True, tensorboard=False,
+            skip_nonfinite=0, time_budget="", end_stories=1, end_story_tokens=32, parallel="ddp",
+            dist_timeout_s=600),
+    ),
+}
+
 
 def test_reference_preset_has_the_tutorials_hyperparameters():
     c = preset("reference-105m")
@@ -88,3 +156,11 @@ def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
     assert c.data.story_mask and c.train.epoch_val == "sample"
     c.model.vocab_size = 4096
     assert Transformer(c.model).num_params() == 1_651_584
+
+
+def test_presets_keep_their_values():
+    from cairn.config import PRESETS
+
+    assert set(PRESETS) == set(PRESET_VALUES)
+    for name, expected in PRESET_VALUES.items():
+        assert preset(name).to_dict() == expected, name
