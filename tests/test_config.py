@@ -1,7 +1,8 @@
 import pytest
 
-from cairn.config import (RunConfig, apply_overrides, from_dict, load_toml, preset, to_toml, validate)
+from cairn.config import (RunConfig, apply_overrides, from_dict, load_toml, to_toml, validate)
 from cairn.errors import CairnError
+from cairn.presets import PRESETS, preset
 
 # every value of every preset: a refactoring must not change one (docs/presets.md says why they are so)
 PRESET_VALUES = {
@@ -141,7 +142,6 @@ def test_toml_round_trip_and_file_errors(tmp_path):
 
 
 def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
-    from cairn.config import PRESETS, validate
     from cairn.model import Transformer
 
     for name in PRESETS:
@@ -159,8 +159,6 @@ def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
 
 
 def test_presets_keep_their_values():
-    from cairn.config import PRESETS
-
     assert set(PRESETS) == set(PRESET_VALUES)
     for name, expected in PRESET_VALUES.items():
         assert preset(name).to_dict() == expected, name

@@ -33,7 +33,8 @@ import torch
 from conftest import TINYSTORIES
 from safetensors.torch import load_file
 
-from cairn.config import RunConfig, apply_overrides, load_toml, preset
+from cairn.config import RunConfig, apply_overrides, load_toml
+from cairn.presets import preset
 from cairn.data import PackedDataset, PaddedDataset, SplitTokens, make_loader
 from cairn.errors import CairnError
 from cairn.training import train

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from cairn.config import ModelConfig, preset
+from cairn.config import ModelConfig
+from cairn.presets import preset
 from cairn.model import KVCache, Transformer, apply_rope, lm_loss, rope_tables, sinusoidal_table
 
 # the tutorial's block, the Llama block, and a mix: every switch combination must stay causal,

@@ -40,7 +40,8 @@ def _overrides(extra: list[str]) -> dict[str, str]:
 
 
 def _add_train(sub) -> None:
-    from .config import PRESETS, describe_options
+    from .config import describe_options
+    from .presets import PRESETS
 
     p = sub.add_parser(
         "train", help="train a model from scratch",
@@ -196,7 +197,8 @@ def _check_out(out: Path) -> None:
 
 
 def cmd_train(args, extra: list[str], started: float) -> int:
-    from .config import RunConfig, apply_overrides, load_toml, preset, validate
+    from .config import RunConfig, apply_overrides, load_toml, validate
+    from .presets import preset
     from .training import train
 
     overrides = _overrides(extra)
@@ -260,7 +262,8 @@ def _peak_rss_mb() -> tuple[float, float]:
 
 def _prepare_config(args):
     """The run config whose data settings `cairn prepare` uses: preset, then config file, then flags."""
-    from .config import RunConfig, apply_overrides, load_toml, preset, validate
+    from .config import RunConfig, apply_overrides, load_toml, validate
+    from .presets import preset
 
     for flag in ("data", "preset", "config", "tokenizer", "cache_dir"):
         value = getattr(args, flag)

@@ -118,99 +118,6 @@ class RunConfig:
 SECTIONS = ("model", "data", "train")
 
 
-# ---------------------------------------------------------------- presets
-
-def _reference_105m() -> RunConfig:
-    """The tutorial's system, every hyperparameter as it sets it (only its bugs fixed)."""
-    cfg = RunConfig(name="autoregressive-105m")
-    cfg.model = ModelConfig(vocab_size=50257, d_model=768, n_layers=4, n_heads=12, d_mlp=3072, context_len=1000)
-    cfg.data = DataConfig(n_samples=100, train_frac=0.8, val_frac=0.1, batching="pad", seq_len=1000)
-    # AdamW with torch's defaults (the tutorial passes only lr); warm-up 5% of the run, not all of it.
-    cfg.train = TrainConfig(
-        batch_size=32, epochs=1, lr=5e-4, grad_clip=1.0, schedule="linear", warmup_frac=0.05,
-        weight_decay=0.01, beta1=0.9, beta2=0.999, report_every=5, checkpoint_every=50, patience=5,
-    )
-    return cfg
-
-
-def _cpu_small() -> RunConfig:
-    """A small GPT-2-vocabulary model that learns visibly on 2 CPU cores in about 10 minutes.
-
-    Chosen for the little data a CPU sees in 10 minutes (~0.37M tokens): d192 rather than
-    nanoGPT's d256, since with a 50257-token vocabulary the output layer is most of the cost and
-    a narrower model sees ~40% more tokens; tied embeddings, so the input embedding learns from
-    every output position; batches of 4 x 256 tokens, for twice the updates of 8 x 256."""
-    cfg = RunConfig(name="cpu-small")
-    cfg.model = ModelConfig(vocab_size=50257, d_model=192, n_layers=4, n_heads=6, d_mlp=768, context_len=256,
-                            tie_embeddings=True)
-    cfg.data = DataConfig(batching="pack", seq_len=256, train_frac=0.9, val_frac=0.05)
-    cfg.train = TrainConfig(
-        batch_size=4, epochs=1, max_steps=360, lr=3e-3, min_lr=3e-4, schedule="cosine", warmup_frac=0.03,
-        weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-        report_every=10, eval_every=60, eval_batches=8, patience=0, checkpoint_every=120, keep_checkpoints=2,
-    )
-    return cfg
-
-
-def _cpu_10min() -> RunConfig:
-    """The best model 2 CPU cores train in 10 minutes, whole command included (issue 7).
-
-    Each choice was measured at equal wall time (docs/ablation-cpu-10min.md), scored in bits per
-    byte on held-out stories never trained on:
-    - an own 4096-token BPE learned on the training split: GPT-2's 50257-token output layer
-      makes a step 4x slower, so the run does not even fit; 8192 tokens lost at batch 4, 2048 lost;
-    - the Llama block (rotary positions, RMSNorm, SwiGLU, no biases) with an untied head
-      (1.088 against 1.104 bits/byte tied, in 10-minute runs);
-    - d128 with 3 layers of 2 heads (1.65M parameters): narrower and shallower models win here,
-      their extra steps outweighing their size (d128 against d192 in 10-minute runs: 1.048 against
-      1.085; 3 layers against 4 at 300 s: -0.015); more heads and a wider MLP lost;
-    - batches of 4 x 256 tokens, the most updates per token that still helps (batch 8: 1.266,
-      4: 1.231, 2: 1.242 at 300 s), each row packing stories with the story mask: attention stays
-      inside each story, which is then read as held-out scoring reads it (-0.021 at 300 s);
-    - AdamW with beta2 0.999: with batches this small the second-moment estimate needs a long
-      memory (0.95 lost by 0.041 at 300 s); at that beta2 a peak lr of 2.5e-3 (1.5e-3: +0.013 at
-      300 s; 3e-3 with a 3-step warm-up lost by 0.32 at 120 s, at beta2 0.95; Muon never beat
-      AdamW at equal time); the token embedding at 10x the lr (5x: -0.055 at d128 and 300 s;
-      10x a further -0.008), a 3% warm-up and a linear decay to zero that the time budget plans
-      to end exactly at its end;
-    - torch.compile: its first step compiles for 25-50 s, and then every step is 1.26x faster (0.961
-      against 0.977 bits/byte in 10-minute runs); without a C++ compiler the run goes on eagerly;
-    - stories of up to 300 tokens at the end: the sample's stories average 217, so at 200 most
-      were cut off before their ending;
-    - epoch ends validate the periodic evaluations' fixed sample, not the whole split (an estimated 15 s
-      of the 10 minutes back for training); the run's last validation is the whole split's."""
-    cfg = RunConfig(name="cpu-10min", tokenizer="bpe:4096")
-    cfg.model = ModelConfig(vocab_size=4096, d_model=128, n_layers=3, n_heads=2, d_mlp=352, context_len=256,
-                            bias=False, tie_embeddings=False, positions="rope", norm="rmsnorm", mlp="swiglu")
-    cfg.data = DataConfig(batching="pack", seq_len=256, train_frac=0.9, val_frac=0.05, story_mask=True)
-    cfg.train = TrainConfig(
-        batch_size=4, epochs=1, lr=2.5e-3, min_lr=0.0, embed_lr_scale=10.0, schedule="linear", warmup_frac=0.03,
-        weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, time_budget="10m", compile=True,
-        report_every=50, eval_every=500, eval_batches=8, epoch_val="sample", patience=0, checkpoint_every=500,
-        keep_checkpoints=2, end_stories=3, end_story_tokens=300,
-    )
-    return cfg
-
-
-def _tiny() -> RunConfig:
-    """A toy model for tests and smoke runs: seconds on a CPU."""
-    cfg = RunConfig(name="tiny")
-    cfg.model = ModelConfig(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, d_mlp=256, context_len=128)
-    cfg.data = DataConfig(batching="pack", seq_len=64)
-    cfg.train = TrainConfig(batch_size=8, lr=3e-3, schedule="cosine", warmup_frac=0.1, weight_decay=0.1,
-                            beta2=0.95, report_every=5, eval_every=20, eval_batches=5, checkpoint_every=20,
-                            end_stories=1, end_story_tokens=32)
-    return cfg
-
-
-PRESETS = {
-    "reference-105m": _reference_105m,
-    "cpu-small": _cpu_small,
-    "cpu-10min": _cpu_10min,
-    "tiny": _tiny,
-}
-
-
 def parse_duration(text: str) -> float:
     """Seconds in "600", "600s", "10m", "1.5h" (CairnError otherwise)."""
     units = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -224,12 +131,6 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise CairnError(f"train.time_budget {text!r} is not a duration: give e.g. 600s, 10m or 1.5h")
     return seconds
-
-
-def preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise CairnError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
 
 
 # ---------------------------------------------------------------- field lookup and coercion
@@ -330,6 +231,8 @@ def load_toml(path: str | Path, cfg: Optional[RunConfig] = None) -> RunConfig:
     except OSError as e:
         raise CairnError(f"cannot read config file {str(path)!r} ({e.strerror or e}): check its permissions") from None
     if cfg is None:
+        from .presets import PRESETS, preset  # at call time: presets.py imports this module
+
         name = raw.pop("preset", None)
         if name is not None and not isinstance(name, str):
             raise CairnError(f"config file {str(path)!r}: preset must be a string, got {name!r}: "
