@@ -53,17 +53,19 @@ def _choices(tp: Any) -> Optional[tuple]:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
-def choice_error(qual: str, value: Any, choices: tuple) -> CairnError:
-    allowed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
-    return CairnError(f"{qual} must be {allowed}, got {value!r}: set {_flag(qual.split('.')[-1])} to one of them")
+def check_choice(qual: str, value: Any, choices: tuple) -> None:
+    """The one check of a Literal field's value, for values being set and configs being validated alike."""
+    if value not in choices:
+        allowed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
+        raise CairnError(f"{qual} must be {allowed}, got {value!r}: set {_flag(qual.split('.')[-1])} to one of them")
 
 
 def check_choices(obj: Any, section: Optional[str]) -> None:
     """Every Literal-typed field of a section holds one of its values."""
     for name, tp in _field_types(type(obj)).items():
         choices = _choices(tp)
-        if choices is not None and getattr(obj, name) not in choices:
-            raise choice_error(_qual(section, name), getattr(obj, name), choices)
+        if choices is not None:
+            check_choice(_qual(section, name), getattr(obj, name), choices)
 
 
 def positive(obj: Any, section: Optional[str], names: str, zero_ok: bool = False) -> None:
@@ -359,9 +361,8 @@ def _coerce(key: str, value: Any, tp: Any, qual: str) -> Any:
     """`value` (CLI text or a TOML value) as the field's type; `key` is the name as the user gave it."""
     choices = _choices(tp)
     if choices is not None:
-        if value in choices:
-            return value
-        raise choice_error(qual, value, choices)
+        check_choice(qual, value, choices)
+        return value
     try:
         return _PARSERS[tp](value)
     except (ValueError, TypeError, OverflowError):
