@@ -250,9 +250,8 @@ def test_ranks_share_each_global_batch_as_one_process_would_see_it():
 def test_parallel_must_be_ddp_or_fsdp():
     from cairn.config import validate
 
-    cfg = apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"})
     with pytest.raises(CairnError, match="train.parallel must be 'ddp' or 'fsdp'"):
-        validate(cfg)
+        validate(apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"}))
 
 
 def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file):
