@@ -411,7 +411,8 @@ def test_shifted_packing_cuts_elsewhere_with_as_many_windows():
 def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_path, stories_file):
     """The training loader of epoch e cuts at epoch_offset(e); the first epoch is the unshifted cut;
     a loader resumed mid-epoch gives the batches the uninterrupted epoch gives."""
-    from cairn.config import apply_overrides, preset
+    from cairn.config import apply_overrides
+    from cairn.presets import preset
     from cairn.data import epoch_offset
     from cairn.training.build import build_trainer
     from cairn.training.distributed import Dist

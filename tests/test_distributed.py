@@ -33,7 +33,8 @@ import torch
 from conftest import TINYSTORIES
 from safetensors.torch import load_file
 
-from cairn.config import RunConfig, apply_overrides, load_toml, preset
+from cairn.config import RunConfig, apply_overrides, load_toml
+from cairn.presets import preset
 from cairn.data import PackedDataset, PaddedDataset, SplitTokens, make_loader
 from cairn.errors import CairnError
 from cairn.training import train
@@ -248,9 +249,8 @@ def test_ranks_share_each_global_batch_as_one_process_would_see_it():
 def test_parallel_must_be_ddp_or_fsdp():
     from cairn.config import validate
 
-    cfg = apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"})
     with pytest.raises(CairnError, match="train.parallel must be 'ddp' or 'fsdp'"):
-        validate(cfg)
+        validate(apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"}))
 
 
 def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file):

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from cairn import __version__  # noqa: E402
 from cairn.cli import main  # noqa: E402
-from cairn.config import preset  # noqa: E402
+from cairn.presets import preset  # noqa: E402
 from cairn.errors import CairnError  # noqa: E402
 from cairn.export import export_hf  # noqa: E402
 from cairn.generate import SamplingConfig, generate_ids  # noqa: E402

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from cairn.config import ModelConfig, preset
+from cairn.config import ModelConfig
 from cairn.model import KVCache, Transformer, apply_rope, rope_tables, sinusoidal_table
+from cairn.presets import preset
 from reference import lm_loss
 
 # the tutorial's block, the Llama block, and a mix: every switch combination must stay causal,

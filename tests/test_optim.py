@@ -93,7 +93,8 @@ def test_embedding_learning_rate_scale_is_its_own_group_in_both_optimizers():
 
 
 def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file):
-    from cairn.config import apply_overrides, preset
+    from cairn.config import apply_overrides
+    from cairn.presets import preset
     from cairn.training import train
     from safetensors.torch import load_file
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cairn.cli import main
-from cairn.config import apply_overrides, preset
+from cairn.config import apply_overrides
+from cairn.presets import preset
 from cairn.errors import CairnError
 from cairn.loading import load
 from cairn.tokenizer import get_tokenizer

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cairn.config import apply_overrides, preset
+from cairn.config import apply_overrides
+from cairn.presets import preset
 from cairn.errors import CairnError
 from cairn.training import train
 from cairn import checkpoint as ckpt

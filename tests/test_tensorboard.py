@@ -89,7 +89,8 @@ def test_training_with_tensorboard_writes_the_run_scalars(tmp_path, stories_file
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cairn.config import apply_overrides, preset
+    from cairn.config import apply_overrides
+    from cairn.presets import preset
     from cairn.training import train
 
     cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "d_model": 32, "n_heads": 4, "d_mlp": 64,

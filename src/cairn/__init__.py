@@ -2,7 +2,16 @@
 
 __version__ = "0.1.0"
 
-from .config import RunConfig, preset  # noqa: E402
+from .config import RunConfig  # noqa: E402
+
+
+def __getattr__(name):
+    # `cairn.preset` on first use, so importing any cairn module does not load the presets
+    if name == "preset":
+        from .presets import preset
+
+        return preset
+    raise AttributeError(f"module 'cairn' has no attribute {name!r}")
 
 
 def train(cfg, out_dir, **kwargs):

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, TrainConfig, preset
+from .config import ModelConfig, TrainConfig
+from .presets import preset
 from .errors import CairnError
 from .model import Transformer, sinusoidal_table
 from .runtime import autocast, peak_flops, pick_device, resolve_precision, set_threads

@@ -42,7 +42,8 @@ def _add_config_options(p) -> None:
 
 
 def _add_train(sub) -> None:
-    from .config import PRESETS, describe_options
+    from .config import describe_options
+    from .presets import PRESETS
 
     p = sub.add_parser(
         "train", help="train a model from scratch",
@@ -223,7 +224,8 @@ def _config_overrides(args, extra: list[str]) -> dict[str, str]:
 
 def train_config(args, overrides: dict[str, str]) -> tuple[object, Path, bool]:
     """(config, run directory, resume?) from the preset, config file, saved run and overrides."""
-    from .config import RunConfig, apply_overrides, load_toml, preset, validate
+    from .config import RunConfig, apply_overrides, load_toml, validate
+    from .presets import preset
     from .training.resume import run_config
 
     resume = False
@@ -266,7 +268,8 @@ def cmd_train(args, extra: list[str], started: float) -> int:
 
 def _prepare_config(args):
     """The run config whose data settings `cairn prepare` uses: preset, then config file, then flags."""
-    from .config import RunConfig, apply_overrides, load_toml, preset, validate
+    from .config import RunConfig, apply_overrides, load_toml, validate
+    from .presets import preset
 
     _not_empty(args, "prepare", "data", "preset", "config", "tokenizer", "cache_dir")
     if args.workers < 0:

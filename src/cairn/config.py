@@ -1,20 +1,23 @@
-"""Typed run configuration: model, data and training sections, presets, TOML files and overrides.
+"""Typed run configuration: the model, data and training sections, TOML files and overrides.
 
-A run is described by one `RunConfig`. It is built as: preset (or defaults) -> config file ->
-`--key value` overrides, then validated. Every field has a comment; `cairn train --help` prints
-them, so this file is also the reference for every option.
+A run is described by one `RunConfig`, built as: preset (or defaults) -> config file -> `--key value`
+overrides, then validated. Every field carries its help text, which `cairn train --help` prints, so this
+file is also the reference for every option. A field with a fixed set of values is typed `Literal[...]`:
+the allowed values are read from the type, when a value is set and when a config is validated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
+
+import tomli_w
 
 from .errors import CairnError
 from .tokenizer import parse_bpe_spec
@@ -25,190 +28,60 @@ else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 
-@dataclass
-class ModelConfig:
-    vocab_size: int = 50257  # tokens in the vocabulary (50257 = GPT-2); set from the tokenizer
-    d_model: int = 768  # width of the residual stream (the embedding size)
-    n_layers: int = 4  # transformer blocks
-    n_heads: int = 12  # attention heads; d_model must be divisible by it
-    d_mlp: int = 3072  # hidden width of the MLP (4 * d_model in GPT-2)
-    context_len: int = 1000  # longest sequence the model accepts (size of the position table)
-    bias: bool = True  # biases in the linear layers and LayerNorms (GPT-2 and the tutorial: yes)
-    dropout: float = 0.0  # dropout on attention output, MLP output and embeddings
-    norm_eps: float = 1e-5  # LayerNorm epsilon (torch default, as the tutorial)
-    tie_embeddings: bool = False  # share the token embedding with the output head (GPT-2, nanoGPT); the tutorial: no
-    positions: str = "sinusoidal"  # "sinusoidal" (fixed table added to the embeddings, the tutorial's) or "rope" (rotary, in attention)
-    rope_theta: float = 10000.0  # base of the rotary frequencies (positions = "rope")
-    norm: str = "layernorm"  # "layernorm" (the tutorial's) or "rmsnorm" (no mean, no bias: cheaper)
-    mlp: str = "gelu"  # "gelu" (fc -> exact GELU -> proj, the tutorial's) or "swiglu" (silu(gate) * up -> down)
-    zero_init: bool = False  # start the residual-branch output projections (and an untied head) at zero: every block starts as the identity
+def opt(default: Any, help: str) -> Any:
+    """A config field and its `--help` text."""
+    return field(default=default, metadata={"help": help})
 
 
-@dataclass
-class DataConfig:
-    source: str = "roneneldan/TinyStories"  # hub dataset id, or a local .txt/.jsonl/.parquet file, directory or glob
-    hub_split: str = "train"  # split of the hub dataset to load (train/val/test are then made from it)
-    text_field: str = "text"  # field holding the text in .jsonl/.parquet/hub records
-    txt_separator: str = "<|endoftext|>"  # how .txt files separate stories: a line holding this string, or "blank" for blank lines
-    n_samples: int = 0  # keep the first N stories after the seeded shuffle (0 = all)
-    train_frac: float = 0.8  # fraction of stories for training
-    val_frac: float = 0.1  # fraction for validation; the rest (1 - train - val) is the test split
-    batching: str = "pack"  # "pack": stories joined by <|endoftext|> and cut into windows; "pad": one story per row, padded
-    seq_len: int = 256  # tokens per training row (the window in pack mode, the longest row in pad mode)
-    story_mask: bool = False  # pack mode: a token attends only to its own story, not to the stories packed before it
-    pack_shift: bool = False  # pack mode: each epoch after the first cuts the stream into windows at a new seeded offset
-    cache_dir: str = ""  # where tokenized data is cached ("" = $CAIRN_CACHE or ~/.cache/cairn)
+# ---------------------------------------------------------------- the rules every section uses
+
+def _qual(section: Optional[str], name: str) -> str:
+    return f"{section}.{name}" if section else name
 
 
-@dataclass
-class TrainConfig:
-    batch_size: int = 32  # rows per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    epochs: int = 1  # passes over the training split
-    max_steps: int = 0  # cap on optimizer steps (0 = as many as the epochs give); the schedule is planned for it
-    optimizer: str = "adamw"  # "adamw", or "muon": Muon for the blocks' weight matrices, AdamW for embeddings, head, norms and biases (one lr)
-    muon_momentum: float = 0.95  # Muon's (Nesterov) momentum
-    lr: float = 5e-4  # peak learning rate
-    min_lr: float = 0.0  # learning rate at the end of the decay
-    embed_lr_scale: float = 1.0  # the token embedding's learning rate as a multiple of lr (and min_lr)
-    schedule: str = "linear"  # after warm-up: "linear" decay (the tutorial's), "cosine", or "constant"
-    warmup_steps: int = -1  # warm-up length in optimizer steps (-1 = use warmup_frac)
-    warmup_frac: float = 0.05  # warm-up as a fraction of all steps (1.0 = the whole run, the tutorial's)
-    weight_decay: float = 0.01  # AdamW weight decay, applied to matrices only (not biases, norms)
-    embed_weight_decay: float = -1.0  # the token embedding's weight decay (-1 = weight_decay)
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.999  # AdamW beta2
-    eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
-    report_every: int = 5  # log train loss every N steps
-    eval_every: int = 0  # validate every N steps (0 = only at each epoch end)
-    eval_batches: int = 0  # validation batches in the periodic evaluations (0 = all); epoch ends use all unless epoch_val = "sample"
-    epoch_val: str = "full"  # validation at each epoch's end: "full" split, or "sample" (eval_batches, as eval_every's)
-    patience: int = 5  # stop after this many evaluations without a better validation loss (0 = never)
-    checkpoint_every: int = 50  # save a step checkpoint every N steps (0 = none)
-    keep_checkpoints: int = 0  # keep only the newest K step checkpoints (0 = keep all)
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu), or a torch device string
-    precision: str = "auto"  # "auto" (bf16 autocast where the device supports it well), "fp32" or "bf16"
-    compile: bool = False  # torch.compile the model
-    num_threads: int = 0  # CPU threads for torch (0 = one per core)
-    num_workers: int = 0  # DataLoader worker processes
-    test_at_end: bool = True  # evaluate the test split at the end of training
-    tensorboard: bool = False  # also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')
-    skip_nonfinite: int = 0  # skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)
-    time_budget: str = ""  # e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run (evaluations and stories included) ends within it; epochs is then ignored, max_steps still caps; "" = off
-    end_stories: int = 3  # stories generated from fixed prompts and seeds at the end, printed and saved to RUN/stories.md
-    end_story_tokens: int = 200  # longest end-of-run story in tokens
-    parallel: str = "ddp"  # under torchrun: "ddp" (a copy per process) or "fsdp" (parameters and optimizer state sharded)
-    dist_timeout_s: int = 600  # under torchrun: seconds to wait for the other ranks before the job fails
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-@dataclass
-class RunConfig:
-    name: str = "cairn"  # run name: checkpoints are called <name>_checkpoint_<...>
-    seed: int = 42  # seeds the data shuffle, the model initialisation and the batch order
-    tokenizer: str = "gpt2"  # "gpt2" (exact GPT-2 BPE), "bpe:N" (an N-token BPE learned on this run's training split, cached), or a directory made by `cairn tokenizer train`
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
-SECTIONS = ("model", "data", "train")
+def _choices(tp: Any) -> Optional[tuple]:
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
-# ---------------------------------------------------------------- presets
-
-def _reference_105m() -> RunConfig:
-    """The tutorial's system, every hyperparameter as it sets it (only its bugs fixed)."""
-    cfg = RunConfig(name="autoregressive-105m")
-    cfg.model = ModelConfig(vocab_size=50257, d_model=768, n_layers=4, n_heads=12, d_mlp=3072, context_len=1000)
-    cfg.data = DataConfig(n_samples=100, train_frac=0.8, val_frac=0.1, batching="pad", seq_len=1000)
-    # AdamW with torch's defaults (the tutorial passes only lr); warm-up 5% of the run, not all of it.
-    cfg.train = TrainConfig(
-        batch_size=32, epochs=1, lr=5e-4, grad_clip=1.0, schedule="linear", warmup_frac=0.05,
-        weight_decay=0.01, beta1=0.9, beta2=0.999, report_every=5, checkpoint_every=50, patience=5,
-    )
-    return cfg
+def check_choice(qual: str, value: Any, choices: tuple) -> None:
+    """The one check of a Literal field's value, for values being set and configs being validated alike."""
+    if value not in choices:
+        allowed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
+        raise CairnError(f"{qual} must be {allowed}, got {value!r}: set {_flag(qual.split('.')[-1])} to one of them")
 
 
-def _cpu_small() -> RunConfig:
-    """A small GPT-2-vocabulary model that learns visibly on 2 CPU cores in about 10 minutes.
-
-    Chosen for the little data a CPU sees in 10 minutes (~0.37M tokens): d192 rather than
-    nanoGPT's d256, since with a 50257-token vocabulary the output layer is most of the cost and
-    a narrower model sees ~40% more tokens; tied embeddings, so the input embedding learns from
-    every output position; batches of 4 x 256 tokens, for twice the updates of 8 x 256."""
-    cfg = RunConfig(name="cpu-small")
-    cfg.model = ModelConfig(vocab_size=50257, d_model=192, n_layers=4, n_heads=6, d_mlp=768, context_len=256,
-                            tie_embeddings=True)
-    cfg.data = DataConfig(batching="pack", seq_len=256, train_frac=0.9, val_frac=0.05)
-    cfg.train = TrainConfig(
-        batch_size=4, epochs=1, max_steps=360, lr=3e-3, min_lr=3e-4, schedule="cosine", warmup_frac=0.03,
-        weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
-        report_every=10, eval_every=60, eval_batches=8, patience=0, checkpoint_every=120, keep_checkpoints=2,
-    )
-    return cfg
+def check_choices(obj: Any, section: Optional[str]) -> None:
+    """Every Literal-typed field of a section holds one of its values."""
+    for name, tp in _field_types(type(obj)).items():
+        choices = _choices(tp)
+        if choices is not None:
+            check_choice(_qual(section, name), getattr(obj, name), choices)
 
 
-def _cpu_10min() -> RunConfig:
-    """The best model 2 CPU cores train in 10 minutes, whole command included (issue 7).
-
-    Each choice was measured at equal wall time (docs/ablation-cpu-10min.md), scored in bits per
-    byte on held-out stories never trained on:
-    - an own 4096-token BPE learned on the training split: GPT-2's 50257-token output layer
-      makes a step 4x slower, so the run does not even fit; 8192 tokens lost at batch 4, 2048 lost;
-    - the Llama block (rotary positions, RMSNorm, SwiGLU, no biases) with an untied head
-      (1.088 against 1.104 bits/byte tied, in 10-minute runs);
-    - d128 with 3 layers of 2 heads (1.65M parameters): narrower and shallower models win here,
-      their extra steps outweighing their size (d128 against d192 in 10-minute runs: 1.048 against
-      1.085; 3 layers against 4 at 300 s: -0.015); more heads and a wider MLP lost;
-    - batches of 4 x 256 tokens, the most updates per token that still helps (batch 8: 1.266,
-      4: 1.231, 2: 1.242 at 300 s), each row packing stories with the story mask: attention stays
-      inside each story, which is then read as held-out scoring reads it (-0.021 at 300 s);
-    - AdamW with beta2 0.999: with batches this small the second-moment estimate needs a long
-      memory (0.95 lost by 0.041 at 300 s); at that beta2 a peak lr of 2.5e-3 (1.5e-3: +0.013 at
-      300 s; 3e-3 with a 3-step warm-up lost by 0.32 at 120 s, at beta2 0.95; Muon never beat
-      AdamW at equal time); the token embedding at 10x the lr (5x: -0.055 at d128 and 300 s;
-      10x a further -0.008), a 3% warm-up and a linear decay to zero that the time budget plans
-      to end exactly at its end;
-    - torch.compile: its first step compiles for 25-50 s, and then every step is 1.26x faster (0.961
-      against 0.977 bits/byte in 10-minute runs); without a C++ compiler the run goes on eagerly;
-    - stories of up to 300 tokens at the end: the sample's stories average 217, so at 200 most
-      were cut off before their ending;
-    - epoch ends validate the periodic evaluations' fixed sample, not the whole split (an estimated 15 s
-      of the 10 minutes back for training); the run's last validation is the whole split's."""
-    cfg = RunConfig(name="cpu-10min", tokenizer="bpe:4096")
-    cfg.model = ModelConfig(vocab_size=4096, d_model=128, n_layers=3, n_heads=2, d_mlp=352, context_len=256,
-                            bias=False, tie_embeddings=False, positions="rope", norm="rmsnorm", mlp="swiglu")
-    cfg.data = DataConfig(batching="pack", seq_len=256, train_frac=0.9, val_frac=0.05, story_mask=True)
-    cfg.train = TrainConfig(
-        batch_size=4, epochs=1, lr=2.5e-3, min_lr=0.0, embed_lr_scale=10.0, schedule="linear", warmup_frac=0.03,
-        weight_decay=0.1, beta1=0.9, beta2=0.999, grad_clip=1.0, time_budget="10m", compile=True,
-        report_every=50, eval_every=500, eval_batches=8, epoch_val="sample", patience=0, checkpoint_every=500,
-        keep_checkpoints=2, end_stories=3, end_story_tokens=300,
-    )
-    return cfg
+def positive(obj: Any, section: Optional[str], names: str, zero_ok: bool = False) -> None:
+    """Each of the space-separated fields is > 0 (>= 0 with zero_ok)."""
+    for name in names.split():
+        value = getattr(obj, name)
+        if value < 0 or (value == 0 and not zero_ok):
+            need, hint = ("zero or more", "0 or more") if zero_ok else ("positive", "a positive value")
+            raise CairnError(f"{_qual(section, name)} must be {need}, got {value}: set {_flag(name)} to {hint}")
 
 
-def _tiny() -> RunConfig:
-    """A toy model for tests and smoke runs: seconds on a CPU."""
-    cfg = RunConfig(name="tiny")
-    cfg.model = ModelConfig(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, d_mlp=256, context_len=128)
-    cfg.data = DataConfig(batching="pack", seq_len=64)
-    cfg.train = TrainConfig(batch_size=8, lr=3e-3, schedule="cosine", warmup_frac=0.1, weight_decay=0.1,
-                            beta2=0.95, report_every=5, eval_every=20, eval_batches=5, checkpoint_every=20,
-                            end_stories=1, end_story_tokens=32)
-    return cfg
-
-
-PRESETS = {
-    "reference-105m": _reference_105m,
-    "cpu-small": _cpu_small,
-    "cpu-10min": _cpu_10min,
-    "tiny": _tiny,
-}
+def below_one(obj: Any, section: str, names: str) -> None:
+    """Each of the space-separated fields is in [0, 1)."""
+    for name in names.split():
+        if not 0 <= getattr(obj, name) < 1:
+            raise CairnError(f"{section}.{name} must be in [0, 1), got {getattr(obj, name)}: change {_flag(name)}")
 
 
 def parse_duration(text: str) -> float:
@@ -226,76 +99,276 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise CairnError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
-    return PRESETS[name]()
+# ---------------------------------------------------------------- the sections
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = opt(50257, "tokens in the vocabulary (50257 = GPT-2); set from the tokenizer")
+    d_model: int = opt(768, "width of the residual stream (the embedding size)")
+    n_layers: int = opt(4, "transformer blocks")
+    n_heads: int = opt(12, "attention heads; d_model must be divisible by it")
+    d_mlp: int = opt(3072, "hidden width of the MLP (4 * d_model in GPT-2)")
+    context_len: int = opt(1000, "longest sequence the model accepts (size of the position table)")
+    bias: bool = opt(True, "biases in the linear layers and LayerNorms (GPT-2 and the tutorial: yes)")
+    dropout: float = opt(0.0, "dropout on attention output, MLP output and embeddings")
+    norm_eps: float = opt(1e-5, "LayerNorm epsilon (torch default, as the tutorial)")
+    tie_embeddings: bool = opt(False, "share the token embedding with the output head (GPT-2, nanoGPT); the "
+                                      "tutorial: no")
+    positions: Literal["sinusoidal", "rope"] = opt(
+        "sinusoidal", '"sinusoidal" (fixed table added to the embeddings, the tutorial\'s) or "rope" (rotary, in '
+                      "attention)")
+    rope_theta: float = opt(10000.0, 'base of the rotary frequencies (positions = "rope")')
+    norm: Literal["layernorm", "rmsnorm"] = opt(
+        "layernorm", '"layernorm" (the tutorial\'s) or "rmsnorm" (no mean, no bias: cheaper)')
+    mlp: Literal["gelu", "swiglu"] = opt(
+        "gelu", '"gelu" (fc -> exact GELU -> proj, the tutorial\'s) or "swiglu" (silu(gate) * up -> down)')
+    zero_init: bool = opt(False, "start the residual-branch output projections (and an untied head) at zero: every "
+                                 "block starts as the identity")
+
+    def check(self) -> None:
+        check_choices(self, "model")
+        positive(self, "model", "vocab_size d_model n_layers n_heads d_mlp context_len rope_theta norm_eps")
+        if self.d_model % self.n_heads:
+            raise CairnError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}): "
+                             "change --d-model or --n-heads")
+        if self.d_model // self.n_heads % 2:
+            raise CairnError(f"head size d_model/n_heads = {self.d_model // self.n_heads} must be even: "
+                             "change --d-model or --n-heads")
+        if not 0 <= self.dropout < 1:
+            raise CairnError(f"model.dropout must be in [0, 1), got {self.dropout}: set --dropout to e.g. 0.1")
 
 
-# ---------------------------------------------------------------- field lookup and coercion
+@dataclass
+class DataConfig:
+    source: str = opt(
+        "roneneldan/TinyStories", "hub dataset id, or a local .txt/.jsonl/.parquet file, directory or glob")
+    hub_split: str = opt("train", "split of the hub dataset to load (train/val/test are then made from it)")
+    text_field: str = opt("text", "field holding the text in .jsonl/.parquet/hub records")
+    txt_separator: str = opt("<|endoftext|>", "how .txt files separate stories: a line holding this string, or "
+                                              '"blank" for blank lines')
+    n_samples: int = opt(0, "keep the first N stories after the seeded shuffle (0 = all)")
+    train_frac: float = opt(0.8, "fraction of stories for training")
+    val_frac: float = opt(0.1, "fraction for validation; the rest (1 - train - val) is the test split")
+    batching: Literal["pack", "pad"] = opt(
+        "pack", '"pack": stories joined by <|endoftext|> and cut into windows; "pad": one story per row, padded')
+    seq_len: int = opt(256, "tokens per training row (the window in pack mode, the longest row in pad mode)")
+    story_mask: bool = opt(False, "pack mode: a token attends only to its own story, not to the stories packed "
+                                  "before it")
+    pack_shift: bool = opt(False, "pack mode: each epoch after the first cuts the stream into windows at a new "
+                                  "seeded offset")
+    cache_dir: str = opt("", 'where tokenized data is cached ("" = $CAIRN_CACHE or ~/.cache/cairn)')
 
-def _field_types(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
+    def check(self) -> None:
+        check_choices(self, "data")
+        positive(self, "data", "n_samples", zero_ok=True)
+        positive(self, "data", "seq_len")
+        if not (0 < self.train_frac <= 1) or not (0 <= self.val_frac < 1):
+            raise CairnError(f"data.train_frac must be in (0, 1] and data.val_frac in [0, 1), "
+                             f"got {self.train_frac} and {self.val_frac}: change --train-frac / --val-frac")
+        if self.train_frac + self.val_frac > 1 + 1e-9:
+            raise CairnError(f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} is over 1: "
+                             "the fractions must sum to at most 1 (the rest is the test split)")
+        if self.pack_shift and self.batching != "pack":
+            raise CairnError("data.pack_shift is for packed rows (pad batching does not cut the stream into "
+                             "windows): use --batching pack, or --pack-shift false")
+        if self.story_mask and self.batching != "pack":
+            raise CairnError("data.story_mask is for packed rows (pad batching gives each story a row of its own): "
+                             "use --batching pack, or --story-mask false")
+        if not self.source:
+            raise CairnError("data.source is empty: pass --data PATH_OR_HUB_ID")
 
+
+@dataclass
+class TrainConfig:
+    batch_size: int = opt(32, "rows per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    epochs: int = opt(1, "passes over the training split")
+    max_steps: int = opt(
+        0, "cap on optimizer steps (0 = as many as the epochs give); the schedule is planned for it")
+    optimizer: Literal["adamw", "muon"] = opt(
+        "adamw", '"adamw", or "muon": Muon for the blocks\' weight matrices, AdamW for embeddings, head, norms and '
+                 "biases (one lr)")
+    muon_momentum: float = opt(0.95, "Muon's (Nesterov) momentum")
+    lr: float = opt(5e-4, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of the decay")
+    embed_lr_scale: float = opt(1.0, "the token embedding's learning rate as a multiple of lr (and min_lr)")
+    schedule: Literal["linear", "cosine", "constant"] = opt(
+        "linear", 'after warm-up: "linear" decay (the tutorial\'s), "cosine", or "constant"')
+    warmup_steps: int = opt(-1, "warm-up length in optimizer steps (-1 = use warmup_frac)")
+    warmup_frac: float = opt(0.05, "warm-up as a fraction of all steps (1.0 = the whole run, the tutorial's)")
+    weight_decay: float = opt(0.01, "AdamW weight decay, applied to matrices only (not biases, norms)")
+    embed_weight_decay: float = opt(-1.0, "the token embedding's weight decay (-1 = weight_decay)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.999, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    report_every: int = opt(5, "log train loss every N steps")
+    eval_every: int = opt(0, "validate every N steps (0 = only at each epoch end)")
+    eval_batches: int = opt(0, "validation batches in the periodic evaluations (0 = all); epoch ends use all "
+                               'unless epoch_val = "sample"')
+    epoch_val: Literal["full", "sample"] = opt(
+        "full", 'validation at each epoch\'s end: "full" split, or "sample" (eval_batches, as eval_every\'s)')
+    patience: int = opt(5, "stop after this many evaluations without a better validation loss (0 = never)")
+    checkpoint_every: int = opt(50, "save a step checkpoint every N steps (0 = none)")
+    keep_checkpoints: int = opt(0, "keep only the newest K step checkpoints (0 = keep all)")
+    device: str = opt("auto", '"auto" (cuda, then mps, then cpu), or a torch device string')
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", '"auto" (bf16 autocast where the device supports it well), "fp32" or "bf16"')
+    compile: bool = opt(False, "torch.compile the model")
+    num_threads: int = opt(0, "CPU threads for torch (0 = one per core)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    test_at_end: bool = opt(True, "evaluate the test split at the end of training")
+    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')")
+    skip_nonfinite: int = opt(0, "skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)")
+    time_budget: str = opt("", 'e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run '
+                               "(evaluations and stories included) ends within it; epochs is then ignored, "
+                               'max_steps still caps; "" = off')
+    end_stories: int = opt(3, "stories generated from fixed prompts and seeds at the end, printed and saved to "
+                              "RUN/stories.md")
+    end_story_tokens: int = opt(200, "longest end-of-run story in tokens")
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp", 'under torchrun: "ddp" (a copy per process) or "fsdp" (parameters and optimizer state sharded)')
+    dist_timeout_s: int = opt(600, "under torchrun: seconds to wait for the other ranks before the job fails")
+
+    def check(self) -> None:
+        check_choices(self, "train")
+        positive(self, "train", "batch_size grad_accum epochs lr eps end_story_tokens dist_timeout_s")
+        positive(self, "train", "max_steps min_lr weight_decay grad_clip report_every eval_every eval_batches "
+                 "patience checkpoint_every keep_checkpoints num_threads num_workers skip_nonfinite end_stories",
+                 zero_ok=True)
+        below_one(self, "train", "beta1 beta2 muon_momentum")
+        if self.min_lr > self.lr:
+            raise CairnError(f"train.min_lr ({self.min_lr}) is above train.lr ({self.lr}): "
+                             "lower --min-lr or raise --lr")
+        if self.warmup_steps < -1:
+            raise CairnError(f"train.warmup_steps must be -1 (use warmup_frac) or zero or more, "
+                             f"got {self.warmup_steps}: change --warmup-steps")
+        if not 0 <= self.warmup_frac <= 1:
+            raise CairnError(f"train.warmup_frac must be in [0, 1], got {self.warmup_frac}: change --warmup-frac")
+        if not (math.isfinite(self.embed_lr_scale) and self.embed_lr_scale > 0):
+            raise CairnError(f"train.embed_lr_scale must be a positive number, got {self.embed_lr_scale}: "
+                             "change --embed-lr-scale (1 = the same lr as everything else)")
+        wd = self.embed_weight_decay
+        if not (wd == -1 or (math.isfinite(wd) and wd >= 0)):
+            raise CairnError(f"train.embed_weight_decay must be >= 0 (or -1 for weight_decay's), got "
+                             f"{wd}: change --embed-weight-decay")
+        if self.time_budget:
+            parse_duration(self.time_budget)
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("cairn", "run name: checkpoints are called <name>_checkpoint_<...>")
+    seed: int = opt(42, "seeds the data shuffle, the model initialisation and the batch order")
+    tokenizer: str = opt("gpt2", '"gpt2" (exact GPT-2 BPE), "bpe:N" (an N-token BPE learned on this run\'s '
+                                 "training split, cached), or a directory made by `cairn tokenizer train`")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """The top-level fields and the rules that span sections."""
+        if not self.name or self.name != self.name.strip() or any(c in self.name for c in "/\\\0") \
+                or self.name in (".", ".."):
+            raise CairnError(f"name {self.name!r} cannot name checkpoint files: "
+                             "use letters, digits, '-', '_' or '.' (no path separators)")
+        positive(self, None, "seed", zero_ok=True)
+        if not self.tokenizer.strip():
+            raise CairnError("tokenizer is empty: use 'gpt2', bpe:4096 (learned on the training split) "
+                             "or a directory made by `cairn tokenizer train`")
+        # only the spec's syntax: a directory is looked for when the run starts, so validating reads no disk
+        parse_bpe_spec(self.tokenizer)
+        if self.data.seq_len > self.model.context_len:
+            raise CairnError(f"data.seq_len ({self.data.seq_len}) is longer than model.context_len "
+                             f"({self.model.context_len}): lower seq_len or raise context_len")
+        if self.train.optimizer == "muon" and self.train.parallel == "fsdp":
+            raise CairnError("train.optimizer muon needs whole weight matrices, which FSDP shards: "
+                             "use --parallel ddp, or --optimizer adamw with FSDP")
+
+
+SECTIONS = ("model", "data", "train")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check every value; raise CairnError naming the field and what to do. Reads nothing from disk."""
+    for section in SECTIONS:
+        getattr(cfg, section).check()
+    cfg.check()
+    return cfg
+
+
+# ---------------------------------------------------------------- setting values by name
 
 def field_index() -> dict[str, tuple[Optional[str], str, Any]]:
     """Every settable key -> (section or None, field name, type). Short names are unique by design."""
     index: dict[str, tuple[Optional[str], str, Any]] = {}
-    for name, tp in _field_types(RunConfig).items():
+    top = _field_types(RunConfig)
+    for name, tp in top.items():
         if name not in SECTIONS:
             index[name] = (None, name, tp)
     for section in SECTIONS:
-        cls = type(getattr(RunConfig(), section))
-        for name, tp in _field_types(cls).items():
+        for name, tp in _field_types(top[section]).items():
             assert name not in index, f"field name {name} is not unique"
-            index[name] = (section, name, tp)
-            index[f"{section}.{name}"] = (section, name, tp)
+            index[name] = index[f"{section}.{name}"] = (section, name, tp)
     return index
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        tp = args[0]
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.lower() if isinstance(value, str) else None
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    if isinstance(value, str):
+        value = value.replace("_", "")
+        if "e" in value.lower() and float(value).is_integer():  # 1e3, as people write step counts
+            return int(float(value))
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError
+    return out
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+_PARSERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+_EXAMPLES = {int: "a whole number, e.g. 32", float: "a finite number, e.g. 0.001", bool: "true or false",
+             str: "text"}
+
+
+def _coerce(key: str, value: Any, tp: Any, qual: str) -> Any:
+    """`value` (CLI text or a TOML value) as the field's type; `key` is the name as the user gave it."""
+    choices = _choices(tp)
+    if choices is not None:
+        check_choice(qual, value, choices)
+        return value
     try:
-        if tp is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-                return True
-            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            if isinstance(value, str):
-                value = value.replace("_", "")
-                return int(float(value)) if ("e" in value.lower() and float(value).is_integer()) else int(value)
-            return int(value)
-        if tp is float:
-            if isinstance(value, bool):
-                raise ValueError
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError
-            return out
-        if tp is str:
-            if not isinstance(value, str):
-                raise ValueError
-            return value
-    except (ValueError, TypeError):
+        return _PARSERS[tp](value)
+    except (ValueError, TypeError, OverflowError):
         pass
-    else:
-        raise AssertionError(f"unhandled type {tp}")
-    tname = getattr(tp, "__name__", str(tp))
-    example = {"int": "a whole number, e.g. 32", "float": "a finite number, e.g. 0.001",
-               "bool": "true or false", "str": "text"}.get(tname, tname)
-    raise CairnError(f"{key} must be {'a' if tname != 'int' else 'an'} {tname}, got {value!r}: give {example}")
+    article = "an" if tp is int else "a"
+    raise CairnError(f"{key} must be {article} {tp.__name__}, got {value!r}: give {_EXAMPLES[tp]}")
 
 
 def set_value(cfg: RunConfig, key: str, value: Any) -> None:
@@ -305,85 +378,13 @@ def set_value(cfg: RunConfig, key: str, value: Any) -> None:
         raise CairnError(f"unknown option {key!r}: run `cairn train --help` to see every option")
     section, name, tp = index[norm]
     target = cfg if section is None else getattr(cfg, section)
-    setattr(target, name, _coerce(key, value, tp))
+    setattr(target, name, _coerce(key, value, tp, _qual(section, name)))
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     for key, value in overrides.items():
         set_value(cfg, key, value)
     return cfg
-
-
-def load_toml(path: str | Path, cfg: Optional[RunConfig] = None) -> RunConfig:
-    """Apply a TOML file (sections [model], [data], [train]; top-level name/seed/tokenizer/preset)."""
-    path = Path(path)
-    if path.is_dir():
-        raise CairnError(f"config file {str(path)!r} is a directory: pass the path of a .toml file")
-    if not path.is_file():
-        raise CairnError(f"config file {str(path)!r} does not exist: check the path")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CairnError(f"config file {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as e:
-        raise CairnError(f"config file {str(path)!r} is not valid TOML ({_one_line(e)}): fix the file") from None
-    except OSError as e:
-        raise CairnError(f"cannot read config file {str(path)!r} ({e.strerror or e}): check its permissions") from None
-    if cfg is None:
-        name = raw.pop("preset", None)
-        if name is not None and not isinstance(name, str):
-            raise CairnError(f"config file {str(path)!r}: preset must be a string, got {name!r}: "
-                             f"use one of {', '.join(sorted(PRESETS))}")
-        try:
-            cfg = preset(name) if name is not None else RunConfig()
-        except CairnError as e:
-            raise CairnError(f"config file {str(path)!r}: {e}") from None
-    else:
-        raw.pop("preset", None)
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise CairnError(f"config file {str(path)!r}: [{key}] must be a table: "
-                                 f"put its settings under a [{key}] header")
-            for sub, v in value.items():
-                if f"{key}.{sub}" not in field_index():
-                    raise CairnError(f"config file {str(path)!r}: unknown key {key}.{sub}: see `cairn train --help`")
-                flat[f"{key}.{sub}"] = v
-        elif isinstance(value, dict):
-            raise CairnError(f"config file {str(path)!r}: unknown section [{key}]: use [model], [data] or [train]")
-        else:
-            if key not in field_index() or field_index()[key][0] is not None:
-                raise CairnError(f"config file {str(path)!r}: unknown top-level key {key!r}: see `cairn train --help`")
-            flat[key] = value
-    try:
-        return apply_overrides(cfg, flat)
-    except CairnError as e:
-        raise CairnError(f"config file {str(path)!r}: {e}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception's text on one line (the CLI prints every error as one line)."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    raise TypeError(f"cannot write {type(v)} to TOML")
-
-
-def to_toml(cfg: RunConfig) -> str:
-    d = cfg.to_dict()
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in SECTIONS and v is not None]
-    for section in SECTIONS:
-        lines.append(f"\n[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in d[section].items() if v is not None]
-    return "\n".join(lines) + "\n"
 
 
 def from_dict(d: dict) -> RunConfig:
@@ -394,137 +395,83 @@ def from_dict(d: dict) -> RunConfig:
     return apply_overrides(cfg, flat)
 
 
-# ---------------------------------------------------------------- validation
+# ---------------------------------------------------------------- TOML files
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check every value; raise CairnError naming the field and what to do."""
-    m, d, t = cfg.model, cfg.data, cfg.train
+def to_toml(cfg: RunConfig) -> str:
+    return tomli_w.dumps(cfg.to_dict())
 
-    def positive(section: str, name: str, value, allow_zero: bool = False):
-        if value < 0 or (value == 0 and not allow_zero):
-            need = "zero or more" if allow_zero else "positive"
-            raise CairnError(f"{section}.{name} must be {need}, got {value}: "
-                             f"set --{name.replace('_', '-')} to {'0 or more' if allow_zero else 'a positive value'}")
 
-    if not cfg.name or cfg.name != cfg.name.strip() or any(c in cfg.name for c in "/\\\0") \
-            or cfg.name in (".", ".."):
-        raise CairnError(f"name {cfg.name!r} cannot name checkpoint files: "
-                         "use letters, digits, '-', '_' or '.' (no path separators)")
-    if cfg.seed < 0:
-        raise CairnError(f"seed must be zero or more, got {cfg.seed}: set --seed to 0 or more")
+def _read_toml(path: Path) -> dict:
+    where = f"config file {str(path)!r}"
+    if path.is_dir():
+        raise CairnError(f"{where} is a directory: pass the path of a .toml file")
+    if not path.is_file():
+        raise CairnError(f"{where} does not exist: check the path")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CairnError(f"{where} is not UTF-8 text: save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise CairnError(f"{where} is not valid TOML ({_one_line(e)}): fix the file") from None
+    except OSError as e:
+        raise CairnError(f"cannot read {where} ({e.strerror or e}): check its permissions") from None
 
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_mlp", "context_len"):
-        positive("model", name, getattr(m, name))
-    if m.d_model % m.n_heads:
-        raise CairnError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}): "
-                         "change --d-model or --n-heads")
-    if m.d_model // m.n_heads % 2:
-        raise CairnError(f"head size d_model/n_heads = {m.d_model // m.n_heads} must be even: "
-                         "change --d-model or --n-heads")
-    for name, allowed in (("positions", ("sinusoidal", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                          ("mlp", ("gelu", "swiglu"))):
-        if getattr(m, name) not in allowed:
-            raise CairnError(f"model.{name} must be {' or '.join(repr(a) for a in allowed)}, got {getattr(m, name)!r}: "
-                             f"set --{name} to one of them")
-    positive("model", "rope_theta", m.rope_theta)
-    if not 0 <= m.dropout < 1:
-        raise CairnError(f"model.dropout must be in [0, 1), got {m.dropout}: set --dropout to e.g. 0.1")
-    positive("model", "norm_eps", m.norm_eps)
 
-    positive("data", "n_samples", d.n_samples, allow_zero=True)
-    positive("data", "seq_len", d.seq_len)
-    if d.seq_len > m.context_len:
-        raise CairnError(f"data.seq_len ({d.seq_len}) is longer than model.context_len ({m.context_len}): "
-                         "lower seq_len or raise context_len")
-    if not (0 < d.train_frac <= 1) or not (0 <= d.val_frac < 1):
-        raise CairnError(f"data.train_frac must be in (0, 1] and data.val_frac in [0, 1), "
-                         f"got {d.train_frac} and {d.val_frac}: change --train-frac / --val-frac")
-    if d.train_frac + d.val_frac > 1 + 1e-9:
-        raise CairnError(f"data.train_frac + data.val_frac = {d.train_frac + d.val_frac:g} is over 1: "
-                         "the fractions must sum to at most 1 (the rest is the test split)")
-    if d.batching not in ("pack", "pad"):
-        raise CairnError(f"data.batching must be 'pack' or 'pad', got {d.batching!r}: use --batching pack or pad")
-    if d.pack_shift and d.batching != "pack":
-        raise CairnError("data.pack_shift is for packed rows (pad batching does not cut the stream into windows): "
-                         "use --batching pack, or --pack-shift false")
-    if d.story_mask and d.batching != "pack":
-        raise CairnError("data.story_mask is for packed rows (pad batching gives each story a row of its own): "
-                         "use --batching pack, or --story-mask false")
-    if not d.source:
-        raise CairnError("data.source is empty: pass --data PATH_OR_HUB_ID")
+def _flatten(raw: dict) -> dict[str, Any]:
+    """A TOML file's settings as `key` / `section.key` overrides, every key checked to exist."""
+    index = field_index()
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise CairnError(f"[{key}] must be a table: put its settings under a [{key}] header")
+            for sub, v in value.items():
+                if f"{key}.{sub}" not in index:
+                    raise CairnError(f"unknown key {key}.{sub}: see `cairn train --help`")
+                flat[f"{key}.{sub}"] = v
+        elif isinstance(value, dict):
+            raise CairnError(f"unknown section [{key}]: use [model], [data] or [train]")
+        elif key not in index or index[key][0] is not None:
+            raise CairnError(f"unknown top-level key {key!r}: see `cairn train --help`")
+        else:
+            flat[key] = value
+    return flat
 
-    for name in ("batch_size", "grad_accum", "epochs", "lr"):
-        positive("train", name, getattr(t, name))
-    for name in ("max_steps", "min_lr", "weight_decay", "grad_clip", "report_every", "eval_every",
-                 "eval_batches", "patience", "checkpoint_every", "keep_checkpoints", "num_threads", "num_workers",
-                 "skip_nonfinite"):
-        positive("train", name, getattr(t, name), allow_zero=True)
-    if t.min_lr > t.lr:
-        raise CairnError(f"train.min_lr ({t.min_lr}) is above train.lr ({t.lr}): lower --min-lr or raise --lr")
-    if t.schedule not in ("linear", "cosine", "constant"):
-        raise CairnError(f"train.schedule must be 'linear', 'cosine' or 'constant', got {t.schedule!r}: "
-                         "use one of them with --schedule")
-    if t.warmup_steps < -1:
-        raise CairnError(f"train.warmup_steps must be -1 (use warmup_frac) or zero or more, got {t.warmup_steps}: "
-                         "change --warmup-steps")
-    if not 0 <= t.warmup_frac <= 1:
-        raise CairnError(f"train.warmup_frac must be in [0, 1], got {t.warmup_frac}: change --warmup-frac")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(t, name) < 1:
-            raise CairnError(f"train.{name} must be in [0, 1), got {getattr(t, name)}: change --{name}")
-    positive("train", "eps", t.eps)
-    if t.time_budget:
-        parse_duration(t.time_budget)
-    positive("train", "end_stories", t.end_stories, allow_zero=True)
-    positive("train", "end_story_tokens", t.end_story_tokens)
-    if t.precision not in ("auto", "fp32", "bf16"):
-        raise CairnError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {t.precision!r}: "
-                         "use one of them with --precision")
-    if t.optimizer not in ("adamw", "muon"):
-        raise CairnError(f"train.optimizer must be 'adamw' or 'muon', got {t.optimizer!r}: use --optimizer adamw or muon")
-    if t.optimizer == "muon" and t.parallel == "fsdp":
-        raise CairnError("train.optimizer muon needs whole weight matrices, which FSDP shards: "
-                         "use --parallel ddp, or --optimizer adamw with FSDP")
-    if not (math.isfinite(t.embed_lr_scale) and t.embed_lr_scale > 0):
-        raise CairnError(f"train.embed_lr_scale must be a positive number, got {t.embed_lr_scale}: "
-                         "change --embed-lr-scale (1 = the same lr as everything else)")
-    if t.epoch_val not in ("full", "sample"):
-        raise CairnError(f"train.epoch_val must be 'full' or 'sample', got {t.epoch_val!r}: use --epoch-val full or sample")
-    if not (t.embed_weight_decay == -1 or (math.isfinite(t.embed_weight_decay) and t.embed_weight_decay >= 0)):
-        raise CairnError(f"train.embed_weight_decay must be >= 0 (or -1 for weight_decay's), got "
-                         f"{t.embed_weight_decay}: change --embed-weight-decay")
-    if not 0 <= t.muon_momentum < 1:
-        raise CairnError(f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}: change --muon-momentum")
-    if t.parallel not in ("ddp", "fsdp"):
-        raise CairnError(f"train.parallel must be 'ddp' or 'fsdp', got {t.parallel!r}: use --parallel ddp or fsdp")
-    positive("train", "dist_timeout_s", t.dist_timeout_s)
-    if cfg.tokenizer.startswith("bpe:"):
-        parse_bpe_spec(cfg.tokenizer)
-    elif cfg.tokenizer != "gpt2" and not (Path(cfg.tokenizer) / "tokenizer.json").is_file():
-        raise CairnError(f"tokenizer {cfg.tokenizer!r} is neither 'gpt2', 'bpe:N' nor a directory holding "
-                         "tokenizer.json: use 'gpt2', bpe:4096 (learned on the training split) or a directory "
-                         "made by `cairn tokenizer train`")
-    return cfg
+
+def _base(name: Any) -> RunConfig:
+    """The config a file's `preset = "..."` line names (defaults without one)."""
+    from .presets import PRESETS, preset  # at call time: presets.py imports this module
+
+    if name is not None and not isinstance(name, str):
+        raise CairnError(f"preset must be a string, got {name!r}: use one of {', '.join(sorted(PRESETS))}")
+    return preset(name) if name is not None else RunConfig()
+
+
+def load_toml(path: str | Path, cfg: Optional[RunConfig] = None) -> RunConfig:
+    """Apply a TOML file (sections [model], [data], [train]; top-level name/seed/tokenizer/preset).
+
+    Without `cfg` the file's own `preset` line (or the defaults) is the base; with one, that line is ignored."""
+    path = Path(path)
+    raw = _read_toml(path)
+    try:
+        name = raw.pop("preset", None)
+        return apply_overrides(cfg if cfg is not None else _base(name), _flatten(raw))
+    except CairnError as e:
+        raise CairnError(f"config file {str(path)!r}: {e}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's text on one line (the CLI prints every error as one line)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def describe_options() -> str:
-    """Every option with its default and comment, for --help."""
-    import inspect
-
+    """Every option with its help text and default, for --help."""
     out = []
-    for section, cls in (("", RunConfig), ("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
-        src = inspect.getsource(cls).splitlines()
-        comments = {}
-        for line in src:
-            s = line.strip()
-            if ":" in s and "#" in s and not s.startswith("#"):
-                comments[s.split(":")[0].strip()] = s.split("#", 1)[1].strip()
+    top = _field_types(RunConfig)
+    for section, cls in ((None, RunConfig), *((s, top[s]) for s in SECTIONS)):
         if section:
             out.append(f"\n  [{section}]")
-        for f in fields(cls):
-            if f.name in SECTIONS or f.name == "to_dict":
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            flag = "--" + f.name.replace("_", "-")
-            out.append(f"  {flag:<20} {comments.get(f.name, '')} (default {default!r})")
+        out += [f"  {_flag(f.name):<20} {f.metadata['help']} (default {f.default!r})"
+                for f in fields(cls) if "help" in f.metadata]
     return "\n".join(out)
