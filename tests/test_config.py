@@ -9,7 +9,7 @@ from pathlib import Path
 from cairn.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, describe_options,
                           field_index, from_dict, load_toml, to_toml, validate)
 from cairn.errors import CairnError
-from cairn.presets import PRESETS, preset
+from cairn.presets import PRESETS, config_file, preset
 
 # every value of every preset: a refactoring must not change one (docs/presets.md says why they are so)
 PRESET_VALUES = {
@@ -140,7 +140,8 @@ def test_toml_round_trip_and_file_errors(tmp_path):
     with pytest.raises(CairnError, match="unknown key train.learning_rate"):
         load_toml(f)
     f.write_text("preset = 'cpu-small'\n[model]\nd_model = 512\n")
-    assert load_toml(f).model.d_model == 512 and load_toml(f).name == "cpu-small"
+    assert config_file(f).model.d_model == 512 and config_file(f).name == "cpu-small"
+    assert load_toml(f).name == RunConfig().name  # the preset line is config_file's to read
     with pytest.raises(CairnError, match="unknown preset"):
         preset("gpt5")
 

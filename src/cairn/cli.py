@@ -224,8 +224,8 @@ def _config_overrides(args, extra: list[str]) -> dict[str, str]:
 
 def train_config(args, overrides: dict[str, str]) -> tuple[object, Path, bool]:
     """(config, run directory, resume?) from the preset, config file, saved run and overrides."""
-    from .config import RunConfig, apply_overrides, load_toml, validate
-    from .presets import preset
+    from .config import RunConfig, apply_overrides, validate
+    from .presets import config_file, preset
     from .training.resume import run_config
 
     resume = False
@@ -241,7 +241,7 @@ def train_config(args, overrides: dict[str, str]) -> tuple[object, Path, bool]:
     else:
         base = preset(args.preset) if args.preset else None
         # without --preset, a `preset = "..."` line in the file picks the base
-        cfg = load_toml(args.config, base) if args.config else (base or RunConfig())
+        cfg = config_file(args.config, base) if args.config else (base or RunConfig())
         out = Path(args.out) if args.out else Path("runs") / cfg.name
         resume = args.resume == "auto"
     _check_out(out)
@@ -268,14 +268,14 @@ def cmd_train(args, extra: list[str], started: float) -> int:
 
 def _prepare_config(args):
     """The run config whose data settings `cairn prepare` uses: preset, then config file, then flags."""
-    from .config import RunConfig, apply_overrides, load_toml, validate
-    from .presets import preset
+    from .config import RunConfig, apply_overrides, validate
+    from .presets import config_file, preset
 
     _not_empty(args, "prepare", "data", "preset", "config", "tokenizer", "cache_dir")
     if args.workers < 0:
         raise CairnError(f"--workers must be 0 (every usable core) or more, got {args.workers}")
     base = preset(args.preset) if args.preset else None
-    cfg = load_toml(args.config, base) if args.config else (base or RunConfig())
+    cfg = config_file(args.config, base) if args.config else (base or RunConfig())
     overrides = {key: getattr(args, key) for key in ("seed", "tokenizer", "n_samples", "train_frac", "val_frac",
                                                      "text_field", "txt_separator", "hub_split", "cache_dir")
                  if getattr(args, key) is not None}

@@ -438,24 +438,19 @@ def _flatten(raw: dict) -> dict[str, Any]:
     return flat
 
 
-def _base(name: Any) -> RunConfig:
-    """The config a file's `preset = "..."` line names (defaults without one)."""
-    from .presets import PRESETS, preset  # at call time: presets.py imports this module
-
-    if name is not None and not isinstance(name, str):
-        raise CairnError(f"preset must be a string, got {name!r}: use one of {', '.join(sorted(PRESETS))}")
-    return preset(name) if name is not None else RunConfig()
+def read_toml(path: str | Path) -> dict:
+    """A TOML config file's raw table (one-line errors for a missing, unreadable or invalid file)."""
+    return _read_toml(Path(path))
 
 
 def load_toml(path: str | Path, cfg: Optional[RunConfig] = None) -> RunConfig:
-    """Apply a TOML file (sections [model], [data], [train]; top-level name/seed/tokenizer/preset).
-
-    Without `cfg` the file's own `preset` line (or the defaults) is the base; with one, that line is ignored."""
+    """Apply a TOML file (sections [model], [data], [train]; top-level name/seed/tokenizer) over
+    `cfg` (default: the defaults). A `preset = "..."` line is read by `presets.config_file`."""
     path = Path(path)
     raw = _read_toml(path)
+    raw.pop("preset", None)
     try:
-        name = raw.pop("preset", None)
-        return apply_overrides(cfg if cfg is not None else _base(name), _flatten(raw))
+        return apply_overrides(cfg if cfg is not None else RunConfig(), _flatten(raw))
     except CairnError as e:
         raise CairnError(f"config file {str(path)!r}: {e}") from None
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from pathlib import Path
+from typing import Optional
+
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig, load_toml, read_toml
 from .errors import CairnError
 
 
@@ -73,3 +76,18 @@ def preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise CairnError(f"unknown preset {name!r}: choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]()
+
+
+def config_file(path: str | Path, base: Optional[RunConfig] = None) -> RunConfig:
+    """A TOML config file over `base`; without one, over the preset its own `preset = "..."` line
+    names (or the defaults)."""
+    if base is None:
+        name = read_toml(path).get("preset")
+        if name is not None and not isinstance(name, str):
+            raise CairnError(f"config file {str(path)!r}: preset must be a string, got {name!r}: "
+                             f"use one of {', '.join(sorted(PRESETS))}")
+        try:
+            base = preset(name) if name is not None else RunConfig()
+        except CairnError as e:
+            raise CairnError(f"config file {str(path)!r}: {e}") from None
+    return load_toml(path, base)
