@@ -61,7 +61,63 @@ def latest(checkpoints: Path) -> Optional[Path]:
     except (UnicodeDecodeError, OSError):
         return None
     target = checkpoints / name
-    return target if name and "/" not in name and (target / "state.json").is_file() else None
+    return target if _own_name(name) and (target / "state.json").is_file() else None
+
+
+def _own_name(name: str) -> bool:
+    """A checkpoint's own name inside checkpoints/: nothing that leads elsewhere."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+
+
+RESUMABLE_KINDS = {"step": 0, "epoch": 1, "final": 2}  # at one step, the later kind is the later checkpoint
+
+
+def resumable_problem(path: Path) -> Optional[str]:
+    """Why training cannot resume from `path`, or None when it can: its state.json is whole and
+    valid, its weights file has a readable header, its optimizer state is a whole zip file."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    from .checkpoint_check import state_problem
+
+    try:
+        meta = read_checkpoint(path).meta
+    except CairnError as e:
+        return str(e)
+    if meta.get("kind") not in RESUMABLE_KINDS:
+        return f"a {meta.get('kind')!r} checkpoint cannot resume training"
+    problem = state_problem(meta)
+    if problem:
+        return f"state.json is damaged ({problem})"
+    if not (path / "trainer.pt").is_file():
+        return "it holds no optimizer state (no trainer.pt)"
+    if not zipfile.is_zipfile(path / "trainer.pt"):
+        return "trainer.pt is corrupt or truncated (not a torch zip file)"
+    try:
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a bad file
+        return f"model.safetensors is unreadable ({_first_words(e)})"
+    return None
+
+
+def newest_resumable(checkpoints: Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """The newest checkpoint training can resume from, found by reading the checkpoints
+    themselves (the `latest` pointer is only a hint), and those passed over, with why."""
+    if not checkpoints.is_dir():
+        return None, []
+    good, bad = [], []
+    for p in sorted(checkpoints.iterdir()):
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        problem = resumable_problem(p)
+        if problem is None:
+            meta = read_checkpoint(p).meta
+            good.append((meta["state"]["step"], RESUMABLE_KINDS[meta["kind"]], p == latest(checkpoints), p))
+        elif not problem.startswith("a 'best'"):
+            bad.append((p, problem))
+    return (max(good)[-1] if good else None), bad
 
 
 @dataclass
@@ -79,7 +135,7 @@ class Checkpoint:
         try:
             return load_file(str(f))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CairnError(f"{f} is corrupt or truncated ({_first_words(e)}): use another checkpoint") from None
+            raise CairnError(f"{f} is corrupt or truncated ({_first_words(e)}): {_use_another(self.path)}") from None
 
     def trainer_state(self) -> dict:
         f = self.path / "trainer.pt"
@@ -94,7 +150,16 @@ class Checkpoint:
             raise CairnError(f"refusing {f}: it holds {what}, not plain tensors; cairn never runs code from a "
                              "checkpoint: use a checkpoint written by cairn") from None
         except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
-            raise CairnError(f"{f} is corrupt or truncated ({_first_words(e)}): use another checkpoint") from None
+            raise CairnError(f"{f} is corrupt or truncated ({_first_words(e)}): {_use_another(self.path)}") from None
+
+
+def _use_another(bad: Path) -> str:
+    """Advice after a damaged checkpoint: the newest good one of its run, by name."""
+    if bad.parent.name == "checkpoints":
+        found, _ = newest_resumable(bad.parent)
+        if found is not None and found != bad:
+            return f"use another checkpoint, e.g. {found} (`cairn train --resume {bad.parent.parent}` resumes from it)"
+    return "use another checkpoint"
 
 
 def _first_words(e: BaseException, limit: int = 100) -> str:

@@ -61,6 +61,9 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR|auto",
                    help="continue the run in RUN_DIR from its newest checkpoint; 'auto': resume --out if it "
                         "has a checkpoint, else start it")
+    p.add_argument("--restart", metavar="RUN_DIR",
+                   help="start the run in RUN_DIR over, with its saved config: its old contents are moved aside "
+                        "into RUN_DIR.before-restart-<time> (nothing is deleted)")
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="save a checkpoint and stop once step N is done, keeping the planned schedule")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (report lines only)")
@@ -229,15 +232,19 @@ def train_config(args, overrides: dict[str, str]) -> tuple[object, Path, bool]:
     from .training.resume import run_config
 
     resume = False
-    if args.resume and args.resume != "auto":
-        run = Path(args.resume)
+    saved = args.restart or (args.resume if args.resume != "auto" else None)
+    if args.restart and args.resume:
+        raise CairnError("--resume and --restart exclude each other: give one of them")
+    if saved:
+        flag = "--restart" if args.restart else "--resume"
+        run = Path(saved)
         if args.out and Path(args.out) != run:
-            raise CairnError("--resume RUN_DIR and --out name different directories: give one of them")
+            raise CairnError(f"{flag} RUN_DIR and --out name different directories: give one of them")
         cfg = run_config(run)
         if args.preset or args.config:
-            raise CairnError("--resume RUN_DIR uses the run's saved config: drop --preset/--config "
+            raise CairnError(f"{flag} RUN_DIR uses the run's saved config: drop --preset/--config "
                              "(overrides like --max-steps are allowed)")
-        out, resume = run, True
+        out, resume = run, not args.restart
     else:
         base = preset(args.preset) if args.preset else None
         # without --preset, a `preset = "..."` line in the file picks the base
@@ -256,13 +263,14 @@ def cmd_train(args, extra: list[str], started: float) -> int:
     from .training import train
 
     overrides = _config_overrides(args, extra)
-    _not_empty(args, "train", "preset", "config", "data", "out", "resume")
+    _not_empty(args, "train", "preset", "config", "data", "out", "resume", "restart")
     if args.stop_after < 0:
         raise CairnError(f"--stop-after must be zero (off) or a step number, got {args.stop_after}")
     cfg, out, resume = train_config(args, overrides)
     progress = not args.no_progress and sys.stderr.isatty()
     setup_logging(progress=progress)
-    train(cfg, out, resume=resume, stop_after=args.stop_after, progress=progress, started=started)
+    train(cfg, out, resume=resume, restart=bool(args.restart), stop_after=args.stop_after, progress=progress,
+          started=started)
     return 0
 
 
@@ -426,12 +434,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise CairnError(f"unknown option {extra[0]!r} for `cairn {args.command}` (see `cairn {args.command} --help`)")
         return args.func(args)
     except CairnError as e:
+        if os.environ.get("CAIRN_DEBUG"):
+            raise
         if not isinstance(e, SharedError):  # under torchrun rank 0 already said it
             print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # noqa: BLE001 - storage failures come in many libraries' types
+        # a storage failure that no command caught where it happened: still one line
+        from .failures import storage_problem
+
+        problem = storage_problem(e)
+        if problem is None or os.environ.get("CAIRN_DEBUG"):
+            raise  # a bug: its traceback is worth seeing
+        where = f" ({problem.path})" if problem.path else ""
+        print(f"error: {problem.what}{where}: {problem.advice}, then run the command again "
+              "(set CAIRN_DEBUG=1 to see where it failed)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0

@@ -60,7 +60,8 @@ def pick_next(logits: torch.Tensor, s: SamplingConfig, generator: torch.Generato
     logits = logits.float()
     if s.temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits / s.temperature, s.top_k, s.top_p)
+    # shifted so the largest is 0: a tiny temperature then sends the others to -inf, never to NaN
+    logits = filter_logits((logits - logits.max(dim=-1, keepdim=True).values) / s.temperature, s.top_k, s.top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 

@@ -130,3 +130,18 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | tupl
         return measured_matmul_flops(), "measured float32 matmul"
     return None, f"no peak known for {device.type}"
 
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes a new allocation can still get on `device`, where that is known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+    return None

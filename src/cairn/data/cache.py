@@ -28,6 +28,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from ..config import DataConfig
+from .. import files
 from ..errors import CairnError
 from ..host import usable_cores
 from .parallel import ChunkPool, encode_chunk, scan_chunk
@@ -225,6 +226,31 @@ def _load_cached(directory: Path, key: str, meta: dict) -> PreparedData:
     return PreparedData(cache_dir=directory, key=key, meta=meta, **splits)
 
 
+def _verify(directory: Path, meta: dict, vocab_size: int) -> Optional[str]:
+    """What is wrong with a cache whose files have the right sizes, or None: story offsets that
+    do not run from 0 up to the token count, counts that disagree with meta.json, token ids
+    outside the vocabulary. Reads every token once (memory-mapped, a chunk at a time)."""
+    try:
+        if not (isinstance(meta["eot_id"], int) and 0 <= meta["eot_id"] < vocab_size):
+            return f"meta.json's eot_id {meta['eot_id']!r} is not a token id"
+        for split in SPLITS:
+            info = meta["splits"][split]
+            offsets = np.load(directory / f"{split}.offsets.npy", allow_pickle=False)
+            if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) != info["stories"] + 1:
+                return f"{split}.offsets.npy does not hold {info['stories']} stories' offsets"
+            if len(offsets) and (offsets[0] != 0 or offsets[-1] != info["tokens"] or np.any(np.diff(offsets) < 1)):
+                return f"{split}.offsets.npy does not run from 0 up to the split's {info['tokens']} tokens"
+            if not (isinstance(info["bytes"], int) and info["bytes"] >= 0):
+                return f"meta.json's {split} byte count {info['bytes']!r} is impossible"
+            tokens = _map_tokens(directory / f"{split}.tokens", np.dtype(meta["dtype"]), info["tokens"])
+            for start in range(0, len(tokens), 1 << 24):
+                if int(tokens[start:start + (1 << 24)].max()) >= vocab_size:
+                    return f"{split}.tokens holds token ids beyond the vocabulary of {vocab_size}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _remove_stale_temps(root: Path) -> None:
     # A prepare killed outright (SIGKILL, power loss) cannot clean up after itself; the next one does.
     now = time.time()
@@ -393,11 +419,13 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, *,
     final = root / key
 
     meta = _read_valid_meta(final)
-    if meta is not None:
+    problem = _verify(final, meta, tokenizer.vocab_size) if meta is not None else None
+    if meta is not None and problem is None:
         log.info(f"using cached tokens at {final}")
         return _load_cached(final, key, meta)
     if final.exists():
-        log.info(f"cache at {final} is incomplete or from another version: rebuilding it")
+        log.warning(f"cache at {final} is {f'corrupt ({problem})' if problem else 'incomplete or from another version'}: "
+                    "rebuilding it")
         shutil.rmtree(final, ignore_errors=True)
 
     start = time.perf_counter()
@@ -427,6 +455,7 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, *,
                 meta["prepared"] = {"source_bytes": scan.n_bytes, "workers": pool.workers,
                                     "seconds": round(time.perf_counter() - start, 3)}
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+                files.fsync_tree(tmp)  # the rename below must never publish files still in the page cache
             except OSError as e:
                 raise CairnError(f"cannot write the token cache in {root} ({e.strerror or e}): "
                                  "free disk space or set --cache-dir") from None

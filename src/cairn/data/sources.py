@@ -54,8 +54,10 @@ def _scan_dir(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(EXTENSIONS):
-                found.append(Path(dirpath) / name)
+            full = Path(dirpath) / name
+            # a pipe or device named like data would block the reader forever: only regular files are data
+            if not name.startswith(".") and name.lower().endswith(EXTENSIONS) and full.is_file():
+                found.append(full)
     return sorted(found)
 
 
@@ -79,6 +81,9 @@ def resolve_files(source: str) -> Optional[tuple[Path, list[Path]]]:
         return path, files
     if path.is_file():
         return path.parent, [_check_ext(path)]
+    if path.exists():
+        raise CairnError(f"data path {source!r} is not a regular file (a pipe or a device?): pass a data file or "
+                         "a directory of them")
     if _GLOB_CHARS.search(source):
         files: list[Path] = []
         for match in sorted(glob.glob(os.path.expanduser(source), recursive=True)):

@@ -23,23 +23,25 @@ from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prep
 from ..errors import CairnError
 from ..log import ensure_setup, only_main_speaks
 from ..model import Transformer
-from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, resolve_precision, seed_everything, set_threads
+from ..runtime import (available_memory, cpu_compiler, keep_freed_memory, peak_flops, resolve_precision,
+                       seed_everything, set_threads)
 from . import budget, resume
 from .calibrate import measure
 from .checkpointer import Checkpointer
 from .distributed import Dist, session
 from .loop import Trainer
 from .optim import make_optimizer, warmup_steps
-from .rundir import CONFIG, RunDir
+from .rundir import CONFIG, RunDir, RunLock
 from .state import Plan
 
 log = logging.getLogger(__name__)
 
 
-def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool = False, stop_after: int = 0,
-                  progress: bool = False, started: Optional[float] = None) -> Trainer:
-    """A Trainer for `cfg` writing into `out_dir`, resumed from its newest checkpoint if asked.
-    The caller's `cfg` is not changed."""
+def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool = False, restart: bool = False,
+                  stop_after: int = 0, progress: bool = False, started: Optional[float] = None) -> Trainer:
+    """A Trainer for `cfg` writing into `out_dir`, resumed from its newest valid checkpoint if
+    asked (or started over with the old contents moved aside: `restart`). Call it holding the
+    run's lock. The caller's `cfg` is not changed."""
     cfg = copy.deepcopy(cfg)
     t, main = cfg.train, dist.is_main
     if t.tensorboard:  # fail before the data is prepared, not after
@@ -51,7 +53,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     precision = resolve_precision(t.precision, dist.device)
     run = RunDir(out_dir, writer=main)
     checkpointer = Checkpointer(run, dist, cfg.name, t.keep_checkpoints)
-    start_from = dist.on_main(lambda: resume.starting_point(run, checkpointer, resume_run))
+    start_from = dist.on_main(lambda: resume.starting_point(run, checkpointer, resume_run, restart))
     # rank 0 learns a bpe:N tokenizer and tokenizes a new source into the (shared) cache; the others then read them
     tokenizer = dist.main_first(lambda: run_tokenizer.for_training(cfg, run.path, start_from is not None))
     cfg.model.vocab_size = tokenizer.vocab_size
@@ -62,7 +64,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     # held-out stories are scored one at a time from their own beginning, however training cuts
     # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
     val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
-    model = Transformer(cfg.model).to(dist.device)  # the same initial weights on every rank
+    model = build_model(cfg, dist.device)  # the same initial weights on every rank
     peak, peak_source = peak_flops(dist.device, precision)
     trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, initial_plan(cfg, len(train_ds), dist),
                       model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
@@ -84,6 +86,25 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
         trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
         run.metrics.sink = trainer.tb.write
     return trainer
+
+
+def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
+    """The model, or one line saying it cannot fit: its size, and what to lower. Training holds
+    its float32 weights, gradients and AdamW's two moments: 16 bytes a parameter, before activations."""
+    with torch.device("meta"):
+        n = Transformer(cfg.model).num_params()
+    need, free = 16 * n, available_memory(device)
+    what = (f"the model has {n:,} parameters ({4 * n / 1e9:,.2f} GB of float32 weights, {need / 1e9:,.2f} GB with "
+            f"gradients and optimizer state)")
+    advice = "lower --d-model, --n-layers or --d-mlp (or use a smaller tokenizer)"
+    if free is not None and need > free:
+        raise CairnError(f"{what}, more than the {free / 1e9:,.2f} GB free on {device}: {advice}")
+    try:
+        return Transformer(cfg.model).to(device)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+            raise
+        raise CairnError(f"out of memory on {device} building the model: {what}: {advice}") from None
 
 
 def initial_plan(cfg: RunConfig, n_items: int, dist: Dist) -> Plan:
@@ -147,21 +168,29 @@ def _write_run_files(trainer: Trainer) -> None:
     trainer.write_run_info()
 
 
-def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, stop_after: int = 0, progress: bool = False,
-          started: Optional[float] = None) -> dict:
+def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, restart: bool = False, stop_after: int = 0,
+          progress: bool = False, started: Optional[float] = None) -> dict:
     """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary.
-    `started` (time.monotonic()) is when the command began: a time budget counts from there.
+    `resume` continues the run in `out_dir` from its newest valid checkpoint; `restart` starts it
+    over, its old contents moved aside. `started` (time.monotonic()) is when the command began:
+    a time budget counts from there.
 
-    Under torchrun every process calls this; they train one model together (see distributed.py)."""
+    Under torchrun every process calls this; they train one model together (see distributed.py),
+    and rank 0 holds the run's lock."""
     started = time.monotonic() if started is None else started
     validate(cfg)
     ensure_setup()
     with session(cfg.train) as dist:
         only_main_speaks(dist.rank)
-        trainer = build_trainer(cfg, Path(out_dir), dist, resume_run=resume, stop_after=stop_after,
-                                progress=progress, started=started)
+        lock = RunLock(Path(out_dir))
+        dist.on_main(lock.acquire, share_result=False)
         try:
-            return trainer.run()
+            trainer = build_trainer(cfg, Path(out_dir), dist, resume_run=resume, restart=restart,
+                                    stop_after=stop_after, progress=progress, started=started)
+            try:
+                return trainer.run()
+            finally:
+                if trainer.tb is not None:
+                    trainer.tb.close()
         finally:
-            if trainer.tb is not None:
-                trainer.tb.close()
+            lock.release()

@@ -12,6 +12,7 @@ from typing import Optional
 from .. import checkpoint as ckpt
 from .. import files
 from ..errors import CairnError
+from ..failures import storage_problem
 from .rundir import RunDir
 
 
@@ -35,10 +36,13 @@ class Checkpointer:
     def _write(self, path: Path, weights: dict, meta: dict, trainer_state: Optional[dict], step: int) -> Path:
         try:
             ckpt.save_checkpoint(path, weights, meta, trainer_state)
-        except OSError as e:
-            raise CairnError(f"could not write checkpoint {path} ({e.strerror or e}) at step {step}: stopped; the "
-                             f"newest good checkpoint is {self.newest() or 'none'}; free space and resume with: "
-                             f"cairn train --resume {self.run.path}") from None
+        except Exception as e:  # noqa: BLE001 - torch and safetensors wrap the OS error in their own types
+            problem = storage_problem(e, str(self.dir))
+            if problem is None:
+                raise
+            raise CairnError(f"could not write checkpoint {path} at step {step} ({problem.what}): stopped; the "
+                             f"newest good checkpoint is {self.newest() or 'none'}; {problem.advice}, then resume "
+                             f"with: cairn train --resume {self.run.path}") from None
         if trainer_state is not None:
             ckpt.set_latest(path)
             ckpt.prune(self.dir, self.prefix, self.keep)

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from .. import checkpoint as ckpt
+from ..checkpoint_check import optimizer_problem, state_problem, tensors_problem
 from ..config import RunConfig, from_dict, load_toml
 from ..errors import CairnError
 from ..run_tokenizer import check_same
 from .checkpointer import Checkpointer
-from .rundir import CONFIG, RunDir
+from .rundir import CONFIG, WRITER, RunDir
 from .state import Plan, TrainState
 
 log = logging.getLogger(__name__)
@@ -35,18 +36,31 @@ def run_config(run_dir: Path) -> RunConfig:
     return load_toml(Path(run_dir) / CONFIG, RunConfig())
 
 
-def starting_point(run: RunDir, checkpointer: Checkpointer, resume: bool) -> Optional[Path]:
-    """The checkpoint a run continues from, or None for a run that starts from step 0."""
+def starting_point(run: RunDir, checkpointer: Checkpointer, resume: bool, restart: bool = False) -> Optional[Path]:
+    """The checkpoint a run continues from, or None for a run that starts from step 0. Call it
+    holding the run's lock. A run that has made progress is never started over by accident: only
+    `restart`, which moves the old contents aside first."""
+    if restart:
+        if run.path.is_dir() and any(p.name != WRITER for p in run.path.iterdir()):
+            log.info(f"restart: the run's old contents are kept in {run.move_aside()}")
+        return None
     if not resume:
         run.check_new()
         return None
     checkpointer.clean_up()
-    newest = checkpointer.newest()
-    if newest is not None:
-        return newest
-    if run.holds_run():  # stopped before its first checkpoint: nothing trained is lost by starting over
+    found, passed_over = ckpt.newest_resumable(run.checkpoints)
+    for path, why in passed_over:
+        log.warning(f"resume: passing over {path}: {why}")
+    if found is not None:
+        return found
+    progress = run.progress()
+    if progress:
+        why = f" ({passed_over[0][1]})" if passed_over else ""
+        raise CairnError(f"cannot resume {run.path}: it holds {' and '.join(progress)} but no checkpoint that can "
+                         f"resume{why}; nothing was changed; to start it over on purpose: cairn train --restart "
+                         f"{run.path} (moves the old contents aside, deletes nothing)")
+    if run.holds_run():  # stopped before its first checkpoint and its first report: nothing to lose
         log.info(f"{run.path} has no checkpoint yet: starting it from the beginning")
-        run.metrics.truncate_after(-1)
     return None
 
 
@@ -79,6 +93,10 @@ def load_weights_and_state(trainer, path: Path) -> tuple[ckpt.Checkpoint, dict]:
     """Weights (before the model is wrapped: FSDP shards what it holds), counters and plan; the
     optimizer and RNG follow in `restore_optimizer_and_rng` once the optimizer exists."""
     c = ckpt.read_checkpoint(path)
+    problem = state_problem(c.meta) or tensors_problem(path / "model.safetensors", trainer.model.weights())
+    if problem:
+        raise CairnError(f"cannot resume from {path}: {problem}; resume from another checkpoint, or delete this one "
+                         "and resume again (the newest good one is then used)")
     try:
         saved = _check_compatible(trainer, path, c)
         trainer.model.load_weights(c.model_state())
@@ -158,11 +176,24 @@ def _carry_position(trainer, path: Path, saved: RunConfig, saved_world: int) -> 
 
 def restore_optimizer_and_rng(trainer, c: ckpt.Checkpoint, state: dict) -> None:
     dist = trainer.dist
+    problem = optimizer_problem(state.get("optimizer") if isinstance(state, dict) else None,
+                                dict(trainer.model.named_parameters()))
     try:
+        if problem:
+            raise ValueError(problem)
         dist.load_optimizer_state(trainer.model, trainer.optimizer, state["optimizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CairnError(f"{c.path}/trainer.pt does not fit this model ({type(e).__name__}: {e}): "
                          "resume from another checkpoint") from None
+    try:
+        _restore_rng(trainer, c, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CairnError(f"{c.path}/trainer.pt holds no valid random-generator state ({type(e).__name__}: {e}): "
+                         "resume from another checkpoint") from None
+
+
+def _restore_rng(trainer, c: ckpt.Checkpoint, state: dict) -> None:
+    dist = trainer.dist
     ranks = state.get("rank_rng")
     if ranks is None and not dist.enabled:
         torch.set_rng_state(state["torch_rng"])

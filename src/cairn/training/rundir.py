@@ -6,16 +6,26 @@
   stories.md       the stories generated at the end
   tokenizer/       the run's copy of an own tokenizer
   checkpoints/     see checkpointer.py
+
+One process writes a run at a time: `RunLock` holds an advisory lock (flock) on the directory for
+the whole run, released by the OS if the process dies, and `.writer` says who holds it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from .. import files
 from ..errors import CairnError
+from ..failures import describe
+
+WRITER = ".writer"
 
 CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
@@ -62,6 +72,28 @@ class RunDir:
     def holds_run(self) -> bool:
         return (self.path / CONFIG).exists() or self.checkpoints.exists()
 
+    def progress(self) -> list[str]:
+        """What of a run's progress the directory holds: checkpoints, metrics."""
+        found = []
+        if self.checkpoints.is_dir():
+            n = sum(1 for p in self.checkpoints.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if n:
+                found.append(f"{n} checkpoint{'s' if n > 1 else ''}")
+        metrics = self.path / METRICS
+        if metrics.is_file() and metrics.stat().st_size:
+            found.append("metrics")
+        return found
+
+    def move_aside(self) -> Path:
+        """Move everything of the run into a new sibling directory (never delete it); the
+        directory itself, and its lock, stay."""
+        aside = self.path.with_name(f"{self.path.name}.before-restart-{time.strftime('%Y%m%d-%H%M%S')}")
+        aside.mkdir()
+        for p in self.path.iterdir():
+            if p.name != WRITER:
+                os.rename(p, aside / p.name)
+        return aside
+
     def check_new(self) -> None:
         """A new run never writes into another run's directory."""
         if self.holds_run():
@@ -75,3 +107,55 @@ class RunDir:
 
     def write_json(self, name: str, obj: dict) -> None:
         self.write(name, json.dumps(obj, indent=1, default=str))
+
+
+class RunLock:
+    """The one-writer lock of a run directory (made if missing, removed again if it stays empty)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fd: Optional[int] = None
+        self.created = False
+
+    def acquire(self) -> None:
+        self.created = not self.path.exists()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise CairnError(f"cannot create or open the run directory {self.path}: {describe(e) or e}; "
+                             "choose another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise CairnError(f"{self.path} is being written by another cairn process ({self._holder()}): let it "
+                             "finish or stop it first; two writers would mix their checkpoints and metrics") from None
+        self.fd = fd
+        try:
+            files.write_text(self.path / WRITER, f"pid {os.getpid()} on {socket.gethostname()}, "
+                                                 f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        except OSError as e:
+            self.release()
+            raise CairnError(f"cannot write into the run directory {self.path}: {describe(e) or e}; "
+                             "use a writable --out (or make this one writable)") from None
+
+    def _holder(self) -> str:
+        try:
+            return (self.path / WRITER).read_text(encoding="utf-8").strip() or "holder unknown"
+        except OSError:
+            return "holder unknown"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            (self.path / WRITER).unlink(missing_ok=True)
+            if self.created and not any(self.path.iterdir()):
+                self.path.rmdir()  # a run that failed before writing anything leaves nothing
+        except OSError:
+            pass
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
