@@ -118,8 +118,8 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(tmp_pa
         return real(path, *a, **k)
 
     monkeypatch.setattr(ckpt, "save_checkpoint", failing)
-    with pytest.raises(CairnError, match=r"could not write checkpoint .*No space left on device.*at step 10.*"
-                                         r"newest good checkpoint is .*step0000005"):
+    with pytest.raises(CairnError, match=r"could not write checkpoint .*step0000010 at step 10 \(no space left on the "
+                                         r"device\).*newest good checkpoint is .*step0000005.*free space"):
         train(config(stories_file, max_steps=20), run)
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["latest", "tiny_best", "tiny_checkpoint_step0000005"]  # no half-written directory

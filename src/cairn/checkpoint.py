@@ -85,9 +85,10 @@ def resumable_problem(path: Path) -> Optional[str]:
         meta = read_checkpoint(path).meta
     except CairnError as e:
         return str(e)
-    if meta.get("kind") not in RESUMABLE_KINDS:
-        return f"a {meta.get('kind')!r} checkpoint cannot resume training"
-    problem = state_problem(meta)
+    if meta.get("kind") == "best":
+        return "a 'best' checkpoint cannot resume training"
+    problem = state_problem(meta) or (None if meta.get("kind") in RESUMABLE_KINDS else
+                                      f"kind must be one of {', '.join(RESUMABLE_KINDS)}, got {meta.get('kind')!r}")
     if problem:
         return f"state.json is damaged ({problem})"
     if not (path / "trainer.pt").is_file():

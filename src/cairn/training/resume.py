@@ -93,12 +93,13 @@ def load_weights_and_state(trainer, path: Path) -> tuple[ckpt.Checkpoint, dict]:
     """Weights (before the model is wrapped: FSDP shards what it holds), counters and plan; the
     optimizer and RNG follow in `restore_optimizer_and_rng` once the optimizer exists."""
     c = ckpt.read_checkpoint(path)
-    problem = state_problem(c.meta) or tensors_problem(path / "model.safetensors", trainer.model.weights())
-    if problem:
-        raise CairnError(f"cannot resume from {path}: {problem}; resume from another checkpoint, or delete this one "
-                         "and resume again (the newest good one is then used)")
+    problem = state_problem(c.meta)
     try:
-        saved = _check_compatible(trainer, path, c)
+        saved = None if problem else _check_compatible(trainer, path, c)
+        problem = problem or tensors_problem(path / "model.safetensors", trainer.model.weights())
+        if problem:
+            raise CairnError(f"cannot resume from {path}: {problem}; resume from another checkpoint, or delete this "
+                             "one and resume again (the newest good one is then used)")
         trainer.model.load_weights(c.model_state())
         state = c.trainer_state()
         raw = dict(c.meta["state"])
