@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_stories, write_stories
 
 from cairn.errors import CairnError
 from cairn.training import train
@@ -18,9 +19,11 @@ def planned_steps_per_epoch(run: Path) -> int:
 
 
 @pytest.fixture
-def tiny(stories_file, small_tokenizer):
-    """config(...) on this test's stories, with the session's small tokenizer."""
-    return lambda **overrides: config(stories_file, tokenizer=small_tokenizer, **overrides)
+def tiny(tmp_path, small_tokenizer):
+    """config(...) with the session's small tokenizer on 36 generated stories: about 3,300 tokens, as
+    many as conftest's 60 stories with GPT-2's tokenizer, so an epoch is about 20 steps."""
+    stories = write_stories(tmp_path / "stories.jsonl", make_stories(36))
+    return lambda **overrides: config(stories, tokenizer=small_tokenizer, **overrides)
 
 
 @pytest.mark.parametrize("batching,extra", [
