@@ -2,7 +2,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +100,7 @@ TRAINED_RUN_ARGS = ["--preset", "tiny", "--n-samples", "400", "--seq-len", "64",
 class TrainedRun:
     data: Path  # what it trained on: the TinyStories sample, or generated stories where the sample is absent
     tokenizer: Path
-    run: Path  # the run directory: never modify it, copy it (`run_copy`)
+    run: Path  # the run directory, shared: a test that resumes, extends or damages it works on a copy
     log: str  # what `cairn train` printed
 
 
@@ -120,8 +119,3 @@ def trained_run(tmp_path_factory, small_tokenizer) -> TrainedRun:
     assert code == 0, out.getvalue()
     return TrainedRun(data, small_tokenizer, run, out.getvalue())
 
-
-@pytest.fixture
-def run_copy(trained_run, tmp_path) -> Path:
-    """This test's own copy of the session's trained run, to resume, extend or damage."""
-    return Path(shutil.copytree(trained_run.run, tmp_path / "run"))
