@@ -209,13 +209,14 @@ raise SystemExit(main())
     ("kill", "Signal 9 (SIGKILL) received"),  # a killed rank says nothing: torchrun names it
     ("hang", "error: rank 0 of 2 stopped: it lost contact with the other ranks (Timed out"),
 ])
-def test_a_failing_rank_brings_the_job_down_with_a_message(tmp_path, stories_file, small_tokenizer, how, message):
+def test_a_failing_rank_brings_the_job_down_with_a_message(tmp_path, stories_file, small_tokenizer, how,
+                                                           message):
     script = tmp_path / "failing.py"
     script.write_text(FAILING)
     r = torchrun(how, "train", "--preset", "tiny", "--data", str(stories_file), "--out", str(tmp_path / "run"),
-                 "--tokenizer", str(small_tokenizer), "--no-progress", "--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-mlp", "32",
-                 "--seq-len", "32", "--batch-size", "2", "--max-steps", "8", "--num-threads", "1",
-                 "--dist-timeout-s", "5", script=script)
+                 "--tokenizer", str(small_tokenizer), "--no-progress", "--d-model", "16", "--n-heads", "2",
+                 "--n-layers", "1", "--d-mlp", "32", "--seq-len", "32", "--batch-size", "2", "--max-steps", "8",
+                 "--num-threads", "1", "--dist-timeout-s", "5", script=script)
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert message in out, out[-4000:]
@@ -257,12 +258,14 @@ def test_parallel_must_be_ddp_or_fsdp():
         validate(cfg)
 
 
-def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file, small_tokenizer):
+def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file,
+                                                                        small_tokenizer):
     """Checkpoints written before the state was keyed by parameter name hold torch's own format."""
     from cairn.training import checkpoint as ckpt
 
-    opts = {"source": str(stories_file), "tokenizer": str(small_tokenizer), "d_model": 16, "n_heads": 2, "n_layers": 1, "d_mlp": 32, "seq_len": 32,
-            "batch_size": 4, "max_steps": 6, "eval_every": 0, "checkpoint_every": 3, "patience": 0}
+    opts = {"source": str(stories_file), "tokenizer": str(small_tokenizer), "d_model": 16, "n_heads": 2, "n_layers": 1,
+            "d_mlp": 32, "seq_len": 32, "batch_size": 4, "max_steps": 6, "eval_every": 0, "checkpoint_every": 3,
+            "patience": 0}
     full, part = tmp_path / "full", tmp_path / "part"
     train(apply_overrides(preset("tiny"), opts), full, log=lambda m: None)
     train(apply_overrides(preset("tiny"), opts), part, stop_after=3, log=lambda m: None)
