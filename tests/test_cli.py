@@ -1,8 +1,8 @@
 """The command line end to end on the real TinyStories sample: train, checkpoints, eval, generate.
 
 The commands run in-process through `cairn.cli.main` on the session's trained run (conftest's
-`trained_run`); one `python -m cairn` process checks what only a real process shows: its exit code
-and its wall-clock time under --time-budget.
+`trained_run`, on generated stories where the sample is absent); one `python -m cairn` process
+checks what only a real process shows: its exit code and its wall-clock time under --time-budget.
 """
 
 import json
