@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# Before torch is imported (here and in every process a test starts): OpenMP threads that spin
+# Before torch is imported (in this process and in every process a test starts): OpenMP threads that spin
 # while they wait for one another make tiny models several times slower when the machine's cores
 # are busy with other work, as on a shared CI runner; waiting threads sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parents[1]
 TINYSTORIES = Path(os.environ.get("CAIRN_TINYSTORIES", REPO.parent / "shared" / "data" / "tinystories"))
 
-# Tests train with a small tokenizer learned once per session, unless they are about GPT-2's: with
+# Tests train with a small tokenizer learned once per test run, unless they are about GPT-2's: with
 # GPT-2's 50,257 tokens the embedding and the output layer are over 95% of a tiny model's weights,
 # FLOPs and checkpoint bytes.
 SMALL_VOCAB = 384
@@ -27,7 +27,7 @@ def have_tinystories() -> bool:
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    # tests never write into the user's ~/.cache; one cache per test session (session fixtures included)
+    # tests never write into the user's ~/.cache; one cache per test run (shared fixtures included)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CAIRN_CACHE", str(tmp_path_factory.getbasetemp() / "cairn-cache"))
         yield
@@ -74,7 +74,7 @@ def stories_file(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def small_tokenizer(tmp_path_factory) -> Path:
     """A SMALL_VOCAB-token byte-level BPE (a directory, as `cairn tokenizer train` writes it), learned
-    once per session on generated stories and, when present, the TinyStories sample's first file.
+    once per test run on generated stories and, when present, the TinyStories sample's first file.
     Pass it as `--tokenizer DIR` or `cfg.tokenizer = str(DIR)`; the trainer sets the vocab_size."""
     from cairn.data import load_texts
     from cairn.tokenizer_train import train_bpe
@@ -87,7 +87,7 @@ def small_tokenizer(tmp_path_factory) -> Path:
     return out
 
 
-# ---------------------------------------------------------------- one trained run for the session
+# ---------------------------------------------------------------- one trained run for all tests
 
 # The tiny preset on 400 stories with the small tokenizer: 80 steps, evaluations every 10, step
 # checkpoints every 15 (all kept), best and final, the test split scored at the end.
@@ -106,7 +106,7 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, small_tokenizer) -> TrainedRun:
-    """A finished `cairn train` run shared by the session's tests (trained in-process)."""
+    """A finished `cairn train` run shared by all the tests (trained in-process)."""
     from cairn.cli import main
 
     base = tmp_path_factory.mktemp("trained-run")

@@ -70,10 +70,10 @@ def _cache_root(tmp_path_factory) -> Path:
 class World:
     base: Path
     data: Path  # ~300 short stories
-    run: Path  # the session's finished tiny run (conftest's trained_run), with step, best and final checkpoints
+    run: Path  # the shared finished tiny run (conftest's trained_run), with step, best and final checkpoints
     final: Path
     cache: Path
-    tokenizer: Path  # the session's small tokenizer (the run's), for the cases that get as far as training
+    tokenizer: Path  # the shared small tokenizer (the run's), for the cases that get as far as training
     run_stat: dict = field(default_factory=dict)
 
 

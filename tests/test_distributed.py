@@ -7,7 +7,7 @@ and only an exact global token mean makes the runs agree.
 
 Tolerances. The 2-process runs add the same float32 numbers in another order (each rank's half of
 the batch, then gloo's reduction), so they agree with the 1-process run to rounding, not bitwise.
-Measured on this test's runs (10 steps, the session's 384-token tokenizer), asserted with margin:
+Measured on this test's runs (10 steps, the shared 384-token tokenizer), asserted with margin:
 - losses (train, validation, test): within 1.3e-7 relative; asserted LOSS_REL = 1e-5;
 - gradient norms: DDP within 1e-7, FSDP within 3e-7 relative (FSDP adds its shards' parts in
   another order; with GPT-2's vocabulary, torch's float32 norm of the 1.6M-entry output-layer
@@ -45,7 +45,7 @@ SINGLE = {"batch_size": 4}  # the same global batch in one process
 LAUNCH_TIMEOUT = 300  # a hang fails the test instead of stalling CI
 
 def options(cache: Path, tokenizer, **extra) -> dict:
-    """The comparison runs' settings; tokenizer: a directory (the session's small tokenizer) or bpe:N."""
+    """The comparison runs' settings; tokenizer: a directory (the shared small tokenizer) or bpe:N."""
     return {"source": str(TINYSTORIES), "n_samples": 200, "cache_dir": str(cache), "tokenizer": str(tokenizer),
             "batching": "pad",
             "d_model": 32, "n_heads": 4, "n_layers": 2, "d_mlp": 64, "context_len": 64, "seq_len": 32,

@@ -10,7 +10,7 @@ from conftest import make_stories, write_stories
 from cairn.errors import CairnError
 from cairn.training import train
 from cairn.training import checkpoint as ckpt
-# config and assert_same_weights are also imported from here by test modules written before helpers.py
+# config and assert_same_weights stay importable from test_resume for the modules that import them from it
 from helpers import assert_same_weights, config, final_weights, losses, steps_per_epoch  # noqa: F401
 
 
@@ -20,7 +20,7 @@ def planned_steps_per_epoch(run: Path) -> int:
 
 @pytest.fixture
 def tiny(tmp_path, small_tokenizer):
-    """config(...) with the session's small tokenizer on 36 generated stories: about 3,300 tokens, as
+    """config(...) with the shared small tokenizer on 36 generated stories: about 3,300 tokens, as
     many as conftest's 60 stories with GPT-2's tokenizer, so an epoch is about 20 steps."""
     stories = write_stories(tmp_path / "stories.jsonl", make_stories(36))
     return lambda **overrides: config(stories, tokenizer=small_tokenizer, **overrides)
