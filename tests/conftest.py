@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-# Before torch is imported (in this process and in every process a test starts): OpenMP threads that spin
-# while they wait for one another make tiny models several times slower when the machine's cores
-# are busy with other work, as on a shared CI runner; waiting threads sleep instead.
+# Before torch is imported (in this process and in every process a test starts): OpenMP threads
+# that spin while they wait for one another make tiny models several times slower when the
+# machine's cores are busy with other work, as on a shared CI runner; waiting threads sleep instead.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
