@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up (once) and run the whole test suite, offline. Extra arguments go to pytest.
+# Set up (once) and run the whole test suite, offline, listing the 15 slowest tests. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q "$@"
+python -m pytest -q --durations=15 "$@"

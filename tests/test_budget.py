@@ -11,7 +11,7 @@ from cairn.cli import main
 from cairn.config import parse_duration
 from cairn.errors import CairnError
 from cairn.training import train
-from test_resume import assert_same_weights, config
+from helpers import assert_same_weights, config
 
 
 def saved_plan(checkpoint: Path) -> dict:

@@ -408,7 +408,7 @@ def test_shifted_packing_cuts_elsewhere_with_as_many_windows():
         PackedDataset(split, T, offset=3)  # not shiftable: its length has no room for an offset
 
 
-def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_path, stories_file):
+def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_path, stories_file, small_tokenizer):
     """The training loader of epoch e cuts at epoch_offset(e); the first epoch is the unshifted cut;
     a loader resumed mid-epoch gives the batches the uninterrupted epoch gives."""
     from cairn.config import apply_overrides
@@ -417,8 +417,8 @@ def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_pat
     from cairn.training.build import build_trainer
     from cairn.training.distributed import Dist
 
-    cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "seq_len": 16, "context_len": 64,
-                                           "pack_shift": True, "end_stories": 0})
+    cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "tokenizer": str(small_tokenizer),
+                                           "seq_len": 16, "context_len": 64, "pack_shift": True, "end_stories": 0})
     trainer = build_trainer(cfg, tmp_path / "run", Dist())
     stream = np.asarray(trainer.train_ds.split.tokens, dtype=np.int64)
     for epoch in (0, 1, 2):

@@ -249,22 +249,25 @@ def test_peak_memory_does_not_follow_the_file_size(tmp_path):
 
 # ---------------------------------------------------------------- cairn prepare
 
-def test_cairn_prepare_reports_and_reuses_the_cache(tmp_path):
+def test_cairn_prepare_reports_and_reuses_the_cache(tmp_path, capsys):
+    from cairn.cli import main
+
     src = write_jsonl(tmp_path / "s.jsonl", long_stories(200))
 
     def run(*extra):
-        r = subprocess.run([sys.executable, "-m", "cairn", "prepare", "--data", str(src), "--cache-dir",
-                            str(tmp_path / "c"), "--seed", "3", "--n-samples", "100", *extra],
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        return r
+        capsys.readouterr()
+        code = main(["prepare", "--data", str(src), "--cache-dir", str(tmp_path / "c"), "--seed", "3",
+                     "--n-samples", "100", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
 
-    out = json.loads(run("--json", "--workers", "1").stdout)
+    out = json.loads(run("--json", "--workers", "1"))
     assert out["cached"] is False and out["workers"] == 1 and out["source_bytes"] == src.stat().st_size
     assert [out["splits"][s]["stories"] for s in ("train", "val", "test")] == [80, 10, 10]
     assert out["tokens"] > 0 and out["mb_per_s"] > 0 and out["peak_rss_mb"] > 0
-    text = run().stdout
+    text = run()
     assert text.startswith("cached ") and "80 stories" in text and "peak memory" in text
-    bad = subprocess.run([sys.executable, "-m", "cairn", "prepare", "--data", str(src), "--workers", "-1"],
-                         capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--workers" in bad.stderr
+    assert main(["prepare", "--data", str(src), "--workers", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--workers" in err

@@ -218,8 +218,10 @@ def test_story_mask_is_refused_with_a_kv_cache():
         model(x, cache=KVCache(model.cfg, 1, "cpu", torch.float32), stories=torch.zeros_like(x))
 
 
-def test_training_with_story_mask_numbers_the_stories_from_each_eot(tmp_path, stories_file, monkeypatch):
+def test_training_with_story_mask_numbers_the_stories_from_each_eot(tmp_path, stories_file, small_tokenizer,
+                                                                     monkeypatch):
     from cairn.config import apply_overrides
+    from cairn.tokenizer import get_tokenizer
     from cairn.training import train
 
     seen = []
@@ -232,11 +234,13 @@ def test_training_with_story_mask_numbers_the_stories_from_each_eot(tmp_path, st
 
     monkeypatch.setattr(Transformer, "forward", recording)
     cfg = apply_overrides(preset("tiny"), {
-        "source": str(stories_file), "d_model": 32, "n_heads": 4, "n_layers": 1, "d_mlp": 64, "context_len": 64,
-        "seq_len": 64, "batch_size": 4, "max_steps": 2, "story_mask": True, "end_stories": 0, "eval_every": 0})
+        "source": str(stories_file), "tokenizer": str(small_tokenizer), "d_model": 32, "n_heads": 4, "n_layers": 1,
+        "d_mlp": 64, "context_len": 64, "seq_len": 64, "batch_size": 4, "max_steps": 2, "story_mask": True,
+        "end_stories": 0, "eval_every": 0})
     train(cfg, tmp_path / "run")
+    eot_id = get_tokenizer(str(small_tokenizer)).eot_id
     assert len(seen) >= 2
     for idx, stories in seen:
-        eot = idx == 50256
+        eot = idx == eot_id
         assert stories is not None and torch.equal(stories, eot.cumsum(1))
-    assert any(bool(eot.any()) for idx, _ in seen for eot in [idx == 50256])  # rows that pack several stories
+    assert any(bool(eot.any()) for idx, _ in seen for eot in [idx == eot_id])  # rows that pack several stories

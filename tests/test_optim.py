@@ -92,7 +92,7 @@ def test_embedding_learning_rate_scale_is_its_own_group_in_both_optimizers():
     assert len(make_optimizer(model(), TrainConfig(), torch.device("cpu")).param_groups) == 2
 
 
-def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file):
+def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file, small_tokenizer):
     from cairn.config import apply_overrides
     from cairn.presets import preset
     from cairn.training import train
@@ -101,9 +101,9 @@ def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file):
     finals = {}
     for scale in (1.0, 8.0):
         cfg = apply_overrides(preset("tiny"), {
-            "source": str(stories_file), "d_model": 32, "n_heads": 4, "n_layers": 1, "d_mlp": 64, "context_len": 32,
-            "seq_len": 32, "batch_size": 4, "max_steps": 1, "warmup_steps": 0, "weight_decay": 0.0,
-            "embed_lr_scale": scale, "end_stories": 0})
+            "source": str(stories_file), "tokenizer": str(small_tokenizer), "d_model": 32, "n_heads": 4,
+            "n_layers": 1, "d_mlp": 64, "context_len": 32, "seq_len": 32, "batch_size": 4, "max_steps": 1,
+            "warmup_steps": 0, "weight_decay": 0.0, "embed_lr_scale": scale, "end_stories": 0})
         train(cfg, tmp_path / str(scale))
         finals[scale] = load_file(str(next((tmp_path / str(scale) / "checkpoints").glob("*_final")) / "model.safetensors"))
     a, b = finals[1.0], finals[8.0]

@@ -53,12 +53,14 @@ def test_cpu_compiler_is_found_on_the_path_or_in_cxx(monkeypatch):
     assert cpu_compiler() == sys.executable
 
 
-def test_compile_without_a_cpu_compiler_trains_eagerly_and_says_so(logs, tmp_path, stories_file, monkeypatch):
+def test_compile_without_a_cpu_compiler_trains_eagerly_and_says_so(logs, tmp_path, stories_file, small_tokenizer,
+                                                                   monkeypatch):
     import cairn.training.build as build
     from cairn.training import train
-    from test_resume import config
+    from helpers import config
 
     monkeypatch.setattr(build, "cpu_compiler", lambda: None)
-    done = train(config(stories_file, compile=True, max_steps=2, end_stories=0), tmp_path / "run")
+    cfg = config(stories_file, tokenizer=small_tokenizer, compile=True, max_steps=2, end_stories=0)
+    done = train(cfg, tmp_path / "run")
     assert done["step"] == 2
     assert any("none was found" in m and "training without it" in m for m in logs)

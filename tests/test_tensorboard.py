@@ -85,7 +85,7 @@ def test_missing_tensorboard_is_a_one_line_error(tmp_path, monkeypatch):
     assert not (tmp_path / "tensorboard").exists()
 
 
-def test_training_with_tensorboard_writes_the_run_scalars(tmp_path, stories_file):
+def test_training_with_tensorboard_writes_the_run_scalars(tmp_path, stories_file, small_tokenizer):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -93,9 +93,10 @@ def test_training_with_tensorboard_writes_the_run_scalars(tmp_path, stories_file
     from cairn.presets import preset
     from cairn.training import train
 
-    cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "d_model": 32, "n_heads": 4, "d_mlp": 64,
-                                           "seq_len": 32, "batch_size": 4, "max_steps": 6, "report_every": 2,
-                                           "eval_every": 3, "eval_batches": 1, "tensorboard": True})
+    cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "tokenizer": str(small_tokenizer),
+                                           "d_model": 32, "n_heads": 4, "d_mlp": 64, "seq_len": 32, "batch_size": 4,
+                                           "max_steps": 6, "report_every": 2, "eval_every": 3, "eval_batches": 1,
+                                           "tensorboard": True})
     train(cfg, tmp_path / "run")
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()

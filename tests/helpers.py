@@ -1,0 +1,59 @@
+"""What several test modules share that is not a fixture: small configs, reading a run, comparing runs.
+
+Fixtures (the small tokenizer, the shared trained run, story files) live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from cairn.config import RunConfig, apply_overrides
+from cairn.presets import preset
+
+
+def config(source: Path, **overrides) -> RunConfig:
+    """The tiny preset shrunk to a 2-layer d32 model on 32-token rows: a step takes milliseconds.
+    Pass tokenizer=DIR to train with a small tokenizer instead of GPT-2's."""
+    cfg = preset("tiny")
+    base = {"source": str(source), "d_model": 32, "n_heads": 4, "n_layers": 2, "d_mlp": 64, "context_len": 64,
+            "seq_len": 32, "batch_size": 4, "epochs": 3, "lr": 3e-3, "report_every": 3, "eval_every": 4,
+            "eval_batches": 2, "checkpoint_every": 5, "patience": 0}
+    overrides = {k: str(v) if isinstance(v, Path) else v for k, v in overrides.items()}
+    return apply_overrides(cfg, {**base, **overrides})
+
+
+def steps_per_epoch(cfg: RunConfig, world: int = 1) -> int:
+    """The optimizer steps of one epoch of `cfg`, computed from its prepared data as the trainer plans
+    them (the full batches of the training split's windows or rows, divided by the accumulation)."""
+    from cairn.data import PackedDataset, PaddedDataset, num_batches, prepare_data
+    from cairn.tokenizer import get_tokenizer
+
+    data = prepare_data(cfg.data, cfg.seed, get_tokenizer(cfg.tokenizer))
+    d, t = cfg.data, cfg.train
+    ds = (PackedDataset(data.train, d.seq_len, shiftable=d.pack_shift) if d.batching == "pack"
+          else PaddedDataset(data.train, d.seq_len))
+    return num_batches(len(ds), t.batch_size * world, drop_last=True) // t.grad_accum
+
+
+def records(run: Path) -> list[dict]:
+    """metrics.jsonl, every record."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields (which differ between identical runs)."""
+    return [{k: v for k, v in r.items() if k not in ("time", "tokens_per_s", "mfu")} for r in records(run)]
+
+
+def final_weights(run: Path) -> dict:
+    return load_file(str(next((run / "checkpoints").glob("*_final")) / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not diffs, f"weights differ: {diffs}"
