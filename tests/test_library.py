@@ -1,0 +1,47 @@
+"""What the commands do is a library call first: scoring a run, preparing data, reading a run's
+config, finding a run's tokenizer. Each gives what its command prints."""
+
+import json
+import shutil
+
+from cairn.cli import main
+from cairn.evaluate import evaluate_run
+
+
+def test_evaluate_run_is_what_cairn_eval_prints(trained_run, capsys):
+    r = evaluate_run(trained_run.run, split="val")
+    assert main(["eval", str(trained_run.run), "--split", "val", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {k: r[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens")}
+    assert r["checkpoint"].endswith("_final") and r["what"].startswith("val split (")
+    # the run's own last validation of the whole split scored the same model on the same stories
+    vals = [json.loads(x) for x in (trained_run.run / "metrics.jsonl").read_text().splitlines()]
+    last = [v for v in vals if v["kind"] == "val" and v.get("full")][-1]
+    assert abs(last["val_loss"] - r["loss"]) < 1e-5 and last["val_tokens"] == r["tokens"]
+
+
+def test_prepare_reports_the_splits_the_run_trained_on(trained_run):
+    from cairn.data.report import prepare, report_lines
+    from cairn.run_tokenizer import for_data
+    from cairn.training.resume import run_config
+
+    cfg = run_config(trained_run.run)
+    report = prepare(cfg, for_data(cfg.tokenizer, cfg.data, cfg.seed))
+    run = json.loads((trained_run.run / "run.json").read_text())
+    assert report["cached"] and report["splits"] == run["data"]["splits"]
+    assert report["tokens"] == sum(s["tokens"] for s in run["data"]["splits"].values())
+    lines = report_lines(report)
+    assert lines[0].startswith("cached ") and "already prepared" in lines[-2]
+
+
+def test_loading_uses_the_runs_own_copy_of_its_tokenizer(trained_run, tmp_path):
+    from cairn.loading import load
+    from cairn.tokenizer import get_tokenizer
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run, run)
+    cfg = json.loads(next((run / "checkpoints").glob("*_final")).joinpath("state.json").read_text())["config"]
+    assert cfg["tokenizer"] == str(trained_run.tokenizer)  # the run names the directory it trained with ...
+    loaded = load(run)  # ... and uses its own copy of it: the same tokenizer, kept with the run
+    assert loaded.tokenizer.name == get_tokenizer(str(trained_run.tokenizer)).name
+    assert loaded.tokenizer.directory.resolve() == (run / "tokenizer").resolve()
