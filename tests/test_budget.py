@@ -14,6 +14,11 @@ from cairn.training import train
 from helpers import assert_same_weights, config
 
 
+def small(stories: Path, tokenizer: Path, **overrides):
+    """helpers.config with the session's small tokenizer."""
+    return config(stories, tokenizer=tokenizer, **overrides)
+
+
 def saved_plan(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "state.json").read_text())["plan"]
 
@@ -29,11 +34,12 @@ def test_bad_durations_are_refused(bad):
         parse_duration(bad)
 
 
-def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(logs, tmp_path, stories_file):
+def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(logs, tmp_path, stories_file, small_tokenizer):
     # report_every is beyond the stop, so no pace check can shorten the plan before step 6
     budgeted = tmp_path / "budgeted"
     # max_steps caps the plan, so the resumed run stays short whatever the machine's speed
-    cfg = config(stories_file, time_budget="60s", max_steps=30, report_every=1000, epochs=1, end_stories=0)
+    budgeted_cfg = dict(time_budget="60s", max_steps=30, report_every=1000, epochs=1, end_stories=0)
+    cfg = small(stories_file, small_tokenizer, **budgeted_cfg)
     out = train(cfg, budgeted, stop_after=6)
     plan = saved_plan(Path(out["checkpoint"]))
     assert plan["budget_s"] == 60 and plan["step_s"] > 0 and plan["total_steps"] > 6
@@ -42,7 +48,7 @@ def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(logs, tmp_p
 
     # the calibration steps were undone: the same weights as a run told the plan's steps up front
     fixed = tmp_path / "fixed"
-    train(config(stories_file, max_steps=plan["total_steps"], report_every=1000, epochs=plan["epochs"],
+    train(small(stories_file, small_tokenizer, max_steps=plan["total_steps"], report_every=1000, epochs=plan["epochs"],
                  end_stories=0), fixed, stop_after=6)
     a = load_file(str(Path(out["checkpoint"]) / "model.safetensors"))
     b = load_file(str(next((fixed / "checkpoints").glob("*step0000006")) / "model.safetensors"))
@@ -50,7 +56,7 @@ def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(logs, tmp_p
 
     # resuming keeps the plan (no second measurement, no new step count) and finishes it
     logs.clear()
-    done = train(config(stories_file, time_budget="60s", max_steps=30, report_every=1000, epochs=1, end_stories=0),
+    done = train(small(stories_file, small_tokenizer, **budgeted_cfg),
                  budgeted,
                  resume=True)
     assert done["step"] == plan["total_steps"]
@@ -67,14 +73,16 @@ def test_a_budget_too_short_fails_in_one_line_and_writes_nothing(tmp_path, stori
     assert not out.exists()
 
 
-def test_a_budgeted_cli_run_ends_within_its_budget(tmp_path, stories_file, capsys):
+def test_a_budgeted_cli_run_ends_within_its_budget(tmp_path, stories_file, small_tokenizer, capsys):
+    """The run's own account; test_cli times a budgeted `cairn` process from outside."""
     out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(out), "--time-budget", "25s",
+    assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(out), "--time-budget", "12s",
+                 "--tokenizer", str(small_tokenizer),
                  "--no-progress", "--d-model", "32", "--n-heads", "4", "--seq-len", "32", "--batch-size", "4"]) == 0
     log = capsys.readouterr().out
-    assert "time budget 25s" in log and "steps (" in log
+    assert "time budget 12s" in log and "steps (" in log
     seconds = float(log.split("done in ")[1].split("s")[0])
-    assert seconds <= 25  # the plan keeps a margin; a slow machine shortens the plan instead of overrunning
+    assert seconds <= 12  # the plan keeps a margin; a slow machine shortens the plan instead of overrunning
     # run.json holds the plan followed to the end: the last re-plan's, if the pace changed it
     planned = [int(line.rsplit(" to ", 1)[1].split()[0]) for line in log.splitlines() if "re-planned from" in line]
     first = int(log.split("-> ")[1].split(" steps")[0])
@@ -119,7 +127,8 @@ def test_bad_bpe_specs_are_refused(tmp_path, stories_file, capsys, spec):
     assert not (tmp_path / "r").exists()
 
 
-def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path, stories_file, monkeypatch):
+def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path, stories_file, small_tokenizer,
+                                                                        monkeypatch):
     """An epoch's end validates and saves. When that would run past the deadline, the run stops at
     the epoch's last step and its end validates the final model once, in the time kept for it;
     it does not validate at the epoch's end, take one more step, find itself late and validate again."""
@@ -133,7 +142,8 @@ def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path,
 
     monkeypatch.setattr(build, "plan_for_budget", pessimistic)
     out = tmp_path / "run"
-    done = train(config(stories_file, time_budget="60s", report_every=1000, eval_every=0, end_stories=0), out)
+    done = train(small(stories_file, small_tokenizer, time_budget="60s", report_every=1000, eval_every=0,
+                       end_stories=0), out)
     plan_json = json.loads((out / "run.json").read_text())["plan"]
     per_epoch = plan_json["steps_per_epoch"]
     assert plan_json["total_steps"] > per_epoch  # the plan went on past the first epoch
@@ -143,11 +153,12 @@ def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path,
     assert not list((out / "checkpoints").glob("*epoch*"))
 
 
-def test_sampled_epoch_end_validation_still_ends_on_the_whole_split(tmp_path, stories_file):
+def test_sampled_epoch_end_validation_still_ends_on_the_whole_split(tmp_path, stories_file, small_tokenizer):
     """epoch_val = "sample": an epoch's end validates the fixed sample the periodic evaluations use
     (and a budget plans for that), and the run's last figure is still the whole split's."""
     out = tmp_path / "run"
-    train(config(stories_file, epochs=2, eval_every=0, eval_batches=1, epoch_val="sample", end_stories=0), out)
+    train(small(stories_file, small_tokenizer, epochs=2, eval_every=0, eval_batches=1, epoch_val="sample",
+                end_stories=0), out)
     per_epoch = json.loads((out / "run.json").read_text())["plan"]["steps_per_epoch"]
     vals = [r for r in (json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "val"]
     assert [(r["step"], r["full"]) for r in vals] == [(per_epoch, False), (2 * per_epoch, False), (2 * per_epoch, True)]

@@ -63,9 +63,9 @@ PRESET_VALUES = {
     ),
     "tiny": dict(
         name="tiny", seed=42, tokenizer="gpt2",
-        model=dict(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, d_mlp=256, context_len=128, bias=True, dropout=0.0,
-            norm_eps=1e-05, tie_embeddings=False, positions="sinusoidal", rope_theta=10000.0, norm="layernorm",
-            mlp="gelu", zero_init=False),
+        model=dict(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, d_mlp=256, context_len=128, bias=True,
+            dropout=0.0, norm_eps=1e-05, tie_embeddings=False, positions="sinusoidal", rope_theta=10000.0,
+            norm="layernorm", mlp="gelu", zero_init=False),
         data=dict(source="roneneldan/TinyStories", hub_split="train", text_field="text", txt_separator="<|endoftext|>",
             n_samples=0, train_frac=0.8, val_frac=0.1, batching="pack", seq_len=64, story_mask=False,
             pack_shift=False, cache_dir=""),
@@ -306,7 +306,7 @@ def test_unknown_preset_names_the_choices():
 
 def test_help_lists_every_option_with_its_help_and_default():
     text = describe_options()
-    for name, (section, field_name, tp) in field_index().items():
+    for name, (section, field_name, _) in field_index().items():
         if "." in name:
             continue
         owner = RunConfig() if section is None else getattr(RunConfig(), section)

@@ -466,7 +466,7 @@ def test_story_windows_score_every_target_once_with_context():
         row = rows[story]
         assert len(x) == len(y) <= T
         start = row.index(x[0]) if x[0] != eot else 0
-        assert x == row[start:start + len(x)] and all(l in (-100, row[start + j + 1]) for j, l in enumerate(y))
+        assert x == row[start:start + len(x)] and all(t in (-100, row[start + j + 1]) for j, t in enumerate(y))
         real = [v for v in y if v != -100]
         assert y[len(y) - len(real):] == real  # the context comes first, the scored targets after it
         if i > 1 and story == 1:

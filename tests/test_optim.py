@@ -105,7 +105,8 @@ def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file, s
             "n_layers": 1, "d_mlp": 64, "context_len": 32, "seq_len": 32, "batch_size": 4, "max_steps": 1,
             "warmup_steps": 0, "weight_decay": 0.0, "embed_lr_scale": scale, "end_stories": 0})
         train(cfg, tmp_path / str(scale))
-        finals[scale] = load_file(str(next((tmp_path / str(scale) / "checkpoints").glob("*_final")) / "model.safetensors"))
+        final = next((tmp_path / str(scale) / "checkpoints").glob("*_final"))
+        finals[scale] = load_file(str(final / "model.safetensors"))
     a, b = finals[1.0], finals[8.0]
     # one step from the same weights and batch: everything but the embedding moved the same way
     assert all(torch.equal(a[k], b[k]) for k in a if k != "wte.weight")

@@ -113,9 +113,11 @@ def _add_plot(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="export a trained model to Hugging Face format (GPT-2 or Llama, as its architecture)",
+    p = sub.add_parser("export",
+                       help="export a trained model to Hugging Face format (GPT-2 or Llama, as its architecture)",
                        description="Write a run's final checkpoint (or the given checkpoint) as a Hugging Face "
-                                   "model, GPT-2 or Llama as its block is (a mix of the two is refused): config.json, generation_config.json, model.safetensors and "
+                                   "model, GPT-2 or Llama as its block is (a mix of the two is refused): config.json, "
+                                   "generation_config.json, model.safetensors and "
                                    "tokenizer files, loadable offline with transformers' AutoModelForCausalLM "
                                    "and AutoTokenizer.")
     p.set_defaults(func=cmd_export)
@@ -220,7 +222,8 @@ def _config_overrides(args, extra: list[str]) -> dict[str, str]:
     """The `--key value` config options given, by config key; anything argparse did not know is refused."""
     for arg in extra:
         if arg.startswith("--") and len(arg) > 2:
-            raise CairnError(f"unknown option {arg[2:].split('=', 1)[0]!r}: run `cairn train --help` to see every option")
+            key = arg[2:].split("=", 1)[0]
+            raise CairnError(f"unknown option {key!r}: run `cairn train --help` to see every option")
         raise CairnError(f"unexpected argument {arg!r}: options are --key value (see `cairn train --help`)")
     return {k[len(CFG):]: v for k, v in vars(args).items() if k.startswith(CFG)}
 
@@ -431,7 +434,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "train":
             return cmd_train(args, extra, started)
         if extra:
-            raise CairnError(f"unknown option {extra[0]!r} for `cairn {args.command}` (see `cairn {args.command} --help`)")
+            raise CairnError(f"unknown option {extra[0]!r} for `cairn {args.command}` "
+                             f"(see `cairn {args.command} --help`)")
         return args.func(args)
     except CairnError as e:
         if os.environ.get("CAIRN_DEBUG"):

@@ -29,7 +29,7 @@ import torch
 
 from . import files
 from .errors import CairnError
-from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer, TiktokenTokenizer
+from .tokenizer import EOT, TOKENIZER_FILE, BPETokenizer, TiktokenTokenizer, Tokenizer
 
 
 GPT2_BLOCK = {"positions": "sinusoidal", "norm": "layernorm", "mlp": "gelu", "bias": True}
@@ -196,7 +196,7 @@ def _tokenizer_config(tokenizer_class: str, context_len: int) -> dict:
     }
 
 
-def write_tokenizer(tokenizer, out: Path, context_len: int) -> None:
+def write_tokenizer(tokenizer: Tokenizer, out: Path, context_len: int) -> None:
     """Tokenizer files `AutoTokenizer.from_pretrained(out)` loads offline."""
     if isinstance(tokenizer, TiktokenTokenizer):
         from .tokenizer import _gpt2_files

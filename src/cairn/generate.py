@@ -10,6 +10,7 @@ import torch
 
 from .errors import CairnError
 from .model import KVCache, Transformer
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -96,7 +97,7 @@ def generate_ids(model: Transformer, prompt: list[int], s: SamplingConfig, eot_i
         yield nxt
 
 
-def generate_text(model: Transformer, tokenizer, prompt: str, s: SamplingConfig,
+def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
                   on_text: Optional[Callable[[str], None]] = None, use_cache: bool = True) -> str:
     """Generate a continuation of `prompt`; `on_text` receives each piece of text as it is decoded.
 

@@ -24,7 +24,7 @@ from typing import Sequence
 from . import files
 from .data import clean_texts, load_texts, split_stories
 from .errors import CairnError
-from .tokenizer import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, content_name
+from .tokenizer import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, Tokenizer, content_name
 
 
 
@@ -75,7 +75,7 @@ def _check_out(out: Path) -> None:
                              "choose a new directory")
 
 
-def bytes_per_token(tokenizer, texts: Sequence[str]) -> float:
+def bytes_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
     """Compression: UTF-8 bytes of `texts` per token (higher = fewer tokens for the same text)."""
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(list(texts)))
@@ -83,7 +83,8 @@ def bytes_per_token(tokenizer, texts: Sequence[str]) -> float:
 
 
 def training_texts(source: str, *, text_field: str = "text", txt_separator: str = EOT, hub_split: str = "train",
-                   seed: int = 42, n_samples: int = 0, train_frac: float = 0.8, all_stories: bool = False) -> tuple[list[str], list[str]]:
+                   seed: int = 42, n_samples: int = 0, train_frac: float = 0.8,
+                   all_stories: bool = False) -> tuple[list[str], list[str]]:
     """(stories to learn from, held-out stories) of `source`, cleaned as `cairn train` cleans them.
 
     Both in file order; the first are exactly the train split `prepare_data` caches with the same

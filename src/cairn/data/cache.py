@@ -30,6 +30,7 @@ import numpy as np
 from ..config import DataConfig
 from .. import files
 from ..errors import CairnError
+from ..tokenizer import Tokenizer
 from ..host import usable_cores
 from .parallel import ChunkPool, encode_chunk, scan_chunk
 from .sources import (CHUNK_BYTES, ChunkProblem, LineCounter, TextsChunk, source_bytes, source_chunks,
@@ -108,7 +109,7 @@ class SplitTokens:
             self.tokens = _map_tokens(self.path, np.dtype(dtype), int(self.offsets[-1]))
 
     @classmethod
-    def from_texts(cls, texts: Sequence[str], tokenizer, progress: bool = False) -> "SplitTokens":
+    def from_texts(cls, texts: Sequence[str], tokenizer: Tokenizer, progress: bool = False) -> "SplitTokens":
         """Tokenize `texts` in memory (e.g. to evaluate an arbitrary file). Texts are used as given."""
         chunks, offsets, n_bytes = [], [0], 0
         for batch_tokens, batch_offsets, batch_bytes in _encode(texts, tokenizer, progress, "tokenize"):
@@ -134,7 +135,7 @@ def _map_tokens(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
 
 
-def _encode(texts: Sequence[str], tokenizer, progress: bool, desc: str):
+def _encode(texts: Sequence[str], tokenizer: Tokenizer, progress: bool, desc: str):
     """Yield (tokens, end offsets within the batch, utf-8 bytes) per batch of stories."""
     from tqdm.auto import tqdm
 
@@ -180,7 +181,7 @@ def cache_root(cache_dir: str = "") -> Path:
     return Path(os.path.expanduser(base)) / "tokens"
 
 
-def _identity(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> dict:
+def _identity(data_cfg: DataConfig, seed: int, tokenizer: Tokenizer, fingerprint: str) -> dict:
     """Everything that decides the cached tokens (the source's content, not its path)."""
     return {
         "format": FORMAT_VERSION,
@@ -197,7 +198,7 @@ def _identity(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> d
     }
 
 
-def cache_key(data_cfg: DataConfig, seed: int, tokenizer, fingerprint: str) -> str:
+def cache_key(data_cfg: DataConfig, seed: int, tokenizer: Tokenizer, fingerprint: str) -> str:
     """sha256 of the cache's identity."""
     ident = _identity(data_cfg, seed, tokenizer, fingerprint)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -262,7 +263,7 @@ def _remove_stale_temps(root: Path) -> None:
             pass
 
 
-def _make_meta(data_cfg: DataConfig, seed: int, tokenizer, key: str, fingerprint: str,
+def _make_meta(data_cfg: DataConfig, seed: int, tokenizer: Tokenizer, key: str, fingerprint: str,
                n_loaded: int, n_kept: int, counts: dict) -> dict:
     return {
         **_identity(data_cfg, seed, tokenizer, fingerprint),
@@ -399,7 +400,7 @@ def _write_splits(directory: Path, data_cfg: DataConfig, pool: ChunkPool, chunk_
     return counts
 
 
-def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, *,
+def prepare_data(data_cfg: DataConfig, seed: int, tokenizer: Tokenizer, *,
                  workers: int = 0, chunk_bytes: int = CHUNK_BYTES, progress: bool = True) -> PreparedData:
     """Read, clean, split and tokenize the data once; later calls with the same settings map the cache.
 
@@ -424,8 +425,8 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, *,
         log.info(f"using cached tokens at {final}")
         return _load_cached(final, key, meta)
     if final.exists():
-        log.warning(f"cache at {final} is {f'corrupt ({problem})' if problem else 'incomplete or from another version'}: "
-                    "rebuilding it")
+        state = f"corrupt ({problem})" if problem else "incomplete or from another version"
+        log.warning(f"cache at {final} is {state}: rebuilding it")
         shutil.rmtree(final, ignore_errors=True)
 
     start = time.perf_counter()
@@ -444,7 +445,8 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer, *,
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CairnError(f"cannot create the cache folder {root} ({e.strerror}): set --cache-dir or CAIRN_CACHE") from None
+            raise CairnError(f"cannot create the cache folder {root} ({e.strerror}): "
+                             "set --cache-dir or CAIRN_CACHE") from None
         _remove_stale_temps(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
         try:

@@ -21,12 +21,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from ..errors import CairnError
+from ..tokenizer import Tokenizer
 from .sources import Chunk, clean_texts, read_chunk
 
 _WORKER_TOKENIZER = None  # a worker process's tokenizer, built once by _init_worker
 
 
-def tokenizer_spec(tokenizer) -> Optional[str]:
+def tokenizer_spec(tokenizer: Tokenizer) -> Optional[str]:
     """What `get_tokenizer` rebuilds `tokenizer` from in a worker; None if it cannot be rebuilt."""
     if tokenizer.name == "gpt2":
         return "gpt2"
@@ -67,7 +68,7 @@ def scan_chunk(chunk: Chunk, tokenizer=None) -> tuple[int, int, int]:
     return len(stories), len(clean_texts(stories)), n_lines
 
 
-def encode_stories(texts: list[str], tokenizer, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_stories(texts: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
     """(token stream with an EOT after each story, tokens per story with its EOT, UTF-8 bytes).
 
     Stories are encoded one by one on this core: each one's id list is copied into the stream at
@@ -110,7 +111,7 @@ class ChunkPool:
     None in a worker (which uses the one it built).
     """
 
-    def __init__(self, workers: int, tokenizer):
+    def __init__(self, workers: int, tokenizer: Tokenizer):
         self.workers = max(1, workers)
         self.tokenizer = tokenizer
         self.spec = tokenizer_spec(tokenizer)

@@ -7,6 +7,7 @@ import sys
 import time
 
 from ..config import RunConfig
+from ..tokenizer import Tokenizer
 from .cache import prepare_data
 from .splits import SPLITS
 
@@ -19,7 +20,7 @@ def peak_rss_mb() -> tuple[float, float]:
     return own / 1e6, children / 1e6
 
 
-def prepare(cfg: RunConfig, tokenizer, workers: int = 0, progress: bool = False) -> dict:
+def prepare(cfg: RunConfig, tokenizer: Tokenizer, workers: int = 0, progress: bool = False) -> dict:
     """Prepare `cfg`'s data (or find it cached); the splits, tokens, throughput and peak memory."""
     start = time.perf_counter()
     data = prepare_data(cfg.data, cfg.seed, tokenizer, workers=workers, progress=progress)

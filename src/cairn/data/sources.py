@@ -94,7 +94,8 @@ def resolve_files(source: str) -> Optional[tuple[Path, list[Path]]]:
                 files.append(_check_ext(p))
         files = sorted(set(files))
         if not files:
-            raise CairnError(f"no data files match {source!r}: check the pattern (files must be {', '.join(EXTENSIONS)})")
+            raise CairnError(f"no data files match {source!r}: check the pattern "
+                             f"(files must be {', '.join(EXTENSIONS)})")
         base = Path(os.path.commonpath([str(p.parent) for p in files]))
         return base, files
     if _looks_like_path(source):

@@ -66,7 +66,8 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
     model = build_model(cfg, dist.device)  # the same initial weights on every rank
     peak, peak_source = peak_flops(dist.device, precision)
-    trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, initial_plan(cfg, len(train_ds), dist),
+    plan = initial_plan(cfg, len(train_ds), dist)
+    trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
                       model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
                       time.monotonic() if started is None else started)
     saved = resume.load_weights_and_state(trainer, start_from) if start_from is not None else None

@@ -61,7 +61,7 @@ def _step_s(trainer) -> float:
     times = []
     for _ in range(CALIBRATION_STEPS):
         micro = [next(source) for _ in range(accum)]
-        times.append(_timed(lambda: trainer.train_step(micro)))
+        times.append(_timed(lambda micro=micro: trainer.train_step(micro)))
     return statistics.median(times[1:])
 
 

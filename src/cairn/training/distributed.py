@@ -327,7 +327,8 @@ def session(t: TrainConfig) -> Iterator[Dist]:
     env = torchrun_env()
     if env is None or env["WORLD_SIZE"] == 1:
         if t.parallel == "fsdp" and env is None:
-            logging.getLogger(__name__).info("parallel = fsdp shards a model across processes started by torchrun: training in this one process")
+            logging.getLogger(__name__).info("parallel = fsdp shards a model across processes started by torchrun: "
+                                             "training in this one process")
         yield Dist(device=pick_device(t.device))
         return
     device = _rank_device(t.device, env["LOCAL_RANK"])

@@ -30,6 +30,7 @@ from ..data import epoch_offset, make_loader, num_batches
 from ..errors import CairnError
 from ..evaluate import evaluate
 from ..ops import IGNORE_INDEX
+from ..tokenizer import Tokenizer
 from ..runtime import autocast
 from . import budget, resume
 from .checkpointer import Checkpointer
@@ -53,7 +54,7 @@ class Trainer:
     cfg: RunConfig
     dist: Dist
     rundir: RunDir
-    tokenizer: Any
+    tokenizer: Tokenizer
     data: Any  # data.PreparedData
     train_ds: Any
     val_ds: Any  # None when the split is empty (no evaluation on it)
@@ -179,7 +180,8 @@ class Trainer:
     def pause(self, why: str) -> dict:
         s = self.state
         path = self.save(f"{self.cfg.name}_checkpoint_step{s.step:07d}", "step", resumable=True)
-        log.info(f"stopped ({why}) at step {s.step}; checkpoint {path}; resume with: cairn train --resume {self.rundir.path}")
+        log.info(f"stopped ({why}) at step {s.step}; checkpoint {path}; "
+                 f"resume with: cairn train --resume {self.rundir.path}")
         return {"stopped": why, "step": s.step, "checkpoint": str(path)}
 
     def finish(self, stopped: Optional[str]) -> dict:
