@@ -419,3 +419,26 @@ def test_a_temperature_so_small_that_only_the_best_token_survives_still_samples(
     greedy = main(["generate", str(step_ckpt(run, 8)), "--prompt", "Tom found", "--temperature", "0",
                    "--max-new-tokens", "5"])
     assert greedy == 0 and capsys.readouterr().out == out
+
+
+def test_a_checkpoints_entry_that_is_a_file_is_named_not_overwritten(run, capsys):
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("not a directory\n")
+    before = snapshot(run)
+    line = one_line_error(capsys, resume(run))
+    assert "checkpoints is a file" in line and "move it away" in line
+    assert snapshot(run) == before
+
+
+def test_a_run_name_too_long_for_checkpoint_files_is_refused_up_front(base, tmp_path, capsys):
+    line = one_line_error(capsys, main(["train", "--preset", "tiny", "--tokenizer", str(base["tok"]), "--data",
+                                        str(base["data"]), "--out", str(tmp_path / "r"), "--name", "n" * 240]))
+    assert "too long for checkpoint file names" in line and "--name" in line and "free space" not in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_whose_model_cannot_fit_in_memory_is_one_line(run, capsys):
+    _edit_state(step_ckpt(run, 8), lambda m: m["config"]["model"].update(d_model=65536, n_heads=64, d_mlp=262144,
+                                                                          n_layers=64))
+    line = one_line_error(capsys, main(["eval", str(step_ckpt(run, 8))]))
+    assert "parameters" in line and "GB" in line and "lower --d-model" in line

@@ -275,6 +275,10 @@ class RunConfig:
                 or self.name in (".", ".."):
             raise CairnError(f"name {self.name!r} cannot name checkpoint files: "
                              "use letters, digits, '-', '_' or '.' (no path separators)")
+        if len(self.name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise CairnError(f"name is {len(self.name.encode('utf-8'))} bytes long, too long for checkpoint file names "
+                             f"(file systems allow 255 bytes, with the step's suffix): use a --name of at most "
+                             f"{MAX_NAME_BYTES} bytes")
         positive(self, None, "seed", zero_ok=True)
         if not self.tokenizer.strip():
             raise CairnError("tokenizer is empty: use 'gpt2', bpe:4096 (learned on the training split) "
@@ -289,6 +293,7 @@ class RunConfig:
                              "use --parallel ddp, or --optimizer adamw with FSDP")
 
 
+MAX_NAME_BYTES = 200  # a checkpoint is <name>_checkpoint_step0000000, written as .<that>.tmp-PID
 SECTIONS = ("model", "data", "train")
 
 

@@ -31,6 +31,7 @@ _BY_ERRNO = {
     errno.ENAMETOOLONG: ("a file name is too long", "use a shorter path or run name (--name)"),
     errno.ENOTDIR: ("a part of the path is a file, not a directory", "choose another path"),
     errno.EISDIR: ("a directory stands where a file should be", "choose another path"),
+    errno.EEXIST: ("a file stands where a directory should be", "move it away or choose another path"),
     errno.ENOENT: ("a directory in the path does not exist (or was removed)", "check the path"),
     errno.EIO: ("an input/output error from the device", "check the disk"),
     errno.EMFILE: ("too many open files", "raise the open-file limit (ulimit -n)"),

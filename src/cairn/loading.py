@@ -15,7 +15,7 @@ from . import checkpoint as ckpt
 from . import run_tokenizer
 from .config import RunConfig, from_dict, validate
 from .errors import CairnError
-from .model import Transformer
+from .model import Transformer, build_model
 from .runtime import pick_device
 from .tokenizer import Tokenizer
 
@@ -36,7 +36,7 @@ def load(path: str | Path, device: str = "auto") -> Loaded:
     cfg = saved_config(c)
     tokenizer = run_tokenizer.for_checkpoint(c.path, cfg.tokenizer, c.meta.get("tokenizer"))
     dev = pick_device(device)
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model, torch.device("cpu"))
     try:
         model.load_weights(c.model_state())
     except RuntimeError as e:

@@ -23,7 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .errors import CairnError
 from .ops import IGNORE_INDEX, linear_cross_entropy
+from .runtime import available_memory
 
 
 def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
@@ -280,3 +282,22 @@ class Transformer(nn.Module):
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6.0 * matmul + 12.0 * self.cfg.n_layers * self.cfg.d_model * seq_len
 
+
+def build_model(cfg: ModelConfig, device: torch.device, bytes_per_param: int = 4) -> Transformer:
+    """The model on `device`, or one line saying it cannot fit: its size, and what to lower.
+    `bytes_per_param`: what each parameter will cost (4 to hold float32 weights; 16 to train them
+    with AdamW), checked against the memory free before anything is allocated."""
+    with torch.device("meta"):
+        n = Transformer(cfg).num_params()
+    need, free = bytes_per_param * n, available_memory(device)
+    what = (f"the model has {n:,} parameters ({4 * n / 1e9:,.2f} GB of float32 weights"
+            + (f", {need / 1e9:,.2f} GB with gradients and optimizer state)" if bytes_per_param > 4 else ")"))
+    advice = "lower --d-model, --n-layers or --d-mlp (or use a smaller tokenizer)"
+    if free is not None and need > free:
+        raise CairnError(f"{what}, more than the {free / 1e9:,.2f} GB free on {device}: {advice}")
+    try:
+        return Transformer(cfg).to(device)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+            raise
+        raise CairnError(f"out of memory on {device} building the model: {what}: {advice}") from None

@@ -22,9 +22,8 @@ from ..config import RunConfig, parse_duration, to_toml, validate
 from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
 from ..errors import CairnError
 from ..log import ensure_setup, only_main_speaks
-from ..model import Transformer
-from ..runtime import (available_memory, cpu_compiler, keep_freed_memory, peak_flops, resolve_precision,
-                       seed_everything, set_threads)
+from ..model import build_model
+from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, resolve_precision, seed_everything, set_threads
 from . import budget, resume
 from .calibrate import measure
 from .checkpointer import Checkpointer
@@ -64,7 +63,8 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     # held-out stories are scored one at a time from their own beginning, however training cuts
     # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
     val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
-    model = build_model(cfg, dist.device)  # the same initial weights on every rank
+    # the same initial weights on every rank; training holds float32 weights, gradients and AdamW's two moments
+    model = build_model(cfg.model, dist.device, bytes_per_param=16)
     peak, peak_source = peak_flops(dist.device, precision)
     plan = initial_plan(cfg, len(train_ds), dist)
     trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
@@ -87,25 +87,6 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
         trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
         run.metrics.sink = trainer.tb.write
     return trainer
-
-
-def build_model(cfg: RunConfig, device: torch.device) -> Transformer:
-    """The model, or one line saying it cannot fit: its size, and what to lower. Training holds
-    its float32 weights, gradients and AdamW's two moments: 16 bytes a parameter, before activations."""
-    with torch.device("meta"):
-        n = Transformer(cfg.model).num_params()
-    need, free = 16 * n, available_memory(device)
-    what = (f"the model has {n:,} parameters ({4 * n / 1e9:,.2f} GB of float32 weights, {need / 1e9:,.2f} GB with "
-            f"gradients and optimizer state)")
-    advice = "lower --d-model, --n-layers or --d-mlp (or use a smaller tokenizer)"
-    if free is not None and need > free:
-        raise CairnError(f"{what}, more than the {free / 1e9:,.2f} GB free on {device}: {advice}")
-    try:
-        return Transformer(cfg.model).to(device)
-    except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
-            raise
-        raise CairnError(f"out of memory on {device} building the model: {what}: {advice}") from None
 
 
 def initial_plan(cfg: RunConfig, n_items: int, dist: Dist) -> Plan:

@@ -40,6 +40,9 @@ def starting_point(run: RunDir, checkpointer: Checkpointer, resume: bool, restar
     """The checkpoint a run continues from, or None for a run that starts from step 0. Call it
     holding the run's lock. A run that has made progress is never started over by accident: only
     `restart`, which moves the old contents aside first."""
+    if run.checkpoints.exists() and not run.checkpoints.is_dir():
+        raise CairnError(f"{run.checkpoints} is a file, not the run's checkpoint directory: move it away, then run "
+                         "the command again")
     if restart:
         if run.path.is_dir() and any(p.name != WRITER for p in run.path.iterdir()):
             log.info(f"restart: the run's old contents are kept in {run.move_aside()}")
