@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up (once), lint, and run the whole test suite, offline, listing the 15 slowest tests.
-# Extra arguments go to pytest.
+# Test files run side by side on up to 4 cores (CAIRN_TEST_WORKERS sets how many processes):
+# much of the suite waits on process start-up, torchrun and timeouts. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests benchmarks
-python -m pytest -q --durations=15 "$@"
+workers=${CAIRN_TEST_WORKERS:-$(python -c "from cairn.host import usable_cores; print(min(4, usable_cores()))")}
+python -m pytest -q --durations=15 -n "$workers" --dist loadfile "$@"

@@ -10,6 +10,7 @@ from cairn.evaluate import evaluate_run
 
 def test_evaluate_run_is_what_cairn_eval_prints(trained_run, capsys):
     r = evaluate_run(trained_run.run, split="val")
+    capsys.readouterr()
     assert main(["eval", str(trained_run.run), "--split", "val", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == {k: r[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens")}
