@@ -341,6 +341,9 @@ def session(t: TrainConfig) -> Iterator[Dist]:
     try:
         d.file_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(t.dist_timeout_s, FILE_WAIT_S)))
         yield d
+        # all ranks leave together: one that tore its process group down while another still
+        # finished its last work (rank 0 writing the stories) could abort the other's exit
+        dist.barrier(group=d.file_group)
     except Exception as e:
         raise d.failure(e) from None
     dist.destroy_process_group()

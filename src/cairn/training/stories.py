@@ -25,7 +25,8 @@ def write_stories(trainer) -> list[dict]:
     body = "".join(f"## Story {i + 1} (seed {st['seed']}, temperature 0.8, top-k 50)\n\n{st['text'].strip()}\n\n"
                    for i, st in enumerate(stories))
     # every rank generated (FSDP needs them all for each forward); rank 0 writes
-    trainer.rundir.write("stories.md", f"# Stories from {trainer.cfg.name}, step {trainer.state.step}\n\n" + body)
+    text = f"# Stories from {trainer.cfg.name}, step {trainer.state.step}\n\n" + body
+    trainer.dist.on_main(lambda: trainer.rundir.write("stories.md", text), share_result=False)
     for i, st in enumerate(stories):
         log.info(f"story {i + 1}: {st['text'].strip()}")
     log.info(f"stories saved to {trainer.rundir.path / 'stories.md'}")
