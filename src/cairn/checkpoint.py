@@ -10,8 +10,8 @@ A checkpoint directory holds
                      the resolved config, the tokenizer identity, cairn's version
 
 It is written with `files.atomic_dir`: a crash leaves either the old checkpoint or the new one,
-never half of one. `checkpoints/latest` names the newest checkpoint that can resume, and moves only after the
-rename.
+never half of one. `checkpoints/latest` names the newest checkpoint that can resume and moves only
+after the rename; it is a hint: `newest_resumable` reads the checkpoints themselves.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ import json
 import pickle
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import safe_open
 
 from . import files
+from .checkpoint_check import state_problem
 from .errors import CairnError
 
 FORMAT = "cairn-checkpoint"
@@ -75,12 +78,6 @@ RESUMABLE_KINDS = {"step": 0, "epoch": 1, "final": 2}  # at one step, the later 
 def resumable_problem(path: Path) -> Optional[str]:
     """Why training cannot resume from `path`, or None when it can: its state.json is whole and
     valid, its weights file has a readable header, its optimizer state is a whole zip file."""
-    import zipfile
-
-    from safetensors import safe_open
-
-    from .checkpoint_check import state_problem
-
     try:
         meta = read_checkpoint(path).meta
     except CairnError as e:
