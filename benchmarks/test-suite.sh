@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Times the test suite of the commit before its rebuild (1a9b77c) and of the working tree, one
-# after the other on this machine, as pytest reports them (install and lint excluded). Needs the
+# after the other on the machine that runs it, as pytest reports them (install and lint excluded). Needs the
 # project's .venv (bash scripts/setup.sh). Prints pytest's summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."

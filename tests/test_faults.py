@@ -246,7 +246,7 @@ def tmpfs(where: Path, size_kb: int):
     where.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(where)], capture_output=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip() or 'mount failed'}): needs root")
+        pytest.skip(f"cannot mount a tmpfs ({r.stderr.decode().strip() or 'mount failed'}): needs root")
     try:
         yield where
     finally:

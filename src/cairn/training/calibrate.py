@@ -1,4 +1,4 @@
-"""Measuring what a run's pieces cost on this machine, for the time budget (budget.py plans with it).
+"""Measuring what a run's pieces cost on the machine that runs it, for the time budget (budget.py plans with it).
 
 The calibration steps are real training steps on the run's own first batches, timed and then
 undone (weights, optimizer, counters and RNG restored), so a budgeted run is the same run as one
