@@ -452,7 +452,7 @@ CASES = [
     C("generate-path-missing", lambda c: ["generate", c.tmp / "nope", "--prompt", "Hi"], r"does not exist"),
     C("generate-dir-not-a-run", lambda c: ["generate", c.folder("notrun", {}), "--prompt", "Hi"],
       r"holds no cairn checkpoint"),
-    C("generate-no-prompt", _gen(), r"required: --prompt"),
+    C("generate-no-prompt", _gen(), r"one of the arguments --prompt --prompt-file is required"),
     C("generate-empty-prompt", _gen("--prompt", ""), r"--prompt is empty"),
     C("generate-whitespace-prompt", _gen("--prompt", " \n\t "), r"--prompt is empty"),
     C("generate-prompt-not-utf8", _gen("--prompt", "Once \udcff\udcfe"), r"--prompt is not valid UTF-8"),

@@ -85,15 +85,28 @@ def _add_eval(sub) -> None:
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a trained model",
-                       description="Continue a prompt, printing tokens as they come; stops at <|endoftext|>.")
+                       description="Continue a prompt (or each prompt of a file), printing the text as it is "
+                                   "written; a sample ends at <|endoftext|>, a stop string or --max-new-tokens.")
     p.set_defaults(func=cmd_generate)
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--prompt", required=True, help="text to continue (a prompt longer than the context keeps its end)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="text to continue (a prompt longer than the context keeps its end)")
+    which.add_argument("--prompt-file", metavar="FILE",
+                       help="prompts to continue, one per line, or JSON Lines (.jsonl) with a \"prompt\" field")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N",
+                   help="samples per prompt, with seeds --seed, --seed + 1, ... (default 1)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1 = all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="make tokens already in the prompt or text less likely, e.g. 1.2 (default 1 = off)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a sample where this text appears (not printed); repeatable")
     p.add_argument("--seed", type=int, default=1234, help="random seed: same seed, same text (default 1234)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per sample: prompt, text, tokens, finish_reason, tokens_per_s")
+    p.add_argument("--no-stream", action="store_true", help="print each sample whole when it is done")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
 
@@ -323,35 +336,69 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _prompts(args) -> list[str]:
+    from .generate import read_prompts
+
+    prompts = [args.prompt] if args.prompt is not None else read_prompts(args.prompt_file)
+    for prompt in prompts:
+        if not prompt.strip():
+            raise CairnError("--prompt is empty: give some text to continue, e.g. --prompt 'Once upon a time'")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 in argv arrive as lone surrogates
+            raise CairnError("--prompt is not valid UTF-8 text: pass the prompt in UTF-8") from None
+    return prompts
+
+
 def cmd_generate(args) -> int:
-    from .generate import SamplingConfig, generate_text
+    from dataclasses import replace
+
+    from .generate import SamplingConfig, TextStream
     from .loading import load
     from .runtime import set_threads
 
-    if not args.prompt.strip():
-        raise CairnError("--prompt is empty: give some text to continue, e.g. --prompt 'Once upon a time'")
-    try:
-        args.prompt.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that were not UTF-8 in argv arrive as lone surrogates
-        raise CairnError("--prompt is not valid UTF-8 text: pass the prompt in UTF-8") from None
+    prompts = _prompts(args)
+    if args.num_samples < 1:
+        raise CairnError(f"--num-samples must be 1 or more, got {args.num_samples}")
     s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed)
+                       top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
     s.check(flags=True)
     set_threads(0)
     loaded = load(args.path, args.device)
-
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-
-    show(args.prompt)
-    start = time.perf_counter()
-    text = generate_text(loaded.model, loaded.tokenizer, args.prompt, s, on_text=show, use_cache=not args.no_cache)
-    elapsed = time.perf_counter() - start
-    n_tokens = len(loaded.tokenizer.encode(text))  # re-encoding gives the count (up to BPE merges)
-    sys.stdout.write("\n")
-    print(f"[{n_tokens} tokens in {elapsed:.2f}s, {n_tokens / max(elapsed, 1e-9):.1f} tokens/s]", file=sys.stderr)
+    stream_out = not (args.json or args.no_stream)
+    first = True
+    for prompt in prompts:
+        for i in range(args.num_samples):
+            sample = TextStream(loaded.model, loaded.tokenizer, prompt, replace(s, seed=s.seed + i), stop=args.stop,
+                                use_cache=not args.no_cache)
+            if not (args.json or first):
+                sys.stdout.write("\n")
+            first = False
+            if stream_out:
+                _show(prompt)
+                for piece in sample:
+                    _show(piece)
+            else:
+                for _ in sample:
+                    pass
+            rate = sample.tokens / max(sample.seconds, 1e-9)
+            if args.json:
+                print(json.dumps({"prompt": prompt, "seed": s.seed + i, "text": sample.text, "tokens": sample.tokens,
+                                  "finish_reason": sample.finish_reason, "tokens_per_s": round(rate, 1)}),
+                      flush=True)
+                continue
+            if not stream_out:
+                _show(prompt + sample.text)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(f"[{sample.tokens} tokens in {sample.seconds:.2f}s, {rate:.1f} tokens/s, "
+                  f"finish: {sample.finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _show(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def cmd_plot(args) -> int:

@@ -1,10 +1,14 @@
-"""Text generation (the tutorial's announced part 3): greedy, temperature, top-k, top-p, KV cache."""
+"""Text generation (the tutorial's announced part 3): greedy, temperature, top-k, top-p, repetition
+penalty, KV cache; and `TextStream`, the text as it is written, with stop strings."""
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -21,6 +25,7 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
     seed: int = 1234
     stop_at_eot: bool = True
+    repetition_penalty: float = 1.0  # > 1 makes tokens already in the prompt or the text less likely (1 = off)
 
     def check(self, flags: bool = False) -> "SamplingConfig":
         """Raise CairnError for a setting that cannot sample (named as a CLI flag when `flags`)."""
@@ -37,6 +42,9 @@ class SamplingConfig:
             raise CairnError(f"{name('top_k')} must be zero (off) or more, got {self.top_k}: use e.g. 50")
         if not (0 < self.top_p <= 1):  # also false for nan
             raise CairnError(f"{name('top_p')} must be in (0, 1], got {self.top_p}: use e.g. 0.9, or 1 for off")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise CairnError(f"{name('repetition_penalty')} must be a positive number, got "
+                             f"{self.repetition_penalty}: use e.g. 1.2, or 1 for off")
         if not -2**63 <= self.seed < 2**64:
             raise CairnError(f"{name('seed')} {self.seed} is out of range: use a number from 0 to 2**64 - 1")
         return self
@@ -54,6 +62,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def penalize_repeats(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """The tokens in `seen` made less likely by `penalty` (CTRL's rule: a positive logit is divided
+    by it, a negative one multiplied). logits: [1, V]."""
+    if penalty == 1.0 or not seen:
+        return logits
+    idx = torch.tensor(sorted(set(seen)), device=logits.device)
+    picked = logits[0, idx]
+    logits = logits.clone()
+    logits[0, idx] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return logits
 
 
@@ -90,31 +110,103 @@ def generate_ids(model: Transformer, prompt: list[int], s: SamplingConfig, eot_i
             fed = len(ids)
         else:
             logits = model(torch.tensor([ids[-ctx:]], device=device))
-        nxt = int(pick_next(logits[:, -1, :], s, generator))
+        last = penalize_repeats(logits[:, -1, :].float(), ids, s.repetition_penalty)
+        nxt = int(pick_next(last, s, generator))
         if s.stop_at_eot and eot_id is not None and nxt == eot_id:
             return
         ids.append(nxt)
         yield nxt
 
 
+class TextStream:
+    """The text a model writes after `prompt`, piece by piece as it is decoded: iterate over it.
+    Afterwards `text`, `tokens` (generated), `finish_reason` ("stop": a stop string was written,
+    "eot": the model ended the story, "length": max_new_tokens) and `seconds` describe it.
+
+    A piece never ends inside a multi-byte character, and a stop string is never handed out: text
+    that could still become one is held back until it cannot. The prompt follows an <|endoftext|>,
+    as every story does in training, so the model knows a story starts there."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
+                 stop: Sequence[str] = (), use_cache: bool = True):
+        self.model, self.tokenizer, self.prompt, self.s, self.use_cache = model, tokenizer, prompt, s, use_cache
+        self.stop = [x for x in stop if x]
+        self.text, self.tokens, self.finish_reason, self.seconds = "", 0, "", 0.0
+
+    def __iter__(self) -> Iterator[str]:
+        start = time.perf_counter()
+        ids = [self.tokenizer.eot_id] + self.tokenizer.encode(self.prompt)
+        new: list[int] = []
+        shown = 0
+        self.finish_reason = "eot"
+        for tok in generate_ids(self.model, ids, self.s, self.tokenizer.eot_id, self.use_cache):
+            new.append(tok)
+            text = self.tokenizer.decode(new)
+            end = self._stop_at(text)
+            if end is not None:
+                self.finish_reason, text = "stop", text[:end]
+            elif text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for its end
+                continue
+            ready = len(text) if end is not None else len(text) - self._held_back(text)
+            if ready > shown:
+                yield text[shown:ready]
+                shown = ready
+            self.text = text
+            if end is not None:
+                break
+        else:
+            if len(new) == self.s.max_new_tokens:
+                self.finish_reason = "length"
+            self.text = self.tokenizer.decode(new)
+            if len(self.text) > shown:
+                yield self.text[shown:]
+        self.tokens = len(new)
+        self.seconds = time.perf_counter() - start
+
+    def _stop_at(self, text: str) -> Optional[int]:
+        hits = [i for i in (text.find(x) for x in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, text: str) -> int:
+        """The longest end of `text` that is the beginning of a stop string."""
+        return max((k for x in self.stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+
+
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
                   on_text: Optional[Callable[[str], None]] = None, use_cache: bool = True) -> str:
-    """Generate a continuation of `prompt`; `on_text` receives each piece of text as it is decoded.
+    """The continuation of `prompt` (a `TextStream` read to its end); `on_text` receives each piece."""
+    stream = TextStream(model, tokenizer, prompt, s, use_cache=use_cache)
+    for piece in stream:
+        if on_text is not None:
+            on_text(piece)
+    return stream.text
 
-    The prompt follows an <|endoftext|>, as every story does in training, so the model knows a
-    story starts there.
-    """
-    prompt_ids = [tokenizer.eot_id] + tokenizer.encode(prompt)
-    new: list[int] = []
-    shown = ""
-    for tok in generate_ids(model, prompt_ids, s, tokenizer.eot_id, use_cache):
-        new.append(tok)
-        text = tokenizer.decode(new)
-        # a multi-byte character may be split across tokens: wait until it decodes whole
-        if on_text is not None and not text.endswith("\ufffd"):
-            on_text(text[len(shown):])
-            shown = text
-    text = tokenizer.decode(new)
-    if on_text is not None and len(text) > len(shown):
-        on_text(text[len(shown):])
-    return text
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: JSON Lines with a "prompt" field (.jsonl), else one prompt per line
+    (blank lines skipped)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CairnError(f"prompt file {str(path)!r} does not exist: check the path") from None
+    except UnicodeDecodeError:
+        raise CairnError(f"prompt file {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
+    except OSError as e:
+        raise CairnError(f"cannot read prompt file {str(path)!r} ({e.strerror or e}): check the path") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix.lower() == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise CairnError(f"{path}:{n}: not valid JSON: give one JSON object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise CairnError(f"{path}:{n}: no text field 'prompt': give {{\"prompt\": \"...\"}} on each line")
+            line = record["prompt"]
+        prompts.append(line)
+    if not prompts:
+        raise CairnError(f"prompt file {str(path)!r} holds no prompt: put one prompt per line")
+    return prompts
