@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -161,7 +162,6 @@ def test_a_damaged_state_is_refused_field_by_field(run, capsys, damage):
     before = snapshot(run)
     line = one_line_error(capsys, resume(run))
     assert "no checkpoint that can resume" in line
-    import re
     assert re.search(expect, line), line
     assert snapshot(run) == before
 

@@ -73,6 +73,7 @@ def _own_name(name: str) -> bool:
 
 
 RESUMABLE_KINDS = {"step": 0, "epoch": 1, "final": 2}  # at one step, the later kind is the later checkpoint
+NOT_RESUMABLE_BEST = "a 'best' checkpoint holds weights only: it cannot resume training"
 
 
 def resumable_problem(path: Path) -> Optional[str]:
@@ -83,7 +84,7 @@ def resumable_problem(path: Path) -> Optional[str]:
     except CairnError as e:
         return str(e)
     if meta.get("kind") == "best":
-        return "a 'best' checkpoint cannot resume training"
+        return NOT_RESUMABLE_BEST
     problem = state_problem(meta) or (None if meta.get("kind") in RESUMABLE_KINDS else
                                       f"kind must be one of {', '.join(RESUMABLE_KINDS)}, got {meta.get('kind')!r}")
     if problem:
@@ -113,7 +114,7 @@ def newest_resumable(checkpoints: Path) -> tuple[Optional[Path], list[tuple[Path
         if problem is None:
             meta = read_checkpoint(p).meta
             good.append((meta["state"]["step"], RESUMABLE_KINDS[meta["kind"]], p == latest(checkpoints), p))
-        elif not problem.startswith("a 'best'"):
+        elif problem != NOT_RESUMABLE_BEST:
             bad.append((p, problem))
     return (max(good)[-1] if good else None), bad
 

@@ -256,6 +256,9 @@ class TrainConfig:
             parse_duration(self.time_budget)
 
 
+MAX_NAME_BYTES = 200  # a checkpoint is <name>_checkpoint_step0000000, written as .<that>.tmp-PID
+
+
 @dataclass
 class RunConfig:
     name: str = opt("cairn", "run name: checkpoints are called <name>_checkpoint_<...>")
@@ -293,7 +296,6 @@ class RunConfig:
                              "use --parallel ddp, or --optimizer adamw with FSDP")
 
 
-MAX_NAME_BYTES = 200  # a checkpoint is <name>_checkpoint_step0000000, written as .<that>.tmp-PID
 SECTIONS = ("model", "data", "train")
 
 

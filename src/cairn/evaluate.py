@@ -9,10 +9,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .data import SplitTokens, StoryWindows, clean_texts, load_texts, make_loader, prepare_data
 from .errors import CairnError
+from .loading import load
 from .model import Transformer
 from .ops import IGNORE_INDEX
-from .runtime import autocast
+from .runtime import autocast, resolve_precision
 
 
 def summarize(loss_sum: float, tokens: int, n_bytes: int) -> dict:
@@ -57,10 +59,6 @@ def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "tes
     """Score a trained model on every story of `data`, or on its run's `split`: each story from
     its own beginning, as training's evaluations read them. Returns the metrics, with what was
     scored ("what") and the checkpoint ("checkpoint")."""
-    from .data import SplitTokens, StoryWindows, clean_texts, load_texts, make_loader, prepare_data
-    from .loading import load
-    from .runtime import resolve_precision
-
     if batch_size < 0:
         raise CairnError(f"--batch-size must be positive (or 0 for the run's), got {batch_size}")
     loaded = load(path, device)

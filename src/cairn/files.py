@@ -69,10 +69,10 @@ def remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
+def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield an empty temporary directory; when the block ends without an error, its files are
     fsynced and it takes `path`'s place in one rename. An existing `path` is moved aside first
-    and dropped after (`replace`), so the old one is whole until the new one is. On any error,
+    and dropped after, so the old one is whole until the new one is. On any error,
     the temporary directory goes and `path` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,13 +82,13 @@ def atomic_dir(path: Path, replace: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        if path.exists() and replace:
+        if path.exists():
             old = temp_name(path, "old")
             os.replace(path, old)
             os.replace(tmp, path)
             remove(old)
         else:
-            os.replace(tmp, path)  # an empty directory at `path` is replaced; a full one fails
+            os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
         remove(tmp)
