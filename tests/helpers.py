@@ -28,7 +28,8 @@ def config(source: Path, **overrides) -> RunConfig:
 
 def steps_per_epoch(cfg: RunConfig, world: int = 1) -> int:
     """The optimizer steps of one epoch of `cfg`, computed from its prepared data as the trainer plans
-    them (the full batches of the training split's windows or rows, divided by the accumulation)."""
+    them (the batches of the training split's windows or rows, the last and shorter one included,
+    divided by the accumulation and rounded up)."""
     from cairn.data import PackedDataset, PaddedDataset, num_batches, prepare_data
     from cairn.tokenizer import get_tokenizer
 
@@ -36,7 +37,7 @@ def steps_per_epoch(cfg: RunConfig, world: int = 1) -> int:
     d, t = cfg.data, cfg.train
     ds = (PackedDataset(data.train, d.seq_len, shiftable=d.pack_shift) if d.batching == "pack"
           else PaddedDataset(data.train, d.seq_len))
-    return num_batches(len(ds), t.batch_size * world, drop_last=True) // t.grad_accum
+    return -(-num_batches(len(ds), t.batch_size * world, drop_last=False) // t.grad_accum)
 
 
 def records(run: Path) -> list[dict]:
