@@ -23,28 +23,10 @@ from cairn.cli import main  # noqa: E402
 from cairn.loading import load  # noqa: E402
 from cairn.serve import bind  # noqa: E402
 from cairn.serve.app import ServeSettings, create_app  # noqa: E402
+from helpers import serving as running  # noqa: E402
 
 MAX_CONCURRENCY = 4
 MAX_BODY = 16_384
-
-
-@contextlib.contextmanager
-def running(app):
-    """The app served by uvicorn in a thread on a free loopback port; yields its base URL."""
-    sock = bind("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
