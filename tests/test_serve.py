@@ -323,3 +323,36 @@ def test_cairn_serve_refuses_a_bad_run_and_a_taken_port(tmp_path, capsys, traine
     assert f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err and "\n" not in err
     assert main(["serve", str(trained_run.run), "--max-concurrency", "0"]) == 2
     assert "--max-concurrency" in capsys.readouterr().err
+
+
+def test_the_engine_turns_token_ids_into_pieces_taking_turns_within_its_batch(loaded):
+    """The engine alone, as any route uses it (a chat route would format its messages into token ids):
+    ids and settings in, text pieces out. With max_batch=2, four sequences in flight decode two at a
+    time and each still gets the text `TextStream` (cairn generate) writes for it."""
+    import asyncio
+
+    from cairn.generate import SamplingConfig, TextStream, prompt_ids
+    from cairn.serve.engine import Engine, Job
+
+    settings = [SamplingConfig(max_new_tokens=25, temperature=1.0, top_k=20, seed=seed, stop_at_eot=False)
+                for seed in range(4)]
+    engine = Engine(loaded.model, loaded.tokenizer, max_concurrency=4, max_batch=2)
+
+    async def generate():
+        texts, reasons = [""] * 4, [None] * 4
+        async for ev in engine.open([Job(prompt_ids(loaded.tokenizer, "Tom went"), s) for s in settings]).events():
+            texts[ev.index] += ev.text
+            reasons[ev.index] = ev.finish_reason or reasons[ev.index]
+        return texts, reasons
+
+    try:
+        texts, reasons = asyncio.run(generate())
+    finally:
+        engine.close()
+    expected = []
+    for s in settings:
+        stream = TextStream(loaded.model, loaded.tokenizer, "Tom went", s)
+        expected.append("".join(stream))
+    assert texts == expected and reasons == ["length"] * 4
+    assert 1 < engine.rows_decoded / engine.steps <= 2
+    assert engine.in_flight == 0

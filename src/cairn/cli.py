@@ -124,6 +124,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CAIRN_API_KEY)")
     p.add_argument("--max-concurrency", type=int, default=16, metavar="N",
                    help="sequences generated at once, batched together; requests beyond get 429 (default 16)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="sequences decoded in one forward pass; the others in flight wait their turn "
+                        "(default: --max-concurrency)")
     p.add_argument("--max-body", type=int, default=1_000_000, metavar="BYTES",
                    help="largest request body; larger get 413 (default 1000000)")
     p.add_argument("--max-tokens", type=int, default=2048, metavar="N",
@@ -426,7 +429,8 @@ def cmd_serve(args) -> int:
     setup_logging(stream=sys.stderr)
     set_threads(0)
     serve(args.path, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
-          max_body=args.max_body, max_tokens=args.max_tokens, device=args.device, model_name=args.model_name)
+          max_batch=args.max_batch, max_body=args.max_body, max_tokens=args.max_tokens, device=args.device,
+          model_name=args.model_name)
     return 0
 
 

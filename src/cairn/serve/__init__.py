@@ -49,8 +49,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None,
-          max_concurrency: int = 16, max_body: int = 1_000_000, max_tokens: int = 2048, device: str = "auto",
-          model_name: Optional[str] = None) -> None:
+          max_concurrency: int = 16, max_batch: Optional[int] = None, max_body: int = 1_000_000,
+          max_tokens: int = 2048, device: str = "auto", model_name: Optional[str] = None) -> None:
     """Load the run (or checkpoint) at `path` and serve it until interrupted."""
     try:
         import uvicorn
@@ -63,6 +63,8 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
 
     if max_concurrency < 1:
         raise CairnError(f"--max-concurrency must be 1 or more, got {max_concurrency}")
+    if max_batch is not None and max_batch < 1:
+        raise CairnError(f"--max-batch must be 1 or more, got {max_batch}")
     if max_body < 1024:
         raise CairnError(f"--max-body must be at least 1024 bytes, got {max_body}")
     if max_tokens < 1:
@@ -77,7 +79,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
         loaded = load(path, device)
         name = model_name or Path(path).resolve().name
         settings = ServeSettings(model_name=name, api_key=api_key, max_concurrency=max_concurrency,
-                                 max_body=max_body, max_tokens=max_tokens,
+                                 max_batch=max_batch, max_body=max_body, max_tokens=max_tokens,
                                  created=int((loaded.path / "state.json").stat().st_mtime))
         app = create_app(loaded.model, loaded.tokenizer, settings)
     except BaseException:

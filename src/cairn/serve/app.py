@@ -28,14 +28,15 @@ from .protocol import ApiError, CompletionRequest, parse_completion
 class ServeSettings:
     model_name: str
     api_key: Optional[str] = None
-    max_concurrency: int = 16  # sequences decoded at once; more get 429
+    max_concurrency: int = 16  # sequences in flight; more get 429
+    max_batch: Optional[int] = None  # sequences decoded in one forward pass (None: max_concurrency)
     max_body: int = 1_000_000  # bytes of a request body; more get 413
     max_tokens: int = 2048  # most tokens one completion may ask for
     created: int = 0  # when the checkpoint was written (unix seconds), for /v1/models
 
 
 def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
-    engine = Engine(model, tokenizer, settings.max_concurrency)
+    engine = Engine(model, tokenizer, settings.max_concurrency, settings.max_batch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -77,8 +78,8 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": settings.model_name, "in_flight": engine.in_flight,
-                "max_concurrency": settings.max_concurrency, "decode_steps": engine.steps,
-                "decoded_rows": engine.rows_decoded}
+                "max_concurrency": settings.max_concurrency, "max_batch": engine.max_batch,
+                "decode_steps": engine.steps, "decoded_rows": engine.rows_decoded}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():

@@ -68,14 +68,17 @@ class _Sequence:
 
 
 class Engine:
-    """A worker thread with at most `max_concurrency` sequences in flight (admitted, not yet released)."""
+    """A worker thread with at most `max_concurrency` sequences in flight (admitted, not yet released),
+    of which at most `max_batch` (default: all) are decoded together; the others wait their turn."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrency: int = 16):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_concurrency: int = 16,
+                 max_batch: Optional[int] = None):
         self.model, self.tokenizer, self.max_concurrency = model.eval(), tokenizer, max_concurrency
+        self.max_batch = min(max_batch or max_concurrency, max_concurrency)
         self.context_len = model.cfg.context_len
         p = next(model.parameters())
         self.device = p.device
-        self.cache = RowKVCache(model.cfg, max_concurrency, p.device, p.dtype)
+        self.cache = RowKVCache(model.cfg, self.max_batch, p.device, p.dtype)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
         self._rows: list[_Sequence] = []  # in cache row order
@@ -160,7 +163,7 @@ class Engine:
 
     def _prefill_waiting(self) -> None:
         """Read each new sequence's prompt into a free row and sample its first token."""
-        while self._waiting and len(self._rows) < self.cache.rows:
+        while self._waiting and len(self._rows) + len(self._sliding) < self.max_batch:
             seq = self._waiting.popleft()
             row = len(self._rows)
             view = self.cache.row(row)
