@@ -230,8 +230,10 @@ class Generation:
     def __init__(self, engine: Engine, jobs: Seq[Job], loop: asyncio.AbstractEventLoop):
         self.engine, self.loop = engine, loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._open = len(jobs)
+        self._open = len(jobs)  # sequences whose last event the reader has not had
+        self._running = len(jobs)  # sequences the worker has not finished
         self._closed = False
+        self._released = threading.Lock()  # taken once: by close() or by the last sequence's end
         self._seqs = [_Sequence(i, job, engine.context_len, engine.device, engine.tokenizer, self._emit)
                       for i, job in enumerate(jobs)]
         for seq in self._seqs:
@@ -243,6 +245,14 @@ class Generation:
         except RuntimeError:  # the event loop is gone (server stopping): nobody is listening
             for seq in self._seqs:
                 seq.cancelled = True
+        if event.finish_reason is not None:
+            self._running -= 1
+            if self._running == 0:  # the work is done: the slots are free even if nobody reads the events
+                self._release()
+
+    def _release(self) -> None:
+        if self._released.acquire(blocking=False):
+            self.engine._release(len(self._seqs))
 
     async def events(self) -> AsyncIterator[Event]:
         try:
@@ -260,4 +270,4 @@ class Generation:
         self._closed = True
         for seq in self._seqs:
             seq.cancelled = True
-        self.engine._release(len(self._seqs))
+        self._release()
