@@ -83,6 +83,13 @@ def test_openai_client_streams_the_text_it_completes_and_cairn_generate_writes(s
     assert whole.usage.prompt_tokens == used.prompt_tokens == len(loaded.tokenizer.encode(prompt)) + 1
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
+    # with include_usage, as OpenAI sends it: the usage alone in a last chunk without choices
+    chunks = list(c.completions.create(model="tiny-run", prompt=prompt, stream=True, extra_body={"top_k": 50},
+                                       stream_options={"include_usage": True}, **settings))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == ref["tokens"]
+    assert all(ch.usage is None for ch in chunks[:-1])
+    assert "".join(ch.choices[0].text for ch in chunks[:-1]) == ref["text"]
+
 
 def test_models_route_describes_the_run(server, loaded):
     url, _ = server
@@ -125,6 +132,12 @@ def test_concurrent_requests_are_batched_and_each_gets_the_text_it_gets_alone(se
                                 extra_body={"ignore_eos": True})
     assert [ch.index for ch in both.choices] == [0, 1, 2, 3]
     assert [ch.text for ch in both.choices] == [alone[(p, s)] for p in prompts for s in (11, 12)]
+    streamed = ["", "", "", ""]
+    for chunk in c.completions.create(model="tiny-run", prompt=prompts, n=2, max_tokens=30, temperature=1.0,
+                                      seed=11, stream=True, extra_body={"ignore_eos": True}):
+        for ch in chunk.choices:
+            streamed[ch.index] += ch.text
+    assert streamed == [ch.text for ch in both.choices]
 
     text = alone[(prompts[0], 11)]
     stop = text[len(text) // 2:len(text) // 2 + 3]
