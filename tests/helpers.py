@@ -5,7 +5,10 @@ Fixtures (the small tokenizer, the shared trained run, story files) live in conf
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -58,3 +61,27 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
     assert not diffs, f"weights differ: {diffs}"
+
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI app (`cairn.serve.app.create_app`) served by uvicorn in a thread on a free loopback
+    port; yields its base URL."""
+    import uvicorn
+
+    from cairn.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
