@@ -27,7 +27,8 @@ PRESET_VALUES = {
             eval_batches=0, epoch_val="full", patience=5, checkpoint_every=50, keep_checkpoints=0, device="auto",
             precision="auto", compile=False, num_threads=0, num_workers=0, test_at_end=True, end_on_best=False,
             tensorboard=False,
-            skip_nonfinite=0, time_budget="", end_stories=3, end_story_tokens=200, parallel="ddp",
+            skip_nonfinite=0, time_budget="", grow_to_epochs=0.0,
+            end_stories=3, end_story_tokens=200, parallel="ddp",
             dist_timeout_s=600),
     ),
     "cpu-small": dict(
@@ -43,7 +44,8 @@ PRESET_VALUES = {
             weight_decay=0.1, embed_weight_decay=-1.0, beta1=0.9, beta2=0.95, eps=1e-08, grad_clip=1.0,
             report_every=10, eval_every=60, eval_batches=8, epoch_val="full", patience=0, checkpoint_every=120,
             keep_checkpoints=2, device="auto", precision="auto", compile=False, num_threads=0, num_workers=0,
-            test_at_end=True, end_on_best=True, tensorboard=False, skip_nonfinite=0, time_budget="", end_stories=3,
+            test_at_end=True, end_on_best=True, tensorboard=False, skip_nonfinite=0, time_budget="", grow_to_epochs=0.0,
+            end_stories=3,
             end_story_tokens=200, parallel="ddp", dist_timeout_s=600),
     ),
     "cpu-10min": dict(
@@ -59,8 +61,8 @@ PRESET_VALUES = {
             embed_weight_decay=-1.0, beta1=0.9, beta2=0.999, eps=1e-08, grad_clip=1.0, report_every=50,
             eval_every=500, eval_batches=8, epoch_val="sample", patience=0, checkpoint_every=500,
             keep_checkpoints=2, device="auto", precision="auto", compile=True, num_threads=0, num_workers=0,
-            test_at_end=True, end_on_best=True, tensorboard=False, skip_nonfinite=0, time_budget="10m", end_stories=3,
-            end_story_tokens=300, parallel="ddp", dist_timeout_s=600),
+            test_at_end=True, end_on_best=True, tensorboard=False, skip_nonfinite=0, time_budget="10m",
+            grow_to_epochs=0.0, end_stories=3, end_story_tokens=300, parallel="ddp", dist_timeout_s=600),
     ),
     "tiny": dict(
         name="tiny", seed=42, tokenizer="gpt2",
@@ -76,7 +78,8 @@ PRESET_VALUES = {
             eval_batches=5, epoch_val="full", patience=5, checkpoint_every=20, keep_checkpoints=0, device="auto",
             precision="auto", compile=False, num_threads=0, num_workers=0, test_at_end=True, end_on_best=True,
             tensorboard=False,
-            skip_nonfinite=0, time_budget="", end_stories=1, end_story_tokens=32, parallel="ddp",
+            skip_nonfinite=0, time_budget="", grow_to_epochs=0.0,
+            end_stories=1, end_story_tokens=32, parallel="ddp",
             dist_timeout_s=600),
     ),
 }
