@@ -118,23 +118,22 @@ def test_the_default_hub_id_loads_its_splits_offline_from_the_hub_cache(hub_home
     assert bad_field["error"] == f"hub dataset '{HUB_ID}' has no column 'story' (columns: text): set --text-field"
 
 
-def test_without_offline_mode_an_unreachable_hub_also_falls_back_to_the_hub_cache(hub_home):
-    # no HF_HUB_OFFLINE: the hub is probed first; port 9 refuses the connection at once
+UNREACHABLE = dict(HF_HUB_OFFLINE=None, HTTPS_PROXY="http://127.0.0.1:9", https_proxy=None, ALL_PROXY=None,
+                   all_proxy=None)  # no offline flag, and the hub probe is refused at once (port 9)
+
+
+def test_without_offline_mode_an_unreachable_hub_falls_back_to_the_hub_cache(hub_home):
     home, splits = hub_home
-    (train,) = _load(home, [{"source": HUB_ID}], HF_HUB_OFFLINE=None, HTTPS_PROXY="http://127.0.0.1:9",
-                     https_proxy=None, ALL_PROXY=None, all_proxy=None)
-    assert train["texts"] == splits["train"]
+    cached, absent = _load(home, [{"source": HUB_ID}, {"source": "someone/no-such-stories"}], **UNREACHABLE)
+    assert cached["texts"] == splits["train"]
+    assert absent["error"] == ("cannot load hub dataset 'someone/no-such-stories' (no network?): pass local files "
+                               "with --data PATH (.txt, .jsonl, .parquet or a directory)")
 
 
-def test_a_dataset_missing_from_the_hub_cache_fails_in_one_line(hub_home, tmp_path):
-    home, _ = hub_home
-    offline, unreachable = _load(tmp_path, [{"source": HUB_ID}]), _load(
-        home, [{"source": "someone/no-such-stories"}], HF_HUB_OFFLINE=None,
-        HTTPS_PROXY="http://127.0.0.1:9", https_proxy=None, ALL_PROXY=None, all_proxy=None)
-    assert offline[0]["error"].startswith(f"cannot load hub dataset '{HUB_ID}' ")
-    assert offline[0]["error"].endswith("pass local files with --data PATH (.txt, .jsonl, .parquet or a directory)")
-    assert unreachable[0]["error"] == ("cannot load hub dataset 'someone/no-such-stories' (no network?): pass local "
-                                       "files with --data PATH (.txt, .jsonl, .parquet or a directory)")
+def test_offline_without_the_dataset_in_the_hub_cache_fails_in_one_line(tmp_path):
+    (offline,) = _load(tmp_path, [{"source": HUB_ID}])
+    assert offline["error"].startswith(f"cannot load hub dataset '{HUB_ID}' ")
+    assert offline["error"].endswith("pass local files with --data PATH (.txt, .jsonl, .parquet or a directory)")
 
 
 def test_cairn_prepare_with_no_data_option_prepares_the_hub_dataset(hub_home, tmp_path):
