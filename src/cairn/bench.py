@@ -383,7 +383,8 @@ def main(argv=None) -> int:
     result = {"shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
               "device": where, "precision": precision, "torch": torch.__version__,
               "machine": {"cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
-                          "load_avg_1min_at_start": load_at_start},
+                          "load_avg_1min_at_start": load_at_start,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")},
               "peak_flops": peak, "peak_source": peak_source, "training": rows}
     if a.generate:
         g = bench_generation(mc, a.generate, device, precision)
