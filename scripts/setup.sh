@@ -9,3 +9,11 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[test]"
+# The playground page's test drives a headless Chromium (tests/test_serve_browser.py skips without one):
+# install Debian's chromium and its driver where apt-get can, quietly; setup never fails over it.
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver; } \
+        >/dev/null 2>&1 || echo "note: could not install chromium (the browser test will be skipped)" >&2
+fi

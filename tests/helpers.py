@@ -5,7 +5,10 @@ Fixtures (the small tokenizer, the shared trained run, story files) live in conf
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -28,7 +31,8 @@ def config(source: Path, **overrides) -> RunConfig:
 
 def steps_per_epoch(cfg: RunConfig, world: int = 1) -> int:
     """The optimizer steps of one epoch of `cfg`, computed from its prepared data as the trainer plans
-    them (the full batches of the training split's windows or rows, divided by the accumulation)."""
+    them (the batches of the training split's windows or rows, the last and shorter one included,
+    divided by the accumulation and rounded up)."""
     from cairn.data import PackedDataset, PaddedDataset, num_batches, prepare_data
     from cairn.tokenizer import get_tokenizer
 
@@ -36,7 +40,7 @@ def steps_per_epoch(cfg: RunConfig, world: int = 1) -> int:
     d, t = cfg.data, cfg.train
     ds = (PackedDataset(data.train, d.seq_len, shiftable=d.pack_shift) if d.batching == "pack"
           else PaddedDataset(data.train, d.seq_len))
-    return num_batches(len(ds), t.batch_size * world, drop_last=True) // t.grad_accum
+    return -(-num_batches(len(ds), t.batch_size * world, drop_last=False) // t.grad_accum)
 
 
 def records(run: Path) -> list[dict]:
@@ -57,3 +61,27 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     diffs = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
     assert not diffs, f"weights differ: {diffs}"
+
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI app (`cairn.serve.app.create_app`) served by uvicorn in a thread on a free loopback
+    port; yields its base URL."""
+    import uvicorn
+
+    from cairn.serve import bind
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()

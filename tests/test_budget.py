@@ -193,9 +193,10 @@ def test_a_budget_plan_reserves_the_end_and_spreads_the_evaluations():
 
     c = Costs(step_s=0.1, eval_batch_s=0.05, checkpoint_s=0.5, story_token_s=0.01)
     w = Workload(steps_per_epoch=1000, val_batches=20, test_batches=10, eval_every=100, eval_sample_batches=4,
-                 epoch_val_batches=20, checkpoint_every=200, story_tokens=300)
+                 epoch_val_batches=20, checkpoint_every=200, story_tokens=300, best_val_batches=20)
     b = plan(600.0, elapsed_s=30.0, c=c, w=w)
-    assert b.reserve_s == 30 * 0.05 + 2 * 0.5 + 300 * 0.01
+    # validation, the best weights' validation, test; the last state, the final and a best checkpoint
+    assert b.reserve_s == (20 + 20 + 10) * 0.05 + 3 * 0.5 + 300 * 0.01
     assert b.epoch_end_s == 20 * 0.05 + 0.5
     assert abs(b.overhead_s - ((4 * 0.05 + 0.5) / 100 + 0.5 / 200 + b.epoch_end_s / 1000)) < 1e-12
     available = 600 - 30 - b.reserve_s - SAFETY_FRAC * 600 - SAFETY_S
@@ -214,3 +215,26 @@ def test_the_budget_clock_starts_with_the_process_not_after_the_imports():
             "print(time.monotonic() - process_started())")
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 1.0 <= age < 30
+
+
+def test_the_deadline_keeps_the_plans_margin(tmp_path, stories_file, small_tokenizer, monkeypatch):
+    """Re-plans fit the steps into the time left before the deadline: the deadline itself must sit
+    the margin before the end, or each re-plan would spend the margin kept for a slower machine."""
+    from cairn.training import budget, build
+
+    seen = {}
+    plan, plan_for_budget = budget.plan, build.plan_for_budget
+
+    def planned(*args, **kwargs):
+        seen["plan"] = plan(*args, **kwargs)
+        return seen["plan"]
+
+    def spy(trainer):
+        plan_for_budget(trainer)
+        seen.update(started=trainer.started, deadline=trainer.deadline)
+
+    monkeypatch.setattr(budget, "plan", planned)
+    monkeypatch.setattr(build, "plan_for_budget", spy)
+    train(small(stories_file, small_tokenizer, time_budget="40s", max_steps=3, end_stories=0), tmp_path / "run")
+    kept = seen["started"] + 40 - seen["deadline"]  # what the steps may never use
+    assert kept == pytest.approx(seen["plan"].reserve_s + 0.03 * 40 + budget.SAFETY_S)

@@ -298,3 +298,30 @@ def test_a_budgeted_fsdp_run_with_a_learned_tokenizer_plans_alike_on_every_rank(
     assert steps[-1] == plan["total_steps"]  # run.json holds the plan followed to the end
     assert (run / "stories.md").read_text().count("## Story") == 1
     assert (run / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_last_batch_with_fewer_rows_than_processes_trains_as_in_one_process(tmp_path, small_tokenizer):
+    """An epoch's last global batch of one row, over 2 processes: rank 1's share is empty, so it
+    steps on a row that counts nothing; the run equals one process's, which trains on that row."""
+    from cairn.data import prepare_data
+    from cairn.tokenizer import get_tokenizer
+    from cairn.training.loop import epoch_steps_text
+
+    if not (TINYSTORIES.is_dir() and list(TINYSTORIES.glob("*.jsonl"))):
+        pytest.skip(f"TinyStories sample not found at {TINYSTORIES}")
+    cache = tmp_path / "cache"
+    opts = options(cache, small_tokenizer, batching="pack", n_samples=30, grad_accum=1, max_steps=0, epochs=1,
+                   eval_every=0, checkpoint_every=0, end_stories=0)
+    for seq_len in range(24, 48):  # a split of an odd number of windows: one row left after the pairs
+        cfg = apply_overrides(preset("tiny"), {**opts, "seq_len": seq_len, "batch_size": 2})
+        data = prepare_data(cfg.data, cfg.seed, get_tokenizer(str(small_tokenizer)))
+        if len(PackedDataset(data.train, seq_len)) % 2 == 1:
+            break
+    n = len(PackedDataset(data.train, seq_len))
+    assert n % 2 == 1
+    train(cfg, tmp_path / "single")
+    log = launch_train(tmp_path / "ddp", {**opts, "seq_len": seq_len, "batch_size": 1})
+    assert f"each epoch: {epoch_steps_text(n, 2, 1, 'windows')}" in log, log
+    assert_close_runs(tmp_path / "single", tmp_path / "ddp")
+    steps = [r["step"] for r in records(tmp_path / "ddp") if r["kind"] == "train"]
+    assert steps[-1] == n // 2 + 1

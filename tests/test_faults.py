@@ -234,8 +234,8 @@ def test_a_second_writer_is_refused_at_once_naming_the_first(run, base, capsys):
 def test_a_failed_new_run_leaves_no_directory(base, tmp_path, capsys):
     out = tmp_path / "new"
     line = one_line_error(capsys, main(["train", "--preset", "tiny", "--tokenizer", str(base["tok"]), "--data",
-                                        str(base["data"]), "--out", str(out), "--batch-size", "100000",
-                                        "--no-progress"]))
+                                        str(base["data"]), "--out", str(out), "--seq-len", "100000",
+                                        "--context-len", "100000", "--no-progress"]))
     assert "too few for one step" in line and not out.exists()
 
 

@@ -45,7 +45,7 @@ def start(args: list[str]) -> subprocess.Popen:
 def finish_in_process(args: list[str]) -> None:
     """Run `cairn ARGS` to its end in this process (a resume of a killed run, or the reference)."""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = main(args)
     assert code == 0, out.getvalue()
 
@@ -90,9 +90,9 @@ def setup(tmp_path_factory, small_tokenizer):
     base = tmp_path_factory.mktemp("kill")
     data = write_stories(base / "stories.jsonl", make_stories(60))
     ref = base / "ref"
-    clock = _Clock()
-    with contextlib.redirect_stdout(clock):
-        assert main(train_args(data, ref, small_tokenizer)) == 0, clock.getvalue()
+    clock, err = _Clock(), io.StringIO()
+    with contextlib.redirect_stdout(clock), contextlib.redirect_stderr(err):
+        assert main(train_args(data, ref, small_tokenizer)) == 0, clock.getvalue() + err.getvalue()
     seconds = time.monotonic() - clock.plan_at
     weights = load_file(str(ref / "checkpoints" / "tiny_final" / "model.safetensors"))
     return data, small_tokenizer, weights, seconds

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cairn.config import ModelConfig
-from cairn.model import KVCache, Transformer, apply_rope, rope_tables, sinusoidal_table
+from cairn.model import KVCache, RowKVCache, Transformer, apply_rope, rope_tables, sinusoidal_table
 from cairn.presets import preset
 from reference import lm_loss
 
@@ -106,6 +106,34 @@ def test_kv_cache_decoding_equals_full_recomputation(block):
         parts += [model(x[:, i:i + 1], cache) for i in range(10, 20)]  # one token at a time
         parts.append(model(x[:, 20:], cache))  # a chunk after a prefix
     torch.testing.assert_close(torch.cat(parts, 1), full, rtol=0, atol=1e-5)
+
+
+@blocks
+def test_rows_at_different_lengths_decode_in_one_batch_as_each_alone(block):
+    """A RowKVCache: three sequences with prompts of 3, 11 and 7 tokens, each prefilled into its own
+    row, then decoded together, one token per row per step; every row's logits are those of the
+    sequence run alone (a full forward over its tokens). A finished row's place is taken by another."""
+    model = small(**block).eval()
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 97, (n,)) for n in (3 + 8, 11 + 8, 7 + 8)]
+    prompts = [3, 11, 7]
+    with torch.no_grad():
+        alone = [model(s[None])[0] for s in seqs]
+        cache = RowKVCache(model.cfg, 4, "cpu", torch.float32)
+        for i, (s, n) in enumerate(zip(seqs, prompts)):
+            view = cache.row(i)
+            got = model(s[None, :n], view)[0]
+            cache.lengths[i] = view.length
+            torch.testing.assert_close(got, alone[i][:n], rtol=0, atol=1e-5)
+        for step in range(8):
+            if step == 5:  # the second sequence is done: the third moves into its row
+                cache.move(2, 1)
+                seqs, prompts, alone = [seqs[0], seqs[2]], [prompts[0], prompts[2]], [alone[0], alone[2]]
+            idx = torch.stack([s[n + step] for s, n in zip(seqs, prompts)])[:, None]
+            logits = model(idx, cache)
+            for b, (n, ref) in enumerate(zip(prompts, alone)):
+                torch.testing.assert_close(logits[b, 0], ref[n + step], rtol=0, atol=1e-5)
+    assert cache.lengths[:2].tolist() == [3 + 8, 7 + 8]
 
 
 def test_longer_than_context_is_refused():

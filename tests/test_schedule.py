@@ -36,3 +36,38 @@ def test_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_replan_never_raises_the_learning_rate_and_still_ends_at_min_lr(schedule):
+    """A time budget's re-plans move the end of the run (longer, shorter, longer again): the rate
+    in force at each re-plan stays, it never rises after the warm-up, and it reaches min_lr at the
+    final end. Stretching the old schedule instead raised it by ~10% at each longer plan."""
+    from cairn.training.state import Plan
+
+    t = TrainConfig(lr=1e-3, min_lr=1e-4, schedule=schedule, warmup_steps=50)
+    plan = Plan(micro_batches_per_epoch=100, steps_per_epoch=100, total_steps=1000, warmup_steps=50, epochs=10)
+    moves = {30: 1200, 300: 1400, 700: 1100, 900: 1300}  # the first, during the warm-up
+    lrs = []
+    for step in range(1400):
+        if step in moves:
+            before = plan.lr(step, t)
+            plan.move_end(step, moves[step])
+            assert plan.lr(step, t) == pytest.approx(before)  # the rate in force does not jump
+        if step >= plan.total_steps:
+            break
+        lrs.append(plan.lr(step, t))
+    assert plan.warmup_steps == 50 and len(lrs) == 1300
+    assert lrs[:50] == pytest.approx([1e-3 * (s + 1) / 50 for s in range(50)])
+    assert all(a >= b - 1e-15 for a, b in zip(lrs[49:], lrs[50:]))  # never up after the warm-up
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.02) and plan.lr(1300, t) == pytest.approx(1e-4)
+    # the plan survives a checkpoint (it is saved as a dict and rebuilt on resume)
+    from dataclasses import asdict
+    again = Plan(**asdict(plan))
+    assert [again.lr(s, t) for s in range(900, 1300)] == [plan.lr(s, t) for s in range(900, 1300)]
+
+
+def test_the_old_schedule_would_have_raised_the_rate_at_a_longer_plan():
+    """The reason for re-laying: the same step under a longer plan of the plain schedule is higher."""
+    t = TrainConfig(lr=1e-3, min_lr=0.0, schedule="linear", warmup_steps=50)
+    assert lr_at(700, t, 1400, 50) > lr_at(700, t, 1000, 50) * 1.05

@@ -73,9 +73,10 @@ def test_the_cycle_check_finds_a_cycle(monkeypatch):
         test_no_import_cycles_among_cairn_modules()
 
 
-def test_loading_evaluating_generating_and_exporting_never_import_the_trainer():
+def test_loading_evaluating_generating_exporting_and_serving_never_import_the_trainer():
     code = ("import sys, cairn.loading, cairn.generate, cairn.export, cairn.evaluate, cairn.checkpoint, "
-            "cairn.run_tokenizer; print(sorted(m for m in sys.modules if m.startswith('cairn.training')))")
+            "cairn.run_tokenizer, cairn.serve, cairn.serve.app, cairn.serve.engine; "
+            "print(sorted(m for m in sys.modules if m.startswith('cairn.training')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

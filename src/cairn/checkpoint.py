@@ -74,6 +74,8 @@ def _own_name(name: str) -> bool:
 
 RESUMABLE_KINDS = {"step": 0, "epoch": 1, "final": 2}  # at one step, the later kind is the later checkpoint
 NOT_RESUMABLE_BEST = "a 'best' checkpoint holds weights only: it cannot resume training"
+NOT_RESUMABLE_ENDED_ON_BEST = ("it holds the run's best weights, which the run ended on, not its last state: "
+                               "resume from the step checkpoint written beside it")
 
 
 def resumable_problem(path: Path) -> Optional[str]:
@@ -85,6 +87,8 @@ def resumable_problem(path: Path) -> Optional[str]:
         return str(e)
     if meta.get("kind") == "best":
         return NOT_RESUMABLE_BEST
+    if meta.get("weights_step") is not None:
+        return NOT_RESUMABLE_ENDED_ON_BEST
     problem = state_problem(meta) or (None if meta.get("kind") in RESUMABLE_KINDS else
                                       f"kind must be one of {', '.join(RESUMABLE_KINDS)}, got {meta.get('kind')!r}")
     if problem:
@@ -114,7 +118,7 @@ def newest_resumable(checkpoints: Path) -> tuple[Optional[Path], list[tuple[Path
         if problem is None:
             meta = read_checkpoint(p).meta
             good.append((meta["state"]["step"], RESUMABLE_KINDS[meta["kind"]], p == latest(checkpoints), p))
-        elif problem != NOT_RESUMABLE_BEST:
+        elif problem not in (NOT_RESUMABLE_BEST, NOT_RESUMABLE_ENDED_ON_BEST):
             bad.append((p, problem))
     return (max(good)[-1] if good else None), bad
 

@@ -41,18 +41,23 @@ STATE = {"step": _whole(), "epoch": _whole(), "batch_in_epoch": _whole(), "best_
          "epoch_tokens": _whole()}
 PLAN = {"micro_batches_per_epoch": _whole(1), "steps_per_epoch": _whole(1), "total_steps": _whole(),
         "warmup_steps": _whole(), "epochs": _whole(1), "budget_s": _number(), "step_s": _number()}
+# fields a checkpoint may lack (those written before they existed), with their checks
+PLAN_OPTIONAL = {"relaid_at": _whole(), "relaid_progress": _number()}
 
 
-def _fields(table: dict, spec: dict, where: str) -> Optional[str]:
+def _fields(table: dict, spec: dict, where: str, optional: Optional[dict] = None) -> Optional[str]:
     if not isinstance(table, dict):
         return f"{where} must be a table"
-    for key, check in spec.items():
+    optional = optional or {}
+    for key, check in {**spec, **optional}.items():
         if key not in table:
+            if key in optional:
+                continue
             return f"{where}.{key} is missing"
         problem = check(table[key])
         if problem:
             return f"{where}.{key} {problem}, got {table[key]!r}"
-    extra = sorted(set(table) - set(spec))
+    extra = sorted(set(table) - set(spec) - set(optional))
     return f"{where} holds unknown fields {extra}" if extra else None
 
 
@@ -77,7 +82,7 @@ def _rng(rng: Any) -> Optional[str]:
 
 def state_problem(meta: dict) -> Optional[str]:
     """What is wrong with a resumable checkpoint's state.json, or None."""
-    for problem in (_fields(meta.get("state"), STATE, "state"), _fields(meta.get("plan"), PLAN, "plan"),
+    for problem in (_fields(meta.get("state"), STATE, "state"), _fields(meta.get("plan"), PLAN, "plan", PLAN_OPTIONAL),
                     _rng(meta.get("rng"))):
         if problem:
             return problem

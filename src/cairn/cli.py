@@ -1,4 +1,4 @@
-"""`cairn train | prepare | eval | generate`: parse, call the library, print. Errors are one line, exit 2."""
+"""`cairn train | prepare | eval | generate | serve`: parse, call the library, print. Errors are one line, exit 2."""
 
 from __future__ import annotations
 
@@ -111,6 +111,30 @@ def _add_generate(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a trained model: OpenAI-compatible API and a playground page",
+                       description="Serve a run's final checkpoint (or the given checkpoint) over HTTP: "
+                                   "POST /v1/completions (OpenAI's shapes, streaming included), GET /v1/models, "
+                                   "GET /health, and a playground page at /. Needs the serve extra: "
+                                   "pip install 'cairn-lm[serve]'. See docs/serving.md.")
+    p.set_defaults(func=cmd_serve)
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes (default: $CAIRN_API_KEY)")
+    p.add_argument("--max-concurrency", type=int, default=16, metavar="N",
+                   help="sequences generated at once, batched together; requests beyond get 429 (default 16)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="sequences decoded in one forward pass; the others in flight wait their turn "
+                        "(default: --max-concurrency)")
+    p.add_argument("--max-body", type=int, default=1_000_000, metavar="BYTES",
+                   help="largest request body; larger get 413 (default 1000000)")
+    p.add_argument("--max-tokens", type=int, default=2048, metavar="N",
+                   help="most tokens one completion may ask for (default 2048)")
+    p.add_argument("--model-name", help="the model's id in the API (default: the directory's name)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
 def _add_plot(sub) -> None:
     p = sub.add_parser("plot", help="draw training curves of one or more runs into a PNG",
                        description="Draw loss (train and validation) against steps and against tokens seen, the "
@@ -201,6 +225,7 @@ def build_parser() -> Parser:
     _add_prepare(sub)
     _add_eval(sub)
     _add_generate(sub)
+    _add_serve(sub)
     _add_plot(sub)
     _add_export(sub)
     _add_tokenizer(sub)
@@ -393,6 +418,19 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             print(f"[{sample.tokens} tokens in {sample.seconds:.2f}s, {rate:.1f} tokens/s, "
                   f"finish: {sample.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .runtime import set_threads
+    from .serve import serve
+
+    _not_empty(args, "serve", "host", "model_name")
+    setup_logging(stream=sys.stderr)
+    set_threads(0)
+    serve(args.path, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
+          max_batch=args.max_batch, max_body=args.max_body, max_tokens=args.max_tokens, device=args.device,
+          model_name=args.model_name)
     return 0
 
 

@@ -218,11 +218,16 @@ class TrainConfig:
     num_threads: int = opt(0, "CPU threads for torch (0 = one per core)")
     num_workers: int = opt(0, "DataLoader worker processes")
     test_at_end: bool = opt(True, "evaluate the test split at the end of training")
+    end_on_best: bool = opt(True, "when the best validated weights of the run validate better on the whole split "
+                                  "than the last ones, end on them (the last state stays resumable)")
     tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')")
     skip_nonfinite: int = opt(0, "skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)")
     time_budget: str = opt("", 'e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run '
                                "(evaluations and stories included) ends within it; epochs is then ignored, "
                                'max_steps still caps; "" = off')
+    grow_to_epochs: float = opt(
+        0.0, "under a time budget: when more than this many epochs of the training split would fit, train a wider "
+             "model that takes about this many instead (0 = never; docs/training.md)")
     end_stories: int = opt(3, "stories generated from fixed prompts and seeds at the end, printed and saved to "
                               "RUN/stories.md")
     end_story_tokens: int = opt(200, "longest end-of-run story in tokens")
@@ -234,8 +239,8 @@ class TrainConfig:
         check_choices(self, "train")
         positive(self, "train", "batch_size grad_accum epochs lr eps end_story_tokens dist_timeout_s")
         positive(self, "train", "max_steps min_lr weight_decay grad_clip report_every eval_every eval_batches "
-                 "patience checkpoint_every keep_checkpoints num_threads num_workers skip_nonfinite end_stories",
-                 zero_ok=True)
+                 "patience checkpoint_every keep_checkpoints num_threads num_workers skip_nonfinite end_stories "
+                 "grow_to_epochs", zero_ok=True)
         below_one(self, "train", "beta1 beta2 muon_momentum")
         if self.min_lr > self.lr:
             raise CairnError(f"train.min_lr ({self.min_lr}) is above train.lr ({self.lr}): "

@@ -118,14 +118,62 @@ def generate_ids(model: Transformer, prompt: list[int], s: SamplingConfig, eot_i
         yield nxt
 
 
+class TextPieces:
+    """Decoded text of generated tokens, handed out as it becomes final: `push` a token, get the
+    text that can be shown now. A piece never ends inside a multi-byte character, and a stop
+    string is never handed out: text that could still become one is held back until it cannot.
+    After a push returns `stopped`, `text` is the text before the stop string; `finish()` hands
+    out what was held back when the tokens ended without one."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [x for x in stop if x]
+        self.ids: list[int] = []
+        self.text, self.stopped = "", False
+        self._shown = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        end = self._stop_at(text)
+        if end is not None:
+            self.stopped, text = True, text[:end]
+        elif text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for its end
+            return ""
+        self.text = text
+        return self._hand_out(len(text) if end is not None else len(text) - self._held_back(text))
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids)
+        return self._hand_out(len(self.text))
+
+    def _hand_out(self, ready: int) -> str:
+        piece = self.text[self._shown:ready] if ready > self._shown else ""
+        self._shown = max(self._shown, ready)
+        return piece
+
+    def _stop_at(self, text: str) -> Optional[int]:
+        hits = [i for i in (text.find(x) for x in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _held_back(self, text: str) -> int:
+        """The longest end of `text` that is the beginning of a stop string."""
+        return max((k for x in self.stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The tokens a continuation of `prompt` starts from: <|endoftext|>, as before every story in
+    training, so the model knows a story starts there, then the prompt's."""
+    return [tokenizer.eot_id] + tokenizer.encode(prompt)
+
+
 class TextStream:
     """The text a model writes after `prompt`, piece by piece as it is decoded: iterate over it.
     Afterwards `text`, `tokens` (generated), `finish_reason` ("stop": a stop string was written,
     "eot": the model ended the story, "length": max_new_tokens) and `seconds` describe it.
-
-    A piece never ends inside a multi-byte character, and a stop string is never handed out: text
-    that could still become one is held back until it cannot. The prompt follows an <|endoftext|>,
-    as every story does in training, so the model knows a story starts there."""
+    The pieces are those of `TextPieces` (no broken character, no stop string); the prompt
+    follows an <|endoftext|> (`prompt_ids`)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
                  stop: Sequence[str] = (), use_cache: bool = True):
@@ -135,41 +183,26 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
-        ids = [self.tokenizer.eot_id] + self.tokenizer.encode(self.prompt)
-        new: list[int] = []
-        shown = 0
+        pieces = TextPieces(self.tokenizer, self.stop)
         self.finish_reason = "eot"
+        ids = prompt_ids(self.tokenizer, self.prompt)
         for tok in generate_ids(self.model, ids, self.s, self.tokenizer.eot_id, self.use_cache):
-            new.append(tok)
-            text = self.tokenizer.decode(new)
-            end = self._stop_at(text)
-            if end is not None:
-                self.finish_reason, text = "stop", text[:end]
-            elif text.endswith("\ufffd"):  # a multi-byte character split across tokens: wait for its end
-                continue
-            ready = len(text) if end is not None else len(text) - self._held_back(text)
-            if ready > shown:
-                yield text[shown:ready]
-                shown = ready
-            self.text = text
-            if end is not None:
+            piece = pieces.push(tok)
+            self.text = pieces.text
+            if piece:
+                yield piece
+            if pieces.stopped:
+                self.finish_reason = "stop"
                 break
         else:
-            if len(new) == self.s.max_new_tokens:
+            if len(pieces.ids) == self.s.max_new_tokens:
                 self.finish_reason = "length"
-            self.text = self.tokenizer.decode(new)
-            if len(self.text) > shown:
-                yield self.text[shown:]
-        self.tokens = len(new)
+            piece = pieces.finish()
+            self.text = pieces.text
+            if piece:
+                yield piece
+        self.tokens = len(pieces.ids)
         self.seconds = time.perf_counter() - start
-
-    def _stop_at(self, text: str) -> Optional[int]:
-        hits = [i for i in (text.find(x) for x in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _held_back(self, text: str) -> int:
-        """The longest end of `text` that is the beginning of a stop string."""
-        return max((k for x in self.stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,

@@ -52,7 +52,8 @@ def rope_tables(n_positions: int, head_dim: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate q or k ([B, H, T, hd]) by their positions' angles (cos/sin: [T, hd])."""
+    """Rotate q or k ([B, H, T, hd]) by their positions' angles (cos/sin: [T, hd], or [B, 1, T, hd]
+    when each row has its own positions)."""
     half = x.size(-1) // 2
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q and k are bf16
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -81,6 +82,52 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class RowKVCache:
+    """A KV cache whose rows hold different numbers of tokens (`lengths`), so that sequences that
+    started at different times decode in one batch: each row's new tokens go at its own position
+    and attend only to that row's tokens. A forward pass over B rows uses rows 0..B-1; `row(i)`
+    fills one row on its own (a prompt's prefill) and `move` keeps the rows in use at the front."""
+
+    def __init__(self, cfg: ModelConfig, rows: int, device, dtype):
+        shape = (rows, cfg.n_heads, cfg.context_len, cfg.d_model // cfg.n_heads)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
+        self.rows = rows
+
+    def positions(self, B: int, T: int) -> torch.Tensor:
+        """[B, T]: the positions of the next T tokens of rows 0..B-1."""
+        return self.lengths[:B, None] + torch.arange(T, device=self.lengths.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v ([B, H, T, hd]) after each row's tokens; return the keys and values up to the
+        longest row, and the mask [B, 1, T, L] of what each new token may see."""
+        B, _, T, _ = k.shape
+        pos = self.positions(B, T)
+        rows = torch.arange(B, device=pos.device)[:, None]
+        # advanced indices around a slice put their dims first: [B, T, H, hd]
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        end = int(pos.max()) + 1
+        mask = torch.arange(end, device=pos.device) <= pos[:, :, None]  # [B, T, L]: own tokens, causal
+        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end], mask.unsqueeze(1)
+
+    def row(self, i: int) -> KVCache:
+        """A one-row KVCache over row i's buffers, empty: what it is fed lands in row i.
+        Set `lengths[i]` to its `length` afterwards."""
+        view = KVCache.__new__(KVCache)
+        view.k = [t[i:i + 1] for t in self.k]
+        view.v = [t[i:i + 1] for t in self.v]
+        view.length = 0
+        return view
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row src into row dst (to fill the gap a finished sequence leaves)."""
+        for t in self.k + self.v:
+            t[dst] = t[src]
+        self.lengths[dst] = self.lengths[src]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -89,7 +136,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0,
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache | RowKVCache] = None, layer: int = 0,
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 story_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -97,12 +144,16 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if rope is not None:  # rotated before caching: a cached key keeps its own position
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        past = 0
-        if cache is not None:
+        past, row_mask = 0, None
+        if isinstance(cache, RowKVCache):
+            k, v, row_mask = cache.update(layer, k, v)
+        elif cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
         if story_mask is not None:  # causal, and only within each story
             mask, causal = story_mask, False
+        elif row_mask is not None:  # each row sees its own tokens only, whatever its length
+            mask, causal = row_mask, False
         elif past == 0:
             mask, causal = None, True
         elif T == 1:
@@ -152,7 +203,7 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0,
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache | RowKVCache] = None, layer: int = 0,
                 rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 story_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, layer, rope, story_mask)
@@ -212,9 +263,10 @@ class Transformer(nn.Module):
             # distribution instead of undoing a random head (modded-nanogpt's initialisation)
             nn.init.zeros_(self.lm_head.weight)
 
-    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None,
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache | RowKVCache] = None,
                 labels: Optional[torch.Tensor] = None, stories: Optional[torch.Tensor] = None):
-        """Token ids [B, T] -> logits [B, T, vocab]. With a cache, idx holds only the new tokens.
+        """Token ids [B, T] -> logits [B, T, vocab]. With a cache, idx holds only the new tokens;
+        with a RowKVCache, row b continues from its own length (rows 0..B-1 of the cache).
 
         With `labels` ([B, T], IGNORE_INDEX = no target) it returns (summed loss, real-token count) instead,
         through the fused chunked head + cross-entropy that never holds all the logits.
@@ -224,7 +276,8 @@ class Transformer(nn.Module):
         positions restart at each story's first token, so each story is read as if it began the
         row (rotary attention depends only on distances, so it needs no restart)."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
+        rows = cache.positions(B, T) if isinstance(cache, RowKVCache) else None  # [B, T] per-row positions
+        start = 0 if cache is None else cache.length if rows is None else int(rows[:, 0].max())
         if start + T > self.cfg.context_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.context_len})")
         if stories is not None and cache is not None:
@@ -235,7 +288,9 @@ class Transformer(nn.Module):
             same = stories.unsqueeze(2) == stories.unsqueeze(1)  # [B, T, T]
             story_mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()).unsqueeze(1)
         if self.pos_table is not None:
-            if stories is None:
+            if rows is not None:
+                x = x + self.pos_table[rows]
+            elif stories is None:
                 x = x + self.pos_table[start:start + T]
             else:
                 t = torch.arange(T, device=idx.device).expand(B, T)
@@ -243,12 +298,16 @@ class Transformer(nn.Module):
                 first[:, 1:] = stories[:, 1:] != stories[:, :-1]
                 story_start = torch.where(first, t, torch.zeros_like(t)).cummax(dim=1).values
                 x = x + self.pos_table[t - story_start]
+        elif rows is not None:  # [B, 1, T, hd]: broadcast over the heads
+            rope = (self.rope_cos[rows].unsqueeze(1), self.rope_sin[rows].unsqueeze(1))
         else:
             rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
         x = F.dropout(x, self.cfg.dropout, self.training)
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i, rope, story_mask)
-        if cache is not None:
+        if isinstance(cache, RowKVCache):
+            cache.lengths[:B] += T
+        elif cache is not None:
             cache.length += T
         x = self.ln_f(x)
         if labels is not None:

@@ -18,6 +18,7 @@ def _reference_105m() -> RunConfig:
     cfg.train = TrainConfig(
         batch_size=32, epochs=1, lr=5e-4, grad_clip=1.0, schedule="linear", warmup_frac=0.05,
         weight_decay=0.01, beta1=0.9, beta2=0.999, report_every=5, checkpoint_every=50, patience=5,
+        end_on_best=False,  # the tutorial's final checkpoint holds the last weights
     )
     return cfg
 

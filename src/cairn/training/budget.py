@@ -40,6 +40,7 @@ class Workload:
     checkpoint_every: int  # a step checkpoint every N steps (0 = none)
     story_tokens: int  # tokens generated at the end
     max_steps: int = 0  # a cap on the steps (0 = none)
+    best_val_batches: int = 0  # the best weights validated again at the end (end_on_best)
 
 
 @dataclass
@@ -52,7 +53,8 @@ class BudgetPlan:
 
 def end_reserve(c: Costs, w: Workload) -> float:
     """Seconds the end of the run needs after the last step."""
-    return (w.val_batches + w.test_batches) * c.eval_batch_s + 2 * c.checkpoint_s + w.story_tokens * c.story_token_s
+    return ((w.val_batches + w.best_val_batches + w.test_batches) * c.eval_batch_s + 3 * c.checkpoint_s
+            + w.story_tokens * c.story_token_s)
 
 
 def epoch_end_s(c: Costs, w: Workload) -> float:
@@ -69,10 +71,15 @@ def overhead_per_step(c: Costs, w: Workload) -> float:
     return per_step + epoch_end_s(c, w) / w.steps_per_epoch
 
 
+def margin_s(budget_s: float) -> float:
+    """Seconds of the budget never planned for: kept for a machine that slows down."""
+    return SAFETY_FRAC * budget_s + SAFETY_S
+
+
 def plan(budget_s: float, elapsed_s: float, c: Costs, w: Workload) -> BudgetPlan:
     """As many steps as fit in what is left of the budget."""
     reserve = end_reserve(c, w)
-    available = budget_s - elapsed_s - reserve - SAFETY_FRAC * budget_s - SAFETY_S
+    available = budget_s - elapsed_s - reserve - margin_s(budget_s)
     overhead = overhead_per_step(c, w)
     steps = math.floor(available / (c.step_s + overhead))
     if steps < 1:

@@ -19,12 +19,12 @@ import torch
 
 from .. import run_tokenizer
 from ..config import RunConfig, parse_duration, to_toml, validate
-from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
+from ..data import PackedDataset, PaddedDataset, StoryWindows, make_loader, num_batches, prepare_data
 from ..errors import CairnError
 from ..log import ensure_setup, only_main_speaks
 from ..model import build_model
 from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, resolve_precision, seed_everything, set_threads
-from . import budget, resume
+from . import budget, growth, resume
 from .calibrate import measure
 from .checkpointer import Checkpointer
 from .distributed import Dist, session
@@ -63,10 +63,12 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     # held-out stories are scored one at a time from their own beginning, however training cuts
     # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
     val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
+    plan = initial_plan(cfg, len(train_ds), dist)
+    if t.time_budget and t.grow_to_epochs and start_from is None:
+        _grow_for_budget(cfg, dist, precision, train_ds, tokenizer.eot_id, plan, started)
     # the same initial weights on every rank; training holds float32 weights, gradients and AdamW's two moments
     model = build_model(cfg.model, dist.device, bytes_per_param=16)
     peak, peak_source = peak_flops(dist.device, precision)
-    plan = initial_plan(cfg, len(train_ds), dist)
     trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
                       model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
                       time.monotonic() if started is None else started)
@@ -92,16 +94,30 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
 def initial_plan(cfg: RunConfig, n_items: int, dist: Dist) -> Plan:
     """The steps the config asks for: its epochs of the training split, capped by max_steps."""
     t = cfg.train
-    micro = num_batches(n_items, t.batch_size * dist.world, drop_last=True)
-    steps_per_epoch = micro // t.grad_accum
+    # the last, short batch is kept: the loss is a mean over real tokens, so its rows weigh what
+    # every other row weighs, and every training row is seen in every epoch
+    micro = num_batches(n_items, t.batch_size * dist.world, drop_last=False)
+    steps_per_epoch = -(-micro // t.grad_accum)
     if steps_per_epoch == 0:
         unit = "windows" if cfg.data.batching == "pack" else "rows"
         raise CairnError(f"the train split has {n_items} {unit} of up to {cfg.data.seq_len} tokens, "
-                         f"too few for one step of {t.batch_size} x {t.grad_accum}"
-                         f"{f' x {dist.world} processes' if dist.enabled else ''}: "
-                         "lower --batch-size, --grad-accum or --seq-len, or add data")
+                         "too few for one step: lower --seq-len or add data")
     total = min(steps_per_epoch * t.epochs, t.max_steps or math.inf)
     return Plan(micro, steps_per_epoch, total, warmup_steps(t, total), t.epochs)
+
+
+def _grow_for_budget(cfg: RunConfig, dist: Dist, precision: str, train_ds, eot_id: int, plan: Plan,
+                     started: Optional[float]) -> None:
+    """A wider model where the budget affords more epochs than grow_to_epochs (see growth.py)."""
+    t = cfg.train
+    budget_s = parse_duration(t.time_budget)
+    elapsed = time.monotonic() - started if started is not None else 0.0
+    batch = next(iter(make_loader(train_ds, t.batch_size, shuffle=True, seed=cfg.seed, epoch=0, drop_last=False,
+                                  pad_id=eot_id, rank=dist.rank, world=dist.world)))
+    shape = growth.grow(cfg, dist, precision, batch, eot_id, plan.steps_per_epoch,
+                        budget_s - elapsed - budget.margin_s(budget_s))
+    if shape is not None:
+        cfg.model = shape
 
 
 def _can_compile(asked: bool, device: torch.device) -> bool:
@@ -121,7 +137,9 @@ def plan_for_budget(trainer: Trainer) -> None:
     b = budget.plan(budget_s, elapsed, costs, _workload(trainer))
     trainer.plan = Plan(p.micro_batches_per_epoch, p.steps_per_epoch, b.steps, warmup_steps(t, b.steps),
                         math.ceil(b.steps / p.steps_per_epoch), budget_s=budget_s, step_s=costs.step_s)
-    trainer.deadline = trainer.started + budget_s - b.reserve_s - budget.SAFETY_S
+    # the deadline keeps the plan's margin, so that re-plans (which fit the steps to the time left
+    # before it) never spend the margin meant for a machine that slows down
+    trainer.deadline = trainer.started + budget_s - b.reserve_s - budget.margin_s(budget_s)
     trainer.overhead_s, trainer.epoch_end_s = b.overhead_s, b.epoch_end_s
     log.info(f"time budget {budget_s:.0f}s: {elapsed:.1f}s used by set-up and measuring; {costs.step_s:.3f}s per "
              f"step, {costs.eval_batch_s:.3f}s per evaluation batch, {costs.checkpoint_s:.2f}s per checkpoint, "
@@ -141,7 +159,8 @@ def _workload(trainer: Trainer) -> budget.Workload:
         test_batches=batches(trainer.test_ds) if t.test_at_end else 0,
         eval_every=t.eval_every, eval_sample_batches=min(t.eval_batches, val) if t.eval_batches else val,
         epoch_val_batches=min(val, t.eval_batches) if t.epoch_val == "sample" and t.eval_batches else val,
-        checkpoint_every=t.checkpoint_every, story_tokens=t.end_stories * t.end_story_tokens, max_steps=t.max_steps)
+        checkpoint_every=t.checkpoint_every, story_tokens=t.end_stories * t.end_story_tokens, max_steps=t.max_steps,
+        best_val_batches=val if t.end_on_best else 0)
 
 
 def _write_run_files(trainer: Trainer) -> None:

@@ -235,6 +235,19 @@ class Dist:
         state = get_model_state_dict(model, options=_full_options())
         return {k: v for k, v in state.items() if k in keep}
 
+    def load_full_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """Inverse of `full_weights`: whole weights, given on rank 0 (others pass {}), into the
+        model of every rank (under FSDP into each rank's shards)."""
+        if not self.enabled:
+            model.load_weights(weights)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.is_main and model.cfg.tie_embeddings:
+            weights = {**weights, "lm_head.weight": weights["wte.weight"]}
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
+                                                                        broadcast_from_rank0=True))
+
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer state keyed by parameter names, not positions, and whole (gathered on rank
         0 under FSDP): one format that a single process, DDP and FSDP all load."""

@@ -35,7 +35,7 @@ from ..runtime import autocast
 from . import budget, resume
 from .checkpointer import Checkpointer
 from .distributed import Dist
-from .optim import lr_at, warmup_steps
+from .ending import end_on_best
 from .report import Reporter
 from .rundir import RunDir
 from .signals import StopRequest
@@ -110,9 +110,11 @@ class Trainer:
         bar = tqdm(total=left, desc=f"epoch {s.epoch + 1}/{plan.epochs}", disable=not self.progress,
                    leave=False, dynamic_ncols=True)
         stopped, micro = None, []
-        for batch in self.loader(self.train_ds, s.epoch, s.batch_in_epoch):
+        batches = self.loader(self.train_ds, s.epoch, s.batch_in_epoch)
+        last = plan.micro_batches_per_epoch - 1
+        for i, batch in enumerate(batches, start=s.batch_in_epoch):
             micro.append(batch)
-            if len(micro) == t.grad_accum:
+            if len(micro) == t.grad_accum or i == last:  # the epoch's last step may have fewer micro-batches
                 self.step(micro, bar)
                 micro = []
                 stopped = self.poll_stop(stop)
@@ -129,7 +131,7 @@ class Trainer:
         self.pace.append(time.perf_counter() - began)
         s.batch_in_epoch += len(micro)
         self.reporter.add(s, loss, n_tokens)
-        lr = lr_at(s.step - 1, t, self.plan.total_steps)
+        lr = self.plan.lr(s.step - 1, t)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         if self.reporter.due(s.step, self.plan.total_steps):
@@ -159,7 +161,7 @@ class Trainer:
     def end_epoch(self, stopped: Optional[str]) -> Optional[str]:
         """An epoch's end validates, saves and moves to the next epoch."""
         t, s, plan = self.cfg.train, self.state, self.plan
-        if s.batch_in_epoch < plan.steps_per_epoch * t.grad_accum:
+        if s.batch_in_epoch < plan.micro_batches_per_epoch:
             return stopped
         if s.epoch_tokens:
             mean = s.epoch_loss_sum / s.epoch_tokens
@@ -195,9 +197,19 @@ class Trainer:
                      f"{self.plan.total_steps} planned, to end in time")
         if self.validator.last_full_step != s.step:  # the end's figure is always the whole split's
             self.validator(s, full=True)
-        final = self.save(f"{self.cfg.name}_final", "final", resumable=True)
+        ends_on = None
+        if t.end_on_best and self.validator.last_full:
+            # the last state stays resumable; the run's model (its final checkpoint) is then the best one
+            ends_on = end_on_best(self, self.validator.last_full,
+                                  keep_last=lambda: self.save(f"{self.cfg.name}_checkpoint_step{s.step:07d}", "step",
+                                                              resumable=True))
+        if ends_on is None:
+            final = self.save(f"{self.cfg.name}_final", "final", resumable=True)
+        else:
+            final = self.save(f"{self.cfg.name}_final", "final", resumable=False, weights_step=ends_on)
         summary = {"step": s.step, "tokens": s.tokens_seen, "stopped": stopped, "final": str(final),
-                   "best_val_loss": s.best_val_loss if math.isfinite(s.best_val_loss) else None}
+                   "best_val_loss": s.best_val_loss if math.isfinite(s.best_val_loss) else None,
+                   "weights_step": s.step if ends_on is None else ends_on}
         if t.test_at_end and self.test_ds is not None:
             summary["test"] = self.test()
         log.info(f"final checkpoint: {final}")
@@ -212,7 +224,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[float, float, int]:
         """One optimizer step over several micro-batches; returns (mean loss, grad norm, tokens)."""
         t, s = self.cfg.train, self.state
-        lr = lr_at(s.step, t, self.plan.total_steps)
+        lr = self.plan.lr(s.step, t)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # the step's real tokens on every rank, so each weighs 1/n_tokens of the step wherever it is
@@ -257,21 +269,29 @@ class Trainer:
 
     # ------------------------------------------------------------ pieces
 
-    def loader(self, ds, epoch: int, start: int = 0, drop_last: bool = True):
-        """This rank's share of every global batch (all of it in a single process). Held-out rows
-        come in one seeded order, the same at every evaluation: a partial evaluation
-        (`eval_batches`) is then a fixed random sample of the split, not its first stories, which
-        are the first source file's (the splits keep file order)."""
-        t = self.cfg.train
-        if ds is self.train_ds and self.cfg.data.pack_shift:
+    def loader(self, ds, epoch: int, start: int = 0):
+        """This rank's share of every global batch (all of it in a single process), the epoch's
+        last and shorter batch included. Held-out rows come in one seeded order, the same at every
+        evaluation: a partial evaluation (`eval_batches`) is then a fixed random sample of the
+        split, not its first stories, which are the first source file's (the splits keep file order).
+
+        With several processes the last global batch is split as evenly as possible; a rank whose
+        share of it is empty (fewer rows than processes) steps on a row whose targets are all
+        padding, which counts nothing, so every rank takes the same steps."""
+        t, training = self.cfg.train, ds is self.train_ds
+        if training and self.cfg.data.pack_shift:
             ds = ds.shifted(epoch_offset(self.cfg.data.seq_len, self.cfg.seed, epoch))
-        return make_loader(ds, t.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch, start_batch=start,
-                           drop_last=drop_last, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id,
-                           rank=self.dist.rank, world=self.dist.world)
+        batches = make_loader(ds, t.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch, start_batch=start,
+                              drop_last=False, num_workers=t.num_workers, pad_id=self.tokenizer.eot_id,
+                              rank=self.dist.rank, world=self.dist.world)
+        if self.dist.enabled and training:
+            n = num_batches(len(ds), t.batch_size * self.dist.world, drop_last=False) - start
+            return self.dist.lockstep(batches, n, _masked_row(ds))
+        return batches
 
     def evaluate(self, ds, max_batches: int = 0) -> dict:
         """Held-out metrics, each rank evaluating its share of the batches, the sums reduced."""
-        batches = self.loader(ds, 0, drop_last=False)
+        batches = self.loader(ds, 0)
         if self.dist.enabled:
             n = num_batches(len(ds), self.cfg.train.batch_size * self.dist.world, drop_last=False)
             batches = self.dist.lockstep(batches, min(n, max_batches or n), _masked_row(ds))
@@ -288,19 +308,22 @@ class Trainer:
                  f"{r['bits_per_byte']:.3f} bits/byte over {r['tokens']:,} tokens")
         return r
 
-    def save(self, name: str, kind: str, resumable: bool) -> Path:
+    def save(self, name: str, kind: str, resumable: bool, weights_step: Optional[int] = None) -> Path:
+        """A checkpoint of the model now; `weights_step` when its weights are an earlier step's."""
         weights = self.dist.full_weights(self.model)
         trainer_state = resume.trainer_state(self) if resumable else None
         meta = {"kind": kind, "cairn_version": __version__, "config": self.cfg.to_dict(),
                 "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
                 "state": self.state.to_json(), "plan": asdict(self.plan), "rng": ckpt.rng_state(),
                 "world_size": self.dist.world}
+        if weights_step is not None:
+            meta["weights_step"] = weights_step
         return self.checkpointer.save(name, weights, meta, trainer_state, self.state.step)
 
     def replan(self) -> None:
         """Under a time budget, fit the plan to the pace measured over the last steps (a machine's
-        pace wanders, by 20% from one run to the next on shared hardware). The schedule is
-        stretched or shortened to the new end; its learning rate moves by about the same fraction."""
+        pace wanders, by 20% from one run to the next on shared hardware). What is left of the
+        learning-rate decay is re-laid from the rate in force to the new end: the rate never jumps."""
         if self.deadline is None or not self.pace:
             return
         t, plan = self.cfg.train, self.plan
@@ -313,7 +336,7 @@ class Trainer:
             return
         log.info(f"time budget: {pace:.3f}s per step over the last {len(self.pace)} steps: "
                  f"re-planned from {plan.total_steps} to {new} steps")
-        plan.total_steps, plan.warmup_steps = new, warmup_steps(t, new)
+        plan.move_end(self.state.step, new)
         plan.epochs = max(plan.epochs, math.ceil(new / plan.steps_per_epoch))
         self.dist.on_main(self.write_run_info)  # run.json holds the plan being followed
 
@@ -342,15 +365,32 @@ class Trainer:
         splits = self.data.meta.get("splits", {})
         counts = ", ".join(f"{k} {v.get('stories', 0):,} stories / {v.get('tokens', 0):,} tokens"
                            for k, v in splits.items())
-        log.info(f"data: {counts}; train has {len(self.train_ds):,} "
-                 f"{'windows' if cfg.data.batching == 'pack' else 'rows'} of <= {cfg.data.seq_len} tokens")
+        unit = "windows" if cfg.data.batching == "pack" else "rows"
+        if unit == "rows" and len(self.train_ds) == splits.get("train", {}).get("stories"):
+            unit = "stories"  # every story fits in one row
+        log.info(f"data: {counts}; train has {len(self.train_ds):,} {unit} of <= {cfg.data.seq_len} tokens")
         if self.dist.enabled:
             log.info(f"distributed: {self.dist.describe()}; each reads its share of every global batch")
+        per_batch = self.dist.world * t.batch_size
+        log.info(f"each epoch: {epoch_steps_text(len(self.train_ds), per_batch, t.grad_accum, unit)}")
         rows = resume.batch_text(self.dist.world, t.batch_size, t.grad_accum)
         log.info(f"plan: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch, {plan.epochs} epoch(s)), "
                  f"{rows} ({self.dist.world * t.batch_size * t.grad_accum * cfg.data.seq_len:,} "
                  f"tokens at most) per step, warm-up {plan.warmup_steps} steps, {t.schedule} schedule, "
                  f"peak lr {t.lr:g}")
+
+
+def epoch_steps_text(n_rows: int, rows_per_batch: int, accum: int, unit: str) -> str:
+    """One epoch's steps and the rows of each: "3 steps of 32, 32 and 16 stories"."""
+    full, rest = divmod(n_rows, rows_per_batch)
+    sizes = [rows_per_batch] * full + ([rest] if rest else [])
+    steps = [sum(sizes[i:i + accum]) for i in range(0, len(sizes), accum)]
+    if len(steps) > 4:
+        tail = f", the last of {steps[-1]:,}" if steps[-1] != steps[0] else ""
+        return f"{len(steps):,} steps of {steps[0]:,} {unit}{tail}"
+    listed = ", ".join(f"{n:,}" for n in steps[:-1])
+    plural = "s" if len(steps) > 1 else ""
+    return f"{len(steps)} step{plural} of {listed + ' and ' if listed else ''}{steps[-1]:,} {unit}"
 
 
 def _masked_row(ds) -> dict:

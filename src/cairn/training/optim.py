@@ -129,16 +129,31 @@ def warmup_steps(t: TrainConfig, total_steps: int) -> int:
     return int(round(t.warmup_frac * total_steps))
 
 
-def lr_at(step: int, t: TrainConfig, total_steps: int) -> float:
+def lr_at(step: int, t: TrainConfig, total_steps: int, warmup: int | None = None,
+          relaid: tuple[int, float] = (0, 0.0)) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up from 0 to lr over the
-    warm-up steps, then "linear" (the tutorial's) or "cosine" decay to min_lr at total_steps, or
-    "constant". A warm-up as long as the run never decays; that is allowed but not a default."""
-    warm = warmup_steps(t, total_steps)
+    warm-up steps (`warmup`, by default as the config sets it for `total_steps`), then "linear"
+    (the tutorial's) or "cosine" decay to min_lr at total_steps, or "constant". A warm-up as long
+    as the run never decays; that is allowed but not a default. `relaid`: see `decay_progress`."""
+    warm = warmup_steps(t, total_steps) if warmup is None else warmup
     if step < warm:
         return t.lr * (step + 1) / warm  # reaches lr on the last warm-up step
     if t.schedule == "constant" or total_steps <= warm:
         return t.lr
-    progress = min(1.0, (step - warm) / (total_steps - warm))
+    progress = decay_progress(step, warm, total_steps, relaid)
     if t.schedule == "linear":
         return t.min_lr + (t.lr - t.min_lr) * (1.0 - progress)
     return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def decay_progress(step: int, warm: int, total_steps: int, relaid: tuple[int, float] = (0, 0.0)) -> float:
+    """How far the decay has gone at `step`, from 0 (its start) to 1 (min_lr at total_steps).
+
+    When a time budget's re-plan moves the end of a run at step k, the rest of the decay is
+    re-laid from where it stood: `relaid` = (k, progress at k), and the progress then runs evenly
+    from there to 1 at the new total. The rate in force at k stays, and it only ever falls after
+    it (a decay stretched around its own step would raise it)."""
+    at, done = relaid
+    if at and step >= at:
+        return min(1.0, done + (1.0 - done) * (step - at) / max(total_steps - at, 1))
+    return min(1.0, max(0.0, (step - warm) / (total_steps - warm)))

@@ -37,3 +37,24 @@ class Plan:
     epochs: int
     budget_s: float = 0.0  # the time budget the steps were planned for (0 = planned from the config)
     step_s: float = 0.0  # the measured seconds per step behind that plan
+    # the decay re-laid by the last re-plan: from this step, with this much of it done (optim.decay_progress)
+    relaid_at: int = 0
+    relaid_progress: float = 0.0
+
+    def move_end(self, step: int, total_steps: int) -> None:
+        """End the run at `total_steps` instead, `step` steps being done (a time budget's re-plan).
+        Once the decay has begun, what is left of it is re-laid from here; a warm-up under way keeps
+        its length (changing it would move the rate up or down mid-ramp)."""
+        from .optim import decay_progress
+
+        if step > self.warmup_steps:
+            self.relaid_progress = decay_progress(step, self.warmup_steps, self.total_steps,
+                                                  (self.relaid_at, self.relaid_progress))
+            self.relaid_at = step
+        self.total_steps, self.warmup_steps = total_steps, min(self.warmup_steps, total_steps)
+
+    def lr(self, step: int, t) -> float:
+        """The learning rate of optimizer step `step` (0-based) under this plan."""
+        from .optim import lr_at
+
+        return lr_at(step, t, self.total_steps, self.warmup_steps, (self.relaid_at, self.relaid_progress))

@@ -17,6 +17,7 @@ class Validator:
         self.evaluate, self.val_ds, self.eval_batches = evaluate, val_ds, eval_batches
         self.patience, self.metrics, self.on_best = patience, metrics, on_best
         self.last_full_step = -1
+        self.last_full: Optional[dict] = None  # the result of that whole-split validation
 
     def __call__(self, s: TrainState, full: bool) -> Optional[dict]:
         """Validate the whole split (`full`) or the fixed sample of `eval_batches`; save the best model."""
@@ -25,7 +26,7 @@ class Validator:
         r = self.evaluate(self.val_ds, 0 if full else self.eval_batches)
         s.last_eval_step = s.step
         if full:
-            self.last_full_step = s.step
+            self.last_full_step, self.last_full = s.step, r
         improved = r["loss"] < s.best_val_loss
         if improved:
             s.best_val_loss, s.bad_evals = r["loss"], 0

@@ -1,0 +1,204 @@
+"""The HTTP side of `cairn serve`: a FastAPI app with OpenAI's completion routes, /health and the
+playground page. Every error, including unknown routes and wrong methods, is answered in OpenAI's
+shape: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from importlib import resources
+from typing import AsyncIterator, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..generate import SamplingConfig, prompt_ids
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .engine import Busy, Engine, Event, Job
+from .protocol import ApiError, CompletionRequest, parse_completion
+
+
+@dataclass
+class ServeSettings:
+    model_name: str
+    api_key: Optional[str] = None
+    max_concurrency: int = 16  # sequences in flight; more get 429
+    max_batch: Optional[int] = None  # sequences decoded in one forward pass (None: max_concurrency)
+    max_body: int = 1_000_000  # bytes of a request body; more get 413
+    max_tokens: int = 2048  # most tokens one completion may ask for
+    created: int = 0  # when the checkpoint was written (unix seconds), for /v1/models
+
+
+def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
+    engine = Engine(model, tokenizer, settings.max_concurrency, settings.max_batch)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        engine.close()
+
+    app = FastAPI(title="cairn", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.engine = engine
+    card = {"id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "cairn",
+            "context_length": model.cfg.context_len, "tokenizer": tokenizer.name,
+            "parameters": model.num_params()}
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message = (f"no route {request.method} {request.url.path}: the routes are GET /, GET /health, "
+                   "GET /v1/models, POST /v1/completions") if e.status_code in (404, 405) else str(e.detail)
+        return JSONResponse(ApiError(e.status_code, message, code=code).body(), status_code=e.status_code)
+
+    def authorized(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        # compare_digest takes as long whatever the key's first wrong byte: the key cannot be guessed by timing
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with "
+                                "the server's --api-key", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(resources.files("cairn.serve").joinpath("static/playground.html").read_text("utf-8"))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": settings.model_name, "in_flight": engine.in_flight,
+                "max_concurrency": settings.max_concurrency, "max_batch": engine.max_batch,
+                "decode_steps": engine.steps, "decoded_rows": engine.rows_decoded}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorized)])
+    async def model_card(name: str):
+        if name != settings.model_name:
+            raise unknown_model(name)
+        return card
+
+    def unknown_model(name) -> ApiError:
+        return ApiError(404, f"model {name!r} does not exist: this server serves {settings.model_name!r} "
+                             "(see GET /v1/models)", param="model", code="model_not_found")
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(request: Request):
+        body = await read_json(request, settings.max_body)
+        r = parse_completion(body, settings.max_tokens, settings.max_concurrency)
+        name = body.get("model")
+        if name is not None and name != settings.model_name:
+            raise unknown_model(name)
+        jobs = completion_jobs(r, tokenizer, model.cfg.context_len)
+        try:
+            generation = engine.open(jobs)
+        except Busy as e:
+            raise ApiError(429, f"the server is busy ({e}): retry shortly", code="server_busy",
+                           type="rate_limit_error", headers={"Retry-After": "1"}) from None
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+        prompt_tokens = sum(len(j.ids) for j in jobs[::r.n])
+        if r.stream:
+            return StreamingResponse(sse(generation.events(), generation.close, meta, r, prompt_tokens),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        texts, finish, tokens = [""] * len(jobs), [""] * len(jobs), [0] * len(jobs)
+        try:
+            async for ev in generation.events():
+                texts[ev.index] += ev.text
+                tokens[ev.index] = ev.tokens
+                if ev.finish_reason:
+                    finish[ev.index] = ev.finish_reason
+        finally:
+            generation.close()
+        if "error" in finish:
+            raise ApiError(500, "generation failed (see the server's log)", type="server_error", code="internal")
+        return {**meta, "choices": [choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finish))],
+                "usage": usage(prompt_tokens, sum(tokens))}
+
+    return app
+
+
+async def read_json(request: Request, limit: int):
+    """The body parsed as JSON, read no further than `limit` bytes."""
+    declared = request.headers.get("content-length")
+    too_big = ApiError(413, f"the request body is larger than {limit} bytes (the server's --max-body)",
+                       code="body_too_large")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise too_big
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object",
+                       code="invalid_json") from None
+
+
+def completion_jobs(r: CompletionRequest, tokenizer: Tokenizer, context_len: int) -> list[Job]:
+    """One job per choice, in OpenAI's order (prompt by prompt, n choices each). Choice i of a
+    prompt is sampled with seed + i, as `cairn generate --num-samples` does, so the text of
+    seed S equals `cairn generate --seed S` with the same settings."""
+    base = SamplingConfig(max_new_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                          seed=r.seed, stop_at_eot=not r.ignore_eos, repetition_penalty=r.repetition_penalty)
+    jobs = []
+    for prompt in r.prompts:
+        ids = prompt_ids(tokenizer, prompt)[-context_len:]  # a prompt longer than the context keeps its end
+        jobs += [Job(ids, replace(base, seed=r.seed + i).check(), r.stop) for i in range(r.n)]
+    return jobs
+
+
+def choice(index: int, text: str, finish: Optional[str]) -> dict:
+    # "eot" (the model ended the text) is OpenAI's "stop": clients know only stop and length
+    reason = None if finish is None else "length" if finish == "length" else "stop"
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def sse(events: AsyncIterator[Event], close, meta: dict, r: CompletionRequest,
+              prompt_tokens: int) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. The usage comes in the
+    last chunk with a choice, or with include_usage in a chunk of its own after it (as OpenAI sends it);
+    with continuous_usage_stats in every chunk."""
+    tokens: dict[int, int] = {}
+    open_choices = len(r.prompts) * r.n
+    so_far = usage(prompt_tokens, 0)
+    try:
+        async for ev in events:
+            tokens[ev.index] = ev.tokens
+            if ev.finish_reason == "error":
+                err = ApiError(500, "generation failed (see the server's log)", type="server_error", code="internal")
+                yield f"data: {json.dumps(err.body())}\n\n"
+                break
+            if ev.finish_reason is not None:
+                open_choices -= 1
+            chunk = {**meta, "choices": [choice(ev.index, ev.text, ev.finish_reason)]}
+            so_far = usage(prompt_tokens, sum(tokens.values()))
+            if r.continuous_usage or (open_choices == 0 and not r.include_usage):
+                chunk["usage"] = so_far
+            yield f"data: {json.dumps(chunk)}\n\n"
+        else:
+            if r.include_usage:
+                yield f"data: {json.dumps({**meta, 'choices': [], 'usage': so_far})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        close()  # also when the client went away: its sequences stop and free their slots now

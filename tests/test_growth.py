@@ -1,0 +1,60 @@
+"""grow_to_epochs: a budget that affords too many epochs trains a wider model instead."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from cairn.config import ModelConfig, load_toml
+from cairn.loading import load
+from cairn.training import train
+from cairn.training.growth import Candidate, choose, wider
+from helpers import config
+
+
+def test_wider_shapes_keep_the_head_size_and_the_mlp_ratio():
+    base = ModelConfig(d_model=128, n_heads=2, d_mlp=352, n_layers=3)
+    shapes = wider(base)
+    assert shapes[0] is base and len(shapes) == 7  # 2 heads up to 8 (4x the width)
+    assert [(s.d_model, s.n_heads, s.d_mlp) for s in shapes[1:4]] == [(192, 3, 528), (256, 4, 704), (320, 5, 880)]
+    assert all(s.n_layers == 3 and s.d_model // s.n_heads == 64 for s in shapes)
+
+
+def test_the_narrowest_shape_within_the_epochs_is_chosen_else_the_widest():
+    c = [Candidate(ModelConfig(d_model=d), 0.0, e) for d, e in [(128, 11.0), (192, 6.5), (256, 3.8), (320, 2.9)]]
+    assert choose(c, 4.0).model.d_model == 256
+    assert choose(c, 12.0).model.d_model == 128  # the configured one when it fits
+    assert choose(c, 1.0).model.d_model == 320  # none fits: the widest measured
+
+
+def test_a_budget_with_room_for_too_many_epochs_trains_a_wider_model(tmp_path, stories_file, small_tokenizer, caplog):
+    """A 30-second budget over a small split would take dozens of epochs of the tiny model: with
+    grow_to_epochs 2 the run measures wider shapes, trains one, and its config records it, so the
+    run loads as any other."""
+    cfg = config(stories_file, tokenizer=small_tokenizer, time_budget="30s", grow_to_epochs=2, max_steps=4,
+                 end_stories=0, eval_every=0)
+    with caplog.at_level(logging.INFO, logger="cairn"):
+        train(cfg, tmp_path / "run")
+    assert "training a wider one, d_model" in caplog.text, caplog.text
+    saved = load_toml(tmp_path / "run" / "config.toml")
+    assert saved.model.d_model > cfg.model.d_model and saved.model.d_model // saved.model.n_heads == 8
+    loaded = load(tmp_path / "run")
+    assert loaded.model.cfg.d_model == saved.model.d_model
+
+
+def test_growth_is_off_without_a_budget_or_when_zero(tmp_path, stories_file, small_tokenizer, caplog):
+    cfg = config(stories_file, tokenizer=small_tokenizer, grow_to_epochs=2, max_steps=2, end_stories=0)
+    with caplog.at_level(logging.INFO, logger="cairn"):
+        train(cfg, tmp_path / "run")
+    assert "wider" not in caplog.text
+    assert load_toml(tmp_path / "run" / "config.toml").model.d_model == cfg.model.d_model
+
+
+@pytest.mark.parametrize("value", ["-1", "nan"])
+def test_a_negative_grow_to_epochs_is_refused(value, tmp_path, stories_file, capsys):
+    from cairn.cli import main
+
+    assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(tmp_path / "r"),
+                 "--grow-to-epochs", value]) == 2
+    assert "grow" in capsys.readouterr().err
