@@ -4,7 +4,8 @@ one after another in one run, and is scored on the held-out validation split (bi
     python benchmarks/ablate.py --data ../shared/data/tinystories --budget 150s \
         --variant base --variant "gpt2 vocab: --tokenizer gpt2" --variant "lr 6e-3: --lr 6e-3"
 
-A variant is "NAME: --flag value ..." (overrides on top of the preset; "base" alone = the preset).
+A variant is "NAME: --flag value ..." (overrides on top of the preset and of --flags, which every
+variant gets first; "base" alone = the preset with --flags).
 Each variant first runs a one-step warm-up, so the tokenizer it learns and the token cache it
 fills are ready before its clock starts: the timed runs compare training, not one-off caching.
 Prints a table (markdown) and writes JSON next to --json.
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--preset", default="cpu-10min")
     p.add_argument("--budget", default="150s")
+    p.add_argument("--flags", default="", help='flags given to every variant before its own: a study\'s base '
+                   '(e.g. "--n-layers 4 --lr 1.5e-3")')
     p.add_argument("--variant", action="append", default=[], help='"NAME: --flag value ..." (repeatable)')
     p.add_argument("--json", default="", help="write the results here as JSON")
     p.add_argument("--keep", default="", help="keep the run directories under this folder")
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
     results = []
     for name, flags in variants:
         slug = re.sub(r"[^a-zA-Z0-9]+", "-", name).strip("-") or "base"
-        base = ["--preset", args.preset, "--data", args.data, *flags]
+        base = ["--preset", args.preset, "--data", args.data, *shlex.split(args.flags), *flags]
         warm = root / f"{slug}.warm"
         # one step with the same data/tokenizer settings: fills the caches outside the timed run
         run([*base, "--out", str(warm), "--max-steps", "1", "--time-budget", "", "--end-stories", "0",
@@ -110,7 +113,8 @@ def main(argv=None) -> int:
               f"{r['val_bits_per_byte'] - base_bpb:+.4f} | {r['steps_done']} | {r['tokens']:,} | "
               f"{r['tokens_per_s']:,.0f} | {r['parameters']:,} | {r['wall_s']} |")
     if args.json:
-        meta = {"preset": args.preset, "budget": args.budget, "data": args.data, "cpu_count": os.cpu_count(),
+        meta = {"preset": args.preset, "flags": args.flags, "budget": args.budget, "data": args.data,
+                "cpu_count": os.cpu_count(),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
     return 0

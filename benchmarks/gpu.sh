@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4's GPU check, in one command of under 5 minutes on one H200 (or any CUDA GPU):
+# The GPU check, in one command of under 5 minutes on one H200 (or any CUDA GPU):
 # reference-105m's shape (d768, 4 layers, 12 heads, GPT-2 vocabulary, 32 rows of 1000 tokens) in
 # bf16 autocast, cairn against the nanoGPT-style reference, eager and torch.compile'd, alternating;
 # then KV-cache decoding against recomputation. Prints the table; writes JSON to $1.
@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/gpu-reference-105m.json}
 PY=${PYTHON:-python}
-"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU here: this benchmark needs one")'
+"$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU found: this benchmark needs one")'
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 PYTHONPATH=src "$PY" -m cairn bench --preset reference-105m --device cuda --precision bf16 --compile \
     --variants nanogpt,cairn --rounds 20 --generate 256 --json "$OUT"

@@ -15,7 +15,7 @@ from helpers import assert_same_weights, config
 
 
 def small(stories: Path, tokenizer: Path, **overrides):
-    """helpers.config with the session's small tokenizer."""
+    """helpers.config with the test run's small tokenizer."""
     return config(stories, tokenizer=tokenizer, **overrides)
 
 

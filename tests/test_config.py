@@ -157,7 +157,7 @@ def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
     for name in PRESETS:
         validate(preset(name))
     c = preset("cpu-10min")
-    # the settings docs/ablation-cpu-10min.md measured; the run's time budget plans the steps
+    # the settings docs/experiments.md measured; the run's time budget plans the steps
     assert c.tokenizer == "bpe:4096" and c.train.time_budget == "10m" and c.train.end_stories == 3 and c.train.compile
     assert (c.model.positions, c.model.norm, c.model.mlp, c.model.bias) == ("rope", "rmsnorm", "swiglu", False)
     assert (c.model.d_model, c.model.n_layers, c.model.tie_embeddings) == (128, 3, False)

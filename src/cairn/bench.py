@@ -17,6 +17,7 @@ import argparse
 import ctypes
 import json
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from .config import ModelConfig, TrainConfig
 from .presets import preset
 from .errors import CairnError
+from .host import cpu_description
 from .model import Transformer, sinusoidal_table
 from .runtime import autocast, peak_flops, pick_device, resolve_precision, set_threads
 
@@ -349,6 +351,7 @@ def main(argv=None) -> int:
     if unknown or not variants:
         raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, tutorial")
     shape = resolve_shape(a)
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine slows every variant
     device = pick_device(a.device)
     precision = resolve_precision(a.precision, device)
     rounds = a.rounds or (20 if device.type == "cuda" else 3)
@@ -379,6 +382,9 @@ def main(argv=None) -> int:
               f"{r['peak_memory_mb']:8.0f} {r['speedup']:8.2f}x {r['useful_speedup']:15.2f}x {v.first_step_s:13.1f}")
     result = {"shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
               "device": where, "precision": precision, "torch": torch.__version__,
+              "machine": {"cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
+                          "load_avg_1min_at_start": load_at_start,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")},
               "peak_flops": peak, "peak_source": peak_source, "training": rows}
     if a.generate:
         g = bench_generation(mc, a.generate, device, precision)

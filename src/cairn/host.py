@@ -14,3 +14,24 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_description() -> str:
+    """The CPU as a benchmark record names it: model, usable cores and the vector instructions
+    that decide float32 and bfloat16 speed, e.g. "AMD EPYC, 2 cores, avx2 avx512f avx512_bf16"."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux: the platform's own name
+        import platform
+        model = platform.processor() or platform.machine()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    text = f"{model or 'unknown CPU'}, {usable_cores()} cores"
+    return f"{text}, {' '.join(wanted)}" if wanted else text

@@ -107,8 +107,8 @@ def encode_chunk(chunk: Chunk, assign: np.ndarray, dtype: np.dtype, n_splits: in
 class ChunkPool:
     """Runs task functions over chunks, in this process (workers=1) or in a pool of processes.
 
-    A task function takes its arguments and then `tokenizer`: the parent's tokenizer when run here,
-    None in a worker (which uses the one it built).
+    A task function takes its arguments and then `tokenizer`: the parent's tokenizer when it runs in the
+    parent process, None in a worker (which uses the one it built).
     """
 
     def __init__(self, workers: int, tokenizer: Tokenizer):

@@ -405,21 +405,53 @@ def _no_network_error(source: str) -> CairnError:
                       f"pass local files with --data PATH ({_EXT_LIST})")
 
 
-def _hub_dataset(source: str, text_field: str, hub_split: str):
-    """The hub dataset, as `datasets` keeps it: Arrow files on disk, memory-mapped, not in RAM."""
-    # With HF_HUB_OFFLINE set, `datasets` reads its own cache and fails fast on a miss.
-    if not _offline_requested() and not _hub_reachable():
-        raise _no_network_error(source)
+def _cached_snapshot(source: str) -> Optional[str]:
+    """The folder of `source`'s snapshot in the Hugging Face hub cache (the revision `refs/main`
+    names), as an online `load_dataset` or `hf download` left it; None when it is not cached.
+
+    `datasets` does not look there: offline, `load_dataset("owner/name")` only finds its own
+    Arrow cache (HF_DATASETS_CACHE) and otherwise fails with "Couldn't reach ... on the Hub",
+    even with every file of the repository on disk in the hub cache (HF_HUB_CACHE)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(source, repo_type="dataset", local_files_only=True)
+    except Exception:  # not cached (LocalEntryNotFoundError), or a name the hub would refuse
+        return None
+
+
+def _load_hub_dataset(source: str, path: str, hub_split: str):
+    """`datasets.load_dataset` on a hub id or on its cached snapshot's folder: the same files give
+    the same splits and columns; every failure becomes one line naming the id and the split."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(source, split=hub_split)
+        return datasets.load_dataset(path, split=hub_split)
     except ConnectionError:
         raise _no_network_error(source) from None
     except Exception as e:  # datasets raises many types; all mean "this id/split cannot be loaded"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CairnError(f"cannot load hub dataset {source!r} split {hub_split!r} ({first}): "
                          f"check the id and --hub-split, or pass local files with --data PATH ({_EXT_LIST})") from None
+
+
+def _hub_dataset(source: str, text_field: str, hub_split: str):
+    """The hub dataset, as `datasets` keeps it: Arrow files on disk, memory-mapped, not in RAM.
+
+    Online, `datasets.load_dataset(source)` downloads it (into the hub cache) as the tutorial does.
+    Offline (HF_HUB_OFFLINE, or the hub out of reach), the snapshot in the hub cache is loaded
+    from its folder; without one, HF_HUB_OFFLINE still lets `datasets` try its own cache."""
+    offline = _offline_requested()
+    if offline or not _hub_reachable():
+        snapshot = _cached_snapshot(source)
+        if snapshot is not None:
+            ds = _load_hub_dataset(source, snapshot, hub_split)
+        elif offline:
+            ds = _load_hub_dataset(source, source, hub_split)
+        else:
+            raise _no_network_error(source)
+    else:
+        ds = _load_hub_dataset(source, source, hub_split)
     if text_field not in ds.column_names:
         raise CairnError(f"hub dataset {source!r} has no column {text_field!r} "
                          f"(columns: {', '.join(ds.column_names)}): set --text-field")

@@ -1,0 +1,141 @@
+"""The documents tell the truth in few words: every record they name exists, the presets table quotes
+its records' figures (read from the records here, never typed twice), the README stays short, links
+lead somewhere, and nothing in the repository speaks of how it was made instead of what it does."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cairn.presets import PRESETS
+from conftest import REPO
+
+README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+README_MAX_BYTES = 8 * 1024
+
+# Words about the making of the project rather than the product. Each pattern is written so that
+# this file's own text does not match it.
+MAKING = re.compile(r"session [0-9]|this sess(?:ion)|this mach(?:ine)|run her(?:e)|measured her(?:e)|"
+                    r"round [0-9]+|not been run her(?:e)", re.IGNORECASE)
+MAKING_PLACES = ["README.md", "docs", "src", "tests", "benchmarks", "scripts"]
+
+
+def _documents() -> list[Path]:
+    return [README, *DOCS]
+
+
+def test_the_readme_is_at_most_8_kb():
+    assert README.stat().st_size <= README_MAX_BYTES, f"README.md is {README.stat().st_size} bytes"
+
+
+@pytest.mark.parametrize("doc", _documents(), ids=lambda p: p.name)
+def test_every_benchmarks_path_a_document_names_exists(doc):
+    text = doc.read_text(encoding="utf-8")
+    named = {m.rstrip(".,;:)`'\"") for m in re.findall(r"benchmarks/[\w./-]*", text)}
+    missing = sorted(p for p in named if not (REPO / p).exists())
+    assert not missing, f"{doc.name} names records that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", _documents(), ids=lambda p: p.name)
+def test_every_relative_link_leads_to_a_file(doc):
+    text = doc.read_text(encoding="utf-8")
+    links = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t and not t.startswith("#")]
+    missing = sorted(t for t in links if t and not (doc.parent / t).exists())
+    assert not missing, f"{doc.name} links to files that do not exist: {missing}"
+
+
+def _presets_table() -> list[dict]:
+    """The README's presets table: one dict per row, by column name."""
+    section = README.read_text(encoding="utf-8").split("## Presets", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def _run_record(run: Path) -> dict:
+    """What a recorded run's own files say: the last whole-split validation, the test, the steps
+    trained and the month it was prepared."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r["kind"] == "val" and r.get("full", True)][-1]
+    test = [r for r in records if r["kind"] == "test"][-1]
+    steps = [r for r in records if r["kind"] == "train"][-1]["step"]
+    created = json.loads((run / "run.json").read_text())["data"]["created"]
+    return {"val": val["val_bits_per_byte"], "test": test["test_bits_per_byte"], "steps": steps,
+            "month": created[:7]}
+
+
+def test_the_presets_table_has_one_row_per_preset():
+    names = [row["preset"].strip("`") for row in _presets_table()]
+    assert sorted(names) == sorted(PRESETS), names
+
+
+@pytest.mark.parametrize("row", _presets_table(), ids=lambda r: r["preset"].strip("`"))
+def test_a_presets_result_is_the_one_its_record_holds(row):
+    link = re.search(r"\((benchmarks/runs/[^)/]+)/?\)", row["record"])
+    if link is None:  # no record: then the row quotes no result either
+        assert row["measured result"] in ("no run recorded", "-"), row
+        assert not re.search(r"\d", row["measured result"]), row
+        return
+    run = REPO / link.group(1)
+    assert (run / "metrics.jsonl").is_file() and (run / "run.json").is_file(), run
+    got = _run_record(run)
+    result = row["measured result"]
+    assert f"held-out {got['val']:.3f} bits/byte" in result, (result, got)
+    assert f"test {got['test']:.3f}" in result, (result, got)
+    assert f"{got['steps']:,} steps" in result, (result, got)
+    assert got["month"] in result, (result, got)  # the date names the record's month
+    assert (run / "stories.md").is_file()  # the stories the run ended with are part of the record
+
+
+def test_the_experiments_tables_are_the_ones_the_ablation_record_gives():
+    text = (REPO / "docs" / "experiments.md").read_text(encoding="utf-8")
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation_tables.py")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() and out in text, "docs/experiments.md: rerun python benchmarks/ablation_tables.py"
+
+
+def test_nothing_speaks_of_how_the_project_was_made():
+    hits = []
+    for place in MAKING_PLACES:
+        root = REPO / place
+        files = [root] if root.is_file() else [p for p in root.rglob("*") if p.is_file()]
+        for path in files:
+            if "__pycache__" in path.parts or path.suffix in (".pyc", ".png"):
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue
+            for number, line in enumerate(text.splitlines(), 1):
+                if MAKING.search(line):
+                    hits.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:120]}")
+    assert not hits, "\n".join(hits)
+
+
+def _record(name: str) -> dict:
+    return json.loads((REPO / "benchmarks" / name).read_text())
+
+
+def test_the_tutorial_page_quotes_the_tutorial_differences_record():
+    text = (REPO / "docs" / "tutorial.md").read_text(encoding="utf-8")
+    rows = _record("tutorial-differences.json")["results"]
+    assert {r["variant"] for r in rows} >= {"cairn", "pos amplitude 1", "pytorch default init", "tutorial"}
+    for r in rows:
+        assert f"| {r['val_loss']:.3f} |" in text, r["variant"]
+
+
+def test_the_speed_page_quotes_its_records():
+    text = (REPO / "docs" / "speed.md").read_text(encoding="utf-8")
+    gen = _record("kv-cache-d256.json")["generation_tokens_per_s"]
+    kv, full = gen["kv_cache"], gen["recompute"]
+    assert f"{kv:.1f} against {full:.1f} tokens/s ({kv / full:.1f}x)" in text
+    steps = {r["variant"]: r for r in _record("train-d256.json")["training"]}
+    cairn, nanogpt = steps["cairn"], steps["nanogpt"]
+    assert (f"{cairn['tokens_per_s']:.0f} against {nanogpt['tokens_per_s']:.0f} tokens/s "
+            f"({cairn['tokens_per_s'] / nanogpt['tokens_per_s']:.2f}x)") in text
