@@ -23,7 +23,8 @@ from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prep
 from ..errors import CairnError
 from ..log import ensure_setup, only_main_speaks
 from ..model import build_model
-from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, resolve_precision, seed_everything, set_threads
+from ..precision import for_run as precision_for_run
+from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, seed_everything, set_threads
 from . import budget, resume
 from .calibrate import measure
 from .checkpointer import Checkpointer
@@ -49,13 +50,18 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     threads = set_threads(dist.cpu_threads(t.num_threads))
     if dist.device.type == "cpu":
         keep_freed_memory()  # a CPU step's large tensors would otherwise be page-faulted in anew each step
-    precision = resolve_precision(t.precision, dist.device)
     run = RunDir(out_dir, writer=main)
     checkpointer = Checkpointer(run, dist, cfg.name, t.keep_checkpoints)
     start_from = dist.on_main(lambda: resume.starting_point(run, checkpointer, resume_run, restart))
     # rank 0 learns a bpe:N tokenizer and tokenizes a new source into the (shared) cache; the others then read them
     tokenizer = dist.main_first(lambda: run_tokenizer.for_training(cfg, run.path, start_from is not None))
     cfg.model.vocab_size = tokenizer.vocab_size
+    # measured for this model's matmuls on CPUs (precision.py); rank 0 decides for all ranks
+    resumed = run.path / "run.json" if start_from is not None else None
+    choice = dist.on_main(lambda: precision_for_run(t.precision, dist.device, cfg.model,
+                                                    t.batch_size * cfg.data.seq_len, resumed))
+    precision = choice.precision
+    log.info(choice.describe())
     seed_everything(cfg.seed)
     data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
     d = cfg.data
@@ -69,7 +75,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     plan = initial_plan(cfg, len(train_ds), dist)
     trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
                       model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
-                      time.monotonic() if started is None else started)
+                      time.monotonic() if started is None else started, precision_reason=choice.reason)
     saved = resume.load_weights_and_state(trainer, start_from) if start_from is not None else None
     trainer.wrapped = dist.wrap(model, precision)
     trainer.optimizer = make_optimizer(model, t, dist.device)

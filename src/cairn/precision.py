@@ -1,0 +1,227 @@
+"""Which precision a run computes in, and the matmul peak its MFU is measured against.
+
+On GPUs `precision = "auto"` is bf16 autocast wherever the GPU supports it. On CPUs it is decided
+by measurement on the machine that runs: bf16 autocast only pays where the CPU has native bf16
+dot products (x86 `avx512_bf16` or `amx_bf16`, Arm `bf16`); elsewhere bf16 is emulated and
+slower than float32. Even with them, autocast adds a cast around every matmul, so the choice
+times the run's own matmuls (its linears at its tokens per micro-batch) in both precisions and
+takes bf16 only when it is faster by `BF16_MARGIN`. The timings are cached per machine (CPU model,
+threads) and torch version in $CAIRN_CACHE (or ~/.cache/cairn)/machine/matmul.json, with the
+float32 and bf16 matmul peaks that MFU is reported against, so a run measures them once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import files
+from .errors import CairnError
+
+log = logging.getLogger(__name__)
+
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (/proc/cpuinfo "flags"), Arm ("Features")
+
+# bf16 autocast is chosen on a CPU when the run's matmuls are at least this much faster in bf16.
+# The rest of a step (casts, norms, softmax, the optimizer over float32 master weights) does not
+# speed up, and part of it gets slower; on a 2-core AMD EPYC with avx512_bf16 (torch 2.13.0,
+# 2026-12) the step gained from bf16 at matmul ratios above about 1.5 and lost below about 1.2
+# (benchmarks/precision-choice.json).
+BF16_MARGIN = 1.3
+
+PEAK_SIZE = 1024  # the square matmul whose FLOP/s is the CPU's peak for MFU
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A run's precision and why: `reason` is what the log says after "precision: <precision>"."""
+    precision: str
+    reason: str
+    measured: Optional[dict] = None  # {"fp32": FLOP/s, "bf16": FLOP/s} of the run's matmuls, when timed
+
+    def describe(self) -> str:
+        return f"precision: {self.precision} ({self.reason})"
+
+
+# ---------------------------------------------------------------- what the CPU is
+
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, feature flags) from /proc/cpuinfo; ("", empty) where it cannot be read."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model or platform.processor() or platform.machine(), flags
+
+
+def native_bf16(flags: Optional[set[str]] = None) -> bool:
+    """Does this CPU compute bf16 dot products in hardware? From its flags where the OS lists
+    them; else torch's own query (which on x86 also says yes to AVX-512 CPUs that only emulate
+    bf16, so it is the fallback, not the test)."""
+    if flags is None:
+        flags = cpu_info()[1]
+    if flags:
+        return any(f in flags for f in NATIVE_BF16_FLAGS)
+    query = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(query()) if query is not None else False
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------- timing matmuls
+
+Shape = tuple[int, int, int]  # (m, k, n): an [m, k] @ [k, n] product
+
+
+def run_matmuls(model_cfg, tokens: int) -> list[Shape]:
+    """The forward matmuls of one micro-batch of `tokens` tokens through `model_cfg`'s linears
+    (one of each shape; the backward's are the same sizes transposed)."""
+    d, mlp, vocab = model_cfg.d_model, model_cfg.d_mlp, model_cfg.vocab_size
+    shapes = [(tokens, d, 3 * d), (tokens, d, d), (tokens, d, mlp), (tokens, mlp, d), (tokens, d, vocab)]
+    if model_cfg.mlp == "swiglu":
+        shapes.append((tokens, d, mlp))
+    return shapes
+
+
+def time_matmuls(shapes: Sequence[Shape], dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of the products of `shapes` in `dtype`, the best of `repeats` passes over all of
+    them (the first, untimed, warms the kernels). Values do not matter: ones leave the RNG alone."""
+    pairs = [(torch.ones(m, k, dtype=dtype), torch.ones(k, n, dtype=dtype)) for m, k, n in shapes]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    best = float("inf")
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        for a, b in pairs:
+            a @ b
+        if i:
+            best = min(best, time.perf_counter() - t)
+    return flops / max(best, 1e-9)
+
+
+def cache_file() -> Path:
+    """Under the same root as the token cache (data/cache.py)."""
+    base = os.environ.get("CAIRN_CACHE") or "~/.cache/cairn"
+    return Path(os.path.expanduser(base)) / "machine" / "matmul.json"
+
+
+def machine_key() -> str:
+    """What the timings hold for: the CPU, the threads torch uses, torch's version."""
+    model, _ = cpu_info()
+    return f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cached_flops(what: str, measure: Callable[[], float], path: Optional[Path] = None) -> float:
+    """FLOP/s of `what` on this machine: from the cache, else measured (and cached). A cache that
+    cannot be read or written only costs a new measurement."""
+    path = path or cache_file()
+    key = machine_key()
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cache = {}
+    cache = cache if isinstance(cache, dict) else {}
+    entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
+    value = entry.get(what)
+    if isinstance(value, (int, float)) and value > 0:
+        return float(value)
+    value = measure()
+    entry[what] = value
+    cache[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_text(path, json.dumps(cache, indent=1, sort_keys=True))
+    except OSError as e:
+        log.debug(f"matmul timings not cached in {path}: {e}")
+    return value
+
+
+def shapes_key(shapes: Sequence[Shape]) -> str:
+    return " ".join(f"{m}x{k}x{n}" for m, k, n in sorted(set(shapes)))
+
+
+def measured_pair(shapes: Sequence[Shape]) -> dict:
+    """{"fp32": FLOP/s, "bf16": FLOP/s} of `shapes`, cached."""
+    key = shapes_key(shapes)
+    return {name: cached_flops(f"{name} {key}", lambda dt=dtype: time_matmuls(shapes, dt))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
+# ---------------------------------------------------------------- the choice
+
+def choose_cpu(native: bool, measure: Callable[[], dict], margin: float = BF16_MARGIN) -> Choice:
+    """bf16 where the CPU has it natively and its matmuls are `margin` times float32's; `measure`
+    (only called on such a CPU) gives {"fp32": FLOP/s, "bf16": FLOP/s}."""
+    if not native:
+        return Choice("fp32", "auto: this CPU has no native bf16 (no avx512_bf16, amx_bf16 or bf16 flag)")
+    m = measure()
+    fp32, bf16 = m["fp32"], m["bf16"]
+    figures = f"the run's matmuls: bf16 {bf16 / 1e9:,.0f} GFLOP/s, float32 {fp32 / 1e9:,.0f} GFLOP/s, " \
+              f"{bf16 / fp32:.2f}x"
+    if bf16 >= margin * fp32:
+        return Choice("bf16", f"measured {figures}", m)
+    return Choice("fp32", f"measured {figures}, below the {margin:g}x bf16 must gain", m)
+
+
+def resolve(precision: str, device: torch.device, model_cfg=None, tokens: int = 0) -> Choice:
+    """The precision a run uses. "fp32" and "bf16" are taken as given (bf16 refused on GPUs
+    without it). "auto": bf16 on GPUs that support it; on CPUs, measured for the run's matmuls
+    (`model_cfg`, `tokens` per micro-batch) where given, else float32."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CairnError("this GPU does not support bf16: use --precision fp32")
+    if precision != "auto":
+        return Choice(precision, "as asked")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Choice("bf16", "auto: the GPU supports bf16")
+        return Choice("fp32", "auto: the GPU does not support bf16")
+    if device.type != "cpu":
+        return Choice("fp32", f"auto: float32 on {device.type}")
+    if model_cfg is None or tokens <= 0:
+        return Choice("fp32", "auto: float32 (nothing to measure)")
+    return choose_cpu(native_bf16(), lambda: measured_pair(run_matmuls(model_cfg, tokens)))
+
+
+def saved_choice(run_json: Path) -> Optional[str]:
+    """The precision a run directory's run.json says it trained in, if any: a resume keeps it."""
+    try:
+        value = json.loads(run_json.read_text(encoding="utf-8")).get("precision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if value in ("fp32", "bf16") else None
+
+
+# ---------------------------------------------------------------- peaks for MFU
+
+def cpu_peak_flops(precision: str) -> float:
+    """The CPU's square-matmul FLOP/s in the precision a run computes in, cached."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    n = PEAK_SIZE
+    return cached_flops(f"peak {precision} {n}", lambda: time_matmuls([(n, n, n)], dtype))
+
+
+def for_run(precision: str, device: torch.device, model_cfg, tokens: int,
+            resumed_run_json: Optional[Path] = None) -> Choice:
+    """A training run's precision: a resumed run keeps the one its run.json holds when the config
+    leaves it to "auto" (a resume continues the same computation, whatever a new measurement says)."""
+    if precision == "auto" and resumed_run_json is not None:
+        saved = saved_choice(resumed_run_json)
+        if saved is not None:
+            return Choice(saved, f"auto: kept from the run being resumed ({resumed_run_json.name})")
+    return resolve(precision, device, model_cfg, tokens)
