@@ -31,18 +31,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hc = h[s:s + chunk].to(compute_dtype)
             yc = labels[s:s + chunk]
             valid = yc != IGNORE_INDEX
-            safe = yc.clamp(min=0)
-            logits = hc @ w.t()  # [c, V]
-            if logits.dtype in (torch.bfloat16, torch.float16):
-                logits = logits.float()  # softmax statistics in float32
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-            loss += ((lse - target) * valid).sum()
+            safe = yc.clamp(min=0).unsqueeze(1)
+            logits = hc @ w.t()  # [c, V], in compute_dtype
+            # one pass of log-softmax, its statistics (max, sum of exp, log) in float32 or wider:
+            # bf16 logits are read as float32 by the kernel, never rounded after the matmul
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            del logits
+            target = logp.gather(1, safe).squeeze(1)
+            every = bool(valid.all())  # no padding in the chunk: nothing to mask
+            loss -= target.sum() if every else (target * valid).sum()
             if need_grad:
                 # d(sum loss)/d(logits) = softmax - onehot, zero on padding rows; in place
-                g = logits.sub_(lse.unsqueeze(1)).exp_()
-                g.scatter_add_(1, safe.unsqueeze(1), torch.full_like(target, -1.0).unsqueeze(1))
-                g.mul_(valid.unsqueeze(1).to(g.dtype))
+                g = logp.exp_()
+                g.scatter_add_(1, safe, torch.full_like(target, -1.0).unsqueeze(1))
+                if not every:
+                    g[~valid] = 0
                 g = g.to(compute_dtype)
                 grad_h[s:s + chunk] = (g @ w).to(h.dtype)
                 if compute_dtype == acc:
