@@ -12,7 +12,7 @@ batch 8). Also prints the share of the step in matmuls (aten::mm, addmm, bmm, li
 from __future__ import annotations
 
 import argparse
-import platform
+import os
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from cairn.bench import make_step, resolve_shape
 from cairn.config import TrainConfig
 from cairn.model import Transformer
+from cairn.precision import cpu_info
 from cairn.runtime import autocast, set_threads
 from cairn.training.optim import make_optimizer
 
@@ -36,9 +37,10 @@ def main() -> int:
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core, as training)")
     p.add_argument("--out", help="also write the table here")
     a = p.parse_args()
-    set_threads(0)
+    set_threads(a.threads)
     shape = resolve_shape(a)
     device = torch.device("cpu")
     torch.manual_seed(0)
@@ -61,7 +63,7 @@ def main() -> int:
     flops = m.flops_per_token(shape.seq) * shape.batch * shape.seq
     head = (f"cairn step, {a.precision}, d{mc.d_model} L{mc.n_layers} H{mc.n_heads} T{shape.seq} B{shape.batch} "
             f"V{mc.vocab_size}{' (' + a.preset + ')' if a.preset else ''}; {torch.get_num_threads()} threads; "
-            f"torch {torch.__version__}; {platform.processor() or platform.machine()}\n"
+            f"torch {torch.__version__}; {cpu_info()[0]}; load average {os.getloadavg()[0]:.1f} at the start\n"
             f"{wall:.3f} s/step under the profiler ({flops / wall / 1e9:.1f} model GFLOP/s); "
             f"matmul kernels {mm / max(total, 1):.0%} of self CPU time\n")
     table = events.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=40)
