@@ -37,7 +37,8 @@ def train(data: str, out: Path, precision: str, extra: list[str]) -> dict:
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "seconds": time.perf_counter() - t,
-        "val": [(r["step"], r["val_loss"]) for r in records if r["kind"] == "val"],
+        "val": [(r["step"], r["val_loss"], "whole split" if r.get("full") else "sample")
+                for r in records if r["kind"] == "val"],
         "train": [(r["step"], r["train_loss"]) for r in records if r["kind"] == "train"],
         "test": next((r for r in records if r["kind"] == "test"), None),
     }
@@ -54,12 +55,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {prec: train(a.data, Path(tmp) / prec, prec, extra) for prec in ("fp32", "bf16")}
     f, b = runs["fp32"], runs["bf16"]
-    print(f"{'step':>6} {'val fp32':>9} {'val bf16':>9} {'bf16 - fp32':>12} {'relative':>9}")
+    print(f"{'step':>6} {'val fp32':>9} {'val bf16':>9} {'bf16 - fp32':>12} {'relative':>9}  of")
     rows = []
-    for (step, lf), (step_b, lb) in zip(f["val"], b["val"]):
+    for (step, lf, what), (step_b, lb, _) in zip(f["val"], b["val"]):
         assert step == step_b, "the runs evaluated at different steps"
-        rows.append({"step": step, "fp32": lf, "bf16": lb, "relative": (lb - lf) / lf})
-        print(f"{step:>6} {lf:9.4f} {lb:9.4f} {lb - lf:+12.4f} {(lb - lf) / lf:+9.2%}")
+        rows.append({"step": step, "of": what, "fp32": lf, "bf16": lb, "relative": (lb - lf) / lf})
+        print(f"{step:>6} {lf:9.4f} {lb:9.4f} {lb - lf:+12.4f} {(lb - lf) / lf:+9.2%}  {what}")
     for name, r in runs.items():
         t = r["test"]
         if t:
