@@ -47,10 +47,11 @@ def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tm
     out = tmp_path / "bench.json"
     assert main(["--d-model", "32", "--n-heads", "4", "--n-layers", "1", "--seq-len", "32", "--batch-size", "2",
                  "--vocab-size", "300", "--rounds", "1", "--generate", "0", "--device", "cpu", "--precision", "bf16",
-                 "--reference-precision", "bf16", "--json", str(out)]) == 0
+                 "--reference-precision", "bf16", "--variants", "nanogpt,cairn,cairn-fp32", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {r["variant"]: r for r in result["training"]}
-    assert {k: r["precision"] for k, r in rows.items()} == {"nanogpt": "fp32", "nanogpt-bf16": "bf16", "cairn": "bf16"}
+    assert {k: r["precision"] for k, r in rows.items()} == {"nanogpt": "fp32", "nanogpt-bf16": "bf16", "cairn": "bf16",
+                                                            "cairn-fp32": "fp32"}
     for r in rows.values():
         assert r["peak_flops"] == (400e9 if r["precision"] == "bf16" else 160e9)
         assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["peak_flops"])

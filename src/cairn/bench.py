@@ -245,15 +245,18 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
                 (6 * n + 12 * layers * d * seq) * batch * seq
         for p in dict.fromkeys(reference_precisions):
             builders.append(("nanogpt" if p == "fp32" else f"nanogpt-{p}", nanogpt, p))
-    if "cairn" in variants:
+    if "cairn" in variants or "cairn-fp32" in variants:
         def cairn(compiled, p):
             m = Transformer(mc).to(device)
-            # cairn's own optimizer set-up: decay on matrices only, the fused kernel on GPUs
+            # cairn's own optimizer set-up: decay on matrices only, fused AdamW
             opt = make_optimizer(m, TrainConfig(lr=1e-4), device)
             f = torch.compile(m) if compiled else m
             return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), ctx_of(p)), batch * seq, \
                 batch * seq, m.flops_per_token(seq) * batch * seq
-        builders.append(("cairn", cairn, precision))
+        if "cairn" in variants:
+            builders.append(("cairn", cairn, precision))
+    if "cairn-fp32" in variants:  # cairn's own float32 step beside it: the gain of the precision alone
+        builders.append(("cairn-fp32", cairn, "fp32"))
     if "tutorial" in variants:
         def tutorial(compiled, p):
             width = 1000
@@ -354,15 +357,16 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd nanogpt and cairn")
     p.add_argument("--rounds", type=int, default=0, help="timed steps per variant, alternating "
                                                            "(default 3 on CPU, 20 on GPU)")
-    p.add_argument("--variants", default="nanogpt,cairn", help="comma list of nanogpt, cairn, tutorial")
+    p.add_argument("--variants", default="nanogpt,cairn",
+                   help="comma list of nanogpt, cairn, cairn-fp32 (cairn in float32 whatever --precision), tutorial")
     p.add_argument("--tutorial-batch", type=int, default=2, help="rows of 1000 tokens for the tutorial step")
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - {"nanogpt", "cairn", "tutorial"})
+    unknown = sorted(set(variants) - {"nanogpt", "cairn", "cairn-fp32", "tutorial"})
     if unknown or not variants:
-        raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, tutorial")
+        raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, cairn-fp32, tutorial")
     shape = resolve_shape(a)
     device = pick_device(a.device)
     rounds = a.rounds or (20 if device.type == "cuda" else 3)

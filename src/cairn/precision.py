@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (/proc/cpuinfo "flags"), Arm ("Features")
 
 # bf16 autocast is chosen on a CPU when the run's matmuls are at least this much faster in bf16.
-# The rest of a step (casts, norms, softmax, the optimizer over float32 master weights) does not
-# speed up, and part of it gets slower; on a 2-core AMD EPYC with avx512_bf16 (torch 2.13.0,
-# 2026-12) the step gained from bf16 at matmul ratios above about 1.5 and lost below about 1.2
-# (benchmarks/precision-choice.json).
+# The rest of a step does not speed up (norms, softmax, the optimizer over float32 master weights)
+# and autocast adds a cast of every matmul operand, so a step gains less than its matmuls: on a
+# 2-core AMD EPYC with avx512_bf16 (torch 2.13.0, 2026-12) cpu-10min's matmuls measured 1.86x
+# faster in bf16 and its step 1.3-1.7x (docs/precision.md). A margin keeps float32 where bf16's
+# gain would be within the casts and the noise of one measurement.
 BF16_MARGIN = 1.3
 
 PEAK_SIZE = 1024  # the square matmul whose FLOP/s is the CPU's peak for MFU
