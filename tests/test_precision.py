@@ -68,6 +68,9 @@ def test_resolve_measures_the_runs_own_matmuls_only_for_auto_on_a_cpu(monkeypatc
     assert sorted(set(shapes)) == [(1024, 128, 128), (1024, 128, 352), (1024, 128, 384), (1024, 128, 4096),
                                    (1024, 352, 128)]
     assert precision.resolve("auto", CPU).precision == "fp32"  # no model to measure: as before
+    # a toy model's matmuls are too small for bf16 to pay: float32, nothing measured
+    toy = precision.resolve("auto", CPU, ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_mlp=64), 128)
+    assert toy.precision == "fp32" and "too small for bf16" in toy.reason and len(seen) == 1
 
 
 def test_the_real_measurement_times_both_precisions(tmp_path, monkeypatch):
@@ -118,6 +121,7 @@ def test_cpu_peak_is_the_precision_in_uses_and_the_best_seen(tmp_path, monkeypat
 def test_a_resumed_run_keeps_the_precision_it_started_in(tmp_path, small_tokenizer, monkeypatch, logs):
     stories = write_stories(tmp_path / "stories.jsonl", make_stories(36))
     cfg = config(stories, tokenizer=small_tokenizer, max_steps=8, epochs=1)
+    monkeypatch.setattr(precision, "MIN_BF16_FLOPS", 0)  # a toy model, measured as if it were large
     monkeypatch.setattr(precision, "native_bf16", lambda flags=None: True)
     monkeypatch.setattr(precision, "measured_pair", lambda shapes: {"fp32": 100e9, "bf16": 300e9})
     run = tmp_path / "run"

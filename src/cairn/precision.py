@@ -38,6 +38,12 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (/proc/cpuinfo "f
 # gain would be within the casts and the noise of one measurement.
 BF16_MARGIN = 1.3
 
+# Below this many FLOPs in a micro-batch's forward matmuls a step is mostly per-operator overhead,
+# which bf16 does not shrink, plus oneDNN building its bf16 kernels for every new shape (each new
+# story length at evaluation): such runs stay float32 without measuring. cpu-10min is 1.5 GFLOP;
+# the test suite's toy models are below 0.1.
+MIN_BF16_FLOPS = 0.5e9
+
 PEAK_SIZE = 1024  # the square matmul whose FLOP/s is the CPU's peak for MFU
 
 
@@ -101,18 +107,24 @@ def run_matmuls(model_cfg, tokens: int) -> list[Shape]:
     return shapes
 
 
-def time_matmuls(shapes: Sequence[Shape], dtype: torch.dtype, repeats: int = 5) -> float:
-    """FLOP/s of the products of `shapes` in `dtype`, the best of `repeats` passes over all of
-    them (the first, untimed, warms the kernels). Values do not matter: ones leave the RNG alone."""
+def time_matmuls(shapes: Sequence[Shape], dtype: torch.dtype, repeats: int = 3, min_s: float = 0.02) -> float:
+    """FLOP/s of the products of `shapes` in `dtype`: the best of `repeats` timings, each of as
+    many passes over all of them as take `min_s` (a small model's matmuls take microseconds, too
+    short to time alone). The first, untimed, pass warms the kernels (oneDNN builds its bf16
+    kernels per shape). Values do not matter: ones leave the RNG alone."""
     pairs = [(torch.ones(m, k, dtype=dtype), torch.ones(k, n, dtype=dtype)) for m, k, n in shapes]
     flops = sum(2 * m * k * n for m, k, n in shapes)
-    best = float("inf")
-    for i in range(repeats + 1):
+
+    def passes(count: int) -> float:
         t = time.perf_counter()
-        for a, b in pairs:
-            a @ b
-        if i:
-            best = min(best, time.perf_counter() - t)
+        for _ in range(count):
+            for a, b in pairs:
+                a @ b
+        return time.perf_counter() - t
+
+    one = max(passes(1), 1e-7)
+    count = max(1, min(10_000, int(min_s / one) + 1))
+    best = min(passes(count) for _ in range(repeats)) / count
     return flops / max(best, 1e-9)
 
 
@@ -201,16 +213,37 @@ def resolve(precision: str, device: torch.device, model_cfg=None, tokens: int = 
         return Choice("fp32", f"auto: float32 on {device.type}")
     if model_cfg is None or tokens <= 0:
         return Choice("fp32", "auto: float32 (nothing to measure)")
-    return choose_cpu(native_bf16(), lambda: measured_pair(run_matmuls(model_cfg, tokens)))
+    shapes = run_matmuls(model_cfg, tokens)
+    work = sum(2 * m * k * n for m, k, n in shapes)
+    if work < MIN_BF16_FLOPS:
+        return Choice("fp32", f"auto: the run's matmuls are {work / 1e6:,.0f} MFLOP a micro-batch, too small for "
+                              f"bf16 to pay (below {MIN_BF16_FLOPS / 1e6:,.0f})")
+    return choose_cpu(native_bf16(), lambda: measured_pair(shapes))
 
 
-def saved_choice(run_json: Path) -> Optional[str]:
-    """The precision a run directory's run.json says it trained in, if any: a resume keeps it."""
+def saved_choice(run_json: Path, device: Optional[torch.device] = None) -> Optional[str]:
+    """The precision a run directory's run.json says it trained in, if any (and, given `device`,
+    only if it trained on that kind of device): a resume keeps it, an evaluation uses it."""
     try:
-        value = json.loads(run_json.read_text(encoding="utf-8")).get("precision")
-    except (OSError, ValueError, AttributeError):
+        info = json.loads(run_json.read_text(encoding="utf-8"))
+        value = info.get("precision")
+        if device is not None and torch.device(info.get("device", "")).type != device.type:
+            return None
+    except (OSError, ValueError, AttributeError, RuntimeError):
         return None
     return value if value in ("fp32", "bf16") else None
+
+
+def for_checkpoint(precision: str, device: torch.device, checkpoint: Path) -> str:
+    """The precision to evaluate a trained run's checkpoint in: "auto" is the precision the run
+    trained in on the same kind of device (its run.json, beside checkpoints/), so `cairn eval`
+    reproduces the run's own validation figures; otherwise as `resolve` says without a model."""
+    if precision == "auto":
+        for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
+            saved = saved_choice(directory / "run.json", device)
+            if saved is not None:
+                return saved
+    return resolve(precision, device).precision
 
 
 # ---------------------------------------------------------------- peaks for MFU
