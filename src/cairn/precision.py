@@ -33,9 +33,9 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (/proc/cpuinfo "f
 # bf16 autocast is chosen on a CPU when the run's matmuls are at least this much faster in bf16.
 # The rest of a step does not speed up (norms, softmax, the optimizer over float32 master weights)
 # and autocast adds a cast of every matmul operand, so a step gains less than its matmuls: on a
-# 2-core AMD EPYC with avx512_bf16 (torch 2.13.0, 2026-12) cpu-10min's matmuls measured 1.86x
-# faster in bf16 and its step 1.3-1.7x (docs/precision.md). A margin keeps float32 where bf16's
-# gain would be within the casts and the noise of one measurement.
+# 2-core AMD EPYC with avx512_bf16 (torch 2.13.0, 2026-12) cpu-10min's matmuls measured 1.9-2.9x
+# faster in bf16 and its step 1.6x eager, 2.0x compiled (docs/precision.md). A margin keeps
+# float32 where bf16's gain would be within the casts and the noise of one measurement.
 BF16_MARGIN = 1.3
 
 # Below this many FLOPs in a micro-batch's forward matmuls a step is mostly per-operator overhead,
@@ -174,11 +174,28 @@ def shapes_key(shapes: Sequence[Shape]) -> str:
     return " ".join(f"{m}x{k}x{n}" for m, k, n in sorted(set(shapes)))
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def time_alternating(shapes: Sequence[Shape], rounds: int = 5) -> dict:
+    """{"fp32": FLOP/s, "bf16": FLOP/s} of `shapes`, the best of `rounds` timings of each taken in
+    turn, so that other work on a shared CPU slows both alike instead of whichever ran second."""
+    best = dict.fromkeys(DTYPES, 0.0)
+    for _ in range(rounds):
+        for name, dtype in DTYPES.items():
+            best[name] = max(best[name], time_matmuls(shapes, dtype, repeats=1))
+    return best
+
+
 def measured_pair(shapes: Sequence[Shape]) -> dict:
     """{"fp32": FLOP/s, "bf16": FLOP/s} of `shapes`, cached."""
-    key = shapes_key(shapes)
-    return {name: cached_flops(f"{name} {key}", lambda dt=dtype: time_matmuls(shapes, dt))
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    key, timed = shapes_key(shapes), {}
+
+    def measure(name: str) -> float:
+        if not timed:
+            timed.update(time_alternating(shapes))
+        return timed[name]
+    return {name: cached_flops(f"{name} {key}", lambda n=name: measure(n)) for name in DTYPES}
 
 
 # ---------------------------------------------------------------- the choice
