@@ -71,6 +71,9 @@ def test_resolve_measures_the_runs_own_matmuls_only_for_auto_on_a_cpu(monkeypatc
     # a toy model's matmuls are too small for bf16 to pay: float32, nothing measured
     toy = precision.resolve("auto", CPU, ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=4, d_mlp=64), 128)
     assert toy.precision == "fp32" and "too small for bf16" in toy.reason and len(seen) == 1
+    # a huge micro-batch is timed on TIMED_ROWS rows, not allocated whole
+    precision.resolve("auto", CPU, mc, 10**7)
+    assert {m for m, _, _ in seen[-1]} == {precision.TIMED_ROWS}
 
 
 def test_the_real_measurement_times_both_precisions(tmp_path, monkeypatch):

@@ -46,6 +46,7 @@ BF16_MARGIN = 1.3
 MIN_BF16_FLOPS = 0.5e9
 
 PEAK_SIZE = 1024  # the square matmul whose FLOP/s is the CPU's peak for MFU
+TIMED_ROWS = 2048  # the run's matmuls are timed on at most this many rows: past it their FLOP/s no longer grows
 
 
 @dataclass(frozen=True)
@@ -231,12 +232,11 @@ def resolve(precision: str, device: torch.device, model_cfg=None, tokens: int = 
         return Choice("fp32", f"auto: float32 on {device.type}")
     if model_cfg is None or tokens <= 0:
         return Choice("fp32", "auto: float32 (nothing to measure)")
-    shapes = run_matmuls(model_cfg, tokens)
-    work = sum(2 * m * k * n for m, k, n in shapes)
+    work = sum(2 * m * k * n for m, k, n in run_matmuls(model_cfg, tokens))
     if work < MIN_BF16_FLOPS:
         return Choice("fp32", f"auto: the run's matmuls are {work / 1e6:,.0f} MFLOP a micro-batch, too small for "
                               f"bf16 to pay (below {MIN_BF16_FLOPS / 1e6:,.0f})")
-    return choose_cpu(native_bf16(), lambda: measured_pair(shapes))
+    return choose_cpu(native_bf16(), lambda: measured_pair(run_matmuls(model_cfg, min(tokens, TIMED_ROWS))))
 
 
 def saved_choice(run_json: Path, device: Optional[torch.device] = None) -> Optional[str]:
