@@ -236,7 +236,10 @@ def resolve(precision: str, device: torch.device, model_cfg=None, tokens: int = 
     if work < MIN_BF16_FLOPS:
         return Choice("fp32", f"auto: the run's matmuls are {work / 1e6:,.0f} MFLOP a micro-batch, too small for "
                               f"bf16 to pay (below {MIN_BF16_FLOPS / 1e6:,.0f})")
-    return choose_cpu(native_bf16(), lambda: measured_pair(run_matmuls(model_cfg, min(tokens, TIMED_ROWS))))
+    try:
+        return choose_cpu(native_bf16(), lambda: measured_pair(run_matmuls(model_cfg, min(tokens, TIMED_ROWS))))
+    except (RuntimeError, MemoryError) as e:  # the operands did not fit beside what is already allocated
+        return Choice("fp32", f"auto: the run's matmuls could not be timed ({str(e).splitlines()[0][:80]})")
 
 
 def saved_choice(run_json: Path, device: Optional[torch.device] = None) -> Optional[str]:

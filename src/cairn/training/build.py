@@ -56,12 +56,6 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     # rank 0 learns a bpe:N tokenizer and tokenizes a new source into the (shared) cache; the others then read them
     tokenizer = dist.main_first(lambda: run_tokenizer.for_training(cfg, run.path, start_from is not None))
     cfg.model.vocab_size = tokenizer.vocab_size
-    # measured for this model's matmuls on CPUs (precision.py); rank 0 decides for all ranks
-    resumed = run.path / "run.json" if start_from is not None else None
-    choice = dist.on_main(lambda: precision_for_run(t.precision, dist.device, cfg.model,
-                                                    t.batch_size * cfg.data.seq_len, resumed))
-    precision = choice.precision
-    log.info(choice.describe())
     seed_everything(cfg.seed)
     data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
     d = cfg.data
@@ -71,8 +65,14 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
     # the same initial weights on every rank; training holds float32 weights, gradients and AdamW's two moments
     model = build_model(cfg.model, dist.device, bytes_per_param=16)
-    peak, peak_source = peak_flops(dist.device, precision)
     plan = initial_plan(cfg, len(train_ds), dist)
+    # measured for this model's matmuls on CPUs (precision.py); rank 0 decides for all ranks
+    resumed = run.path / "run.json" if start_from is not None else None
+    choice = dist.on_main(lambda: precision_for_run(t.precision, dist.device, cfg.model,
+                                                    t.batch_size * cfg.data.seq_len, resumed))
+    precision = choice.precision
+    log.info(choice.describe())
+    peak, peak_source = peak_flops(dist.device, precision)
     trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
                       model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
                       time.monotonic() if started is None else started, precision_reason=choice.reason)
