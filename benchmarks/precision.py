@@ -2,8 +2,12 @@
 once per precision, one after the other; prints the validation-loss curves side by side and the
 final held-out figures, and writes them as JSON.
 
-    python benchmarks/precision.py --data ../shared/data/tinystories --json benchmarks/precision.json \
-        -- --preset cpu-10min --max-steps 300 --time-budget "" ...
+    python benchmarks/precision.py --data ../shared/data/tinystories --json benchmarks/precision-cpu.json \
+        -- --preset cpu-10min --max-steps 300 --time-budget "" --eval-every 50 --compile false --end-stories 0
+
+With the same seed and data both runs see the same batches in the same order. The validation
+losses must agree within --tolerance (relative, default 1%) at every evaluation; the script says
+whether they do, and exits 1 if not.
 
 Everything after `--` goes to `cairn train` for both runs. bf16 autocast keeps float32 master
 weights and optimizer state; the loss's softmax statistics stay in float32 (ops.py). On a CPU
@@ -13,7 +17,9 @@ without bf16 instructions the bf16 run is emulated and slow: there it checks num
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import subprocess
 import sys
 import tempfile
@@ -31,7 +37,8 @@ def train(data: str, out: Path, precision: str, extra: list[str]) -> dict:
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {
         "seconds": time.perf_counter() - t,
-        "val": [(r["step"], r["val_loss"]) for r in records if r["kind"] == "val"],
+        "val": [(r["step"], r["val_loss"], "whole split" if r.get("full") else "sample")
+                for r in records if r["kind"] == "val"],
         "train": [(r["step"], r["train_loss"]) for r in records if r["kind"] == "train"],
         "test": next((r for r in records if r["kind"] == "test"), None),
     }
@@ -41,23 +48,55 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True)
     p.add_argument("--json", default="")
+    p.add_argument("--tolerance", type=float, default=0.01, help="relative, at every evaluation")
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then cairn train options for both runs")
     a = p.parse_args()
     extra = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
     with tempfile.TemporaryDirectory() as tmp:
         runs = {prec: train(a.data, Path(tmp) / prec, prec, extra) for prec in ("fp32", "bf16")}
     f, b = runs["fp32"], runs["bf16"]
-    print(f"{'step':>6} {'val fp32':>9} {'val bf16':>9} {'bf16 - fp32':>12}")
-    for (step, lf), (_, lb) in zip(f["val"], b["val"]):
-        print(f"{step:>6} {lf:9.4f} {lb:9.4f} {lb - lf:+12.4f}")
+    print(f"{'step':>6} {'val fp32':>9} {'val bf16':>9} {'bf16 - fp32':>12} {'relative':>9}  of")
+    rows = []
+    for (step, lf, what), (step_b, lb, _) in zip(f["val"], b["val"]):
+        assert step == step_b, "the runs evaluated at different steps"
+        rows.append({"step": step, "of": what, "fp32": lf, "bf16": lb, "relative": (lb - lf) / lf})
+        print(f"{step:>6} {lf:9.4f} {lb:9.4f} {lb - lf:+12.4f} {(lb - lf) / lf:+9.2%}  {what}")
     for name, r in runs.items():
         t = r["test"]
         if t:
             print(f"{name}: test loss {t['test_loss']:.4f}, {t.get('test_bits_per_byte', float('nan')):.4f} "
                   f"bits/byte; {r['seconds']:.0f}s")
+    worst = max(abs(r["relative"]) for r in rows) if rows else float("nan")
+    agree = bool(rows) and worst <= a.tolerance
+    print(f"validation losses {'agree' if agree else 'DO NOT agree'} within {a.tolerance:.1%} at all {len(rows)} "
+          f"evaluations (largest difference {worst:.3%})")
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": extra, "runs": runs}, indent=1))
-    return 0
+        model, flags = _cpu()
+        Path(a.json).write_text(json.dumps({
+            "args": extra, "data": a.data, "tolerance": a.tolerance, "agree": agree, "largest_relative": worst,
+            "validation": rows, "machine": {"cpu": model, "bf16_flags": flags, "cores": _cores(),
+                                            "torch": _torch_version(), "python": platform.python_version()},
+            "date": datetime.date.today().isoformat(), "runs": runs}, indent=1))
+    return 0 if agree else 1
+
+
+def _cpu() -> tuple[str, list[str]]:
+    from cairn.precision import NATIVE_BF16_FLAGS, cpu_info
+
+    model, flags = cpu_info()
+    return model, sorted(f for f in flags if f in NATIVE_BF16_FLAGS or f.startswith("avx512"))
+
+
+def _cores() -> int:
+    from cairn.host import usable_cores
+
+    return usable_cores()
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 if __name__ == "__main__":

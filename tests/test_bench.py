@@ -1,5 +1,8 @@
 import json
 
+import pytest
+import torch
+
 from cairn.bench import main
 
 
@@ -23,7 +26,8 @@ def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
     out = tmp_path / "bench.json"
     # the tiny preset's block; --vocab-size overrides the preset's 50257
     assert main(["--preset", "tiny", "--vocab-size", "50000", "--seq-len", "32", "--batch-size", "2", "--rounds", "1",
-                 "--generate", "0", "--variants", "cairn", "--device", "cpu", "--json", str(out)]) == 0
+                 "--generate", "0", "--variants", "cairn", "--device", "cpu", "--precision", "fp32",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["shape"]["model"]["d_model"] == 64 and result["shape"]["model"]["vocab_size"] == 50000
     assert result["shape"]["seq_len"] == 32 and result["precision"] == "fp32"
@@ -33,6 +37,25 @@ def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
     assert 4 * 4 * n_params * 0.9 <= row["peak_memory_mb"] * 2**20 <= 4 * 4 * n_params * 3
     assert 0 < row["mfu"] < 1
     assert "(tiny)" in capsys.readouterr().out
+
+
+def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tmp_path, monkeypatch):
+    from cairn import precision
+
+    monkeypatch.setenv("CAIRN_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "time_matmuls", lambda shapes, dtype: 400e9 if dtype == torch.bfloat16 else 160e9)
+    out = tmp_path / "bench.json"
+    assert main(["--d-model", "32", "--n-heads", "4", "--n-layers", "1", "--seq-len", "32", "--batch-size", "2",
+                 "--vocab-size", "300", "--rounds", "1", "--generate", "0", "--device", "cpu", "--precision", "bf16",
+                 "--reference-precision", "bf16", "--variants", "nanogpt,cairn,cairn-fp32", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["training"]}
+    assert {k: r["precision"] for k, r in rows.items()} == {"nanogpt": "fp32", "nanogpt-bf16": "bf16", "cairn": "bf16",
+                                                            "cairn-fp32": "fp32"}
+    for r in rows.values():
+        assert r["peak_flops"] == (400e9 if r["precision"] == "bf16" else 160e9)
+        assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["peak_flops"])
+    assert result["peaks"]["bf16"]["source"] == "measured bf16 matmul"
 
 
 def test_bench_rejects_unknown_variants_in_one_line(capsys):

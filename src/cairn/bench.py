@@ -5,10 +5,15 @@ machine slows all of them alike; the table reports the median step of each and r
 first reference. Two references are written here in plain PyTorch:
 
 - `nanogpt`: an eager float32 nanoGPT-style step (fused q/k/v, SDPA, tied embeddings, full
-  float32 logits and F.cross_entropy), the usual baseline for a small GPT on one machine;
+  float32 logits and F.cross_entropy), the usual baseline for a small GPT on one machine. It stays
+  float32 whatever --precision cairn runs in; --reference-precision bf16 adds a second row of it
+  under bf16 autocast (`nanogpt-bf16`);
 - `tutorial`: the reference tutorial's model as it writes it (per-head q/k/v linears, attention by
   bmm + softmax without a mask, separate heads concatenated), fed as it feeds it: one story per
-  row, every row padded to 1000 tokens. Only the real story tokens are "useful".
+  row, every row padded to 1000 tokens, in float32. Only the real story tokens are "useful".
+
+MFU is each row's against the matmul peak of the precision that row computes in (on CPUs the
+measured float32 or bf16 matmul peak, see precision.py).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from .presets import preset
 from .errors import CairnError
 from .host import cpu_description
 from .model import Transformer, sinusoidal_table
-from .runtime import autocast, peak_flops, pick_device, resolve_precision, set_threads
+from .precision import resolve as precision_choice
+from .runtime import autocast, peak_flops, pick_device, set_threads
 
 
 # ---------------------------------------------------------------- references
@@ -127,6 +133,7 @@ class Variant:
     times: list
     peak_bytes: int = 0  # the variant's own peak memory: weights, gradients, optimizer state, activations
     first_step_s: float = 0.0  # the untimed first step (includes compiling, with --compile)
+    precision: str = "fp32"  # what the step computes in: fp32, or bf16 autocast
 
 
 class PeakMemory:
@@ -216,37 +223,44 @@ def _adamw(model: nn.Module, device: torch.device):
 
 
 def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batch: int, device: torch.device,
-                   precision: str, compile_: bool = False) -> list[Variant]:
+                   precision: str, compile_: bool = False, reference_precisions: tuple[str, ...] = ("fp32",)
+                   ) -> list[Variant]:
     """Build each variant (and, with compile_, a torch.compile'd copy of nanogpt and cairn), take
-    one untimed step each, then time `rounds` steps of each, alternating."""
+    one untimed step each, then time `rounds` steps of each, alternating. cairn computes in
+    `precision`; the nanogpt reference in each of `reference_precisions`, the tutorial in float32."""
     from .training.optim import make_optimizer
 
     mc, seq, batch = shape.model, shape.seq, shape.batch
     d, layers, heads, vocab = mc.d_model, mc.n_layers, mc.n_heads, mc.vocab_size
-    ctx = lambda: autocast(device, precision)  # noqa: E731
+    def ctx_of(p):
+        return lambda: autocast(device, p)
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq), device=device)
     y = torch.randint(0, vocab, (batch, seq), device=device)
     builders = []
     if "nanogpt" in variants:
-        def nanogpt(compiled):
+        def nanogpt(compiled, p):
             m = NanoGPT(vocab, d, layers, heads, seq).to(device)
             n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
             f = torch.compile(m) if compiled else m
-            return make_step(m, _adamw(m, device), lambda: f(x, y), ctx), batch * seq, batch * seq, \
+            return make_step(m, _adamw(m, device), lambda: f(x, y), ctx_of(p)), batch * seq, batch * seq, \
                 (6 * n + 12 * layers * d * seq) * batch * seq
-        builders.append(("nanogpt", nanogpt))
-    if "cairn" in variants:
-        def cairn(compiled):
+        for p in dict.fromkeys(reference_precisions):
+            builders.append(("nanogpt" if p == "fp32" else f"nanogpt-{p}", nanogpt, p))
+    if "cairn" in variants or "cairn-fp32" in variants:
+        def cairn(compiled, p):
             m = Transformer(mc).to(device)
-            # cairn's own optimizer set-up: decay on matrices only, the fused kernel on GPUs
+            # cairn's own optimizer set-up: decay on matrices only, fused AdamW
             opt = make_optimizer(m, TrainConfig(lr=1e-4), device)
             f = torch.compile(m) if compiled else m
-            return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), ctx), batch * seq, \
+            return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), ctx_of(p)), batch * seq, \
                 batch * seq, m.flops_per_token(seq) * batch * seq
-        builders.append(("cairn", cairn))
+        if "cairn" in variants:
+            builders.append(("cairn", cairn, precision))
+    if "cairn-fp32" in variants:  # cairn's own float32 step beside it: the gain of the precision alone
+        builders.append(("cairn-fp32", cairn, "fp32"))
     if "tutorial" in variants:
-        def tutorial(compiled):
+        def tutorial(compiled, p):
             width = 1000
             m = Tutorial(vocab, d, layers, heads, 4 * d, width).to(device)
             lengths = story_lengths(tutorial_batch)
@@ -255,20 +269,20 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
                 xt[i, n_real:] = 0
             xt = xt.to(device)
             n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-            return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx), tutorial_batch * width, \
+            return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx_of(p)), tutorial_batch * width, \
                 int((lengths - 1).sum()), (6 * n + 12 * layers * d * width) * tutorial_batch * width
-        builders.append(("tutorial", tutorial))
+        builders.append(("tutorial", tutorial, "fp32"))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     out = []
-    for name, build in builders:
+    for name, build, p in builders:
         for compiled in ((False, True) if compile_ and name != "tutorial" else (False,)):
             with PeakMemory(device) as mem:  # built and stepped once inside: its whole footprint
-                step, tokens, useful, flops = build(compiled)
+                step, tokens, useful, flops = build(compiled, p)
                 t = time.perf_counter()
                 step()
                 sync()
             v = Variant(name + ("+compile" if compiled else ""), step, tokens, useful, flops, [],
-                        mem.bytes, time.perf_counter() - t)
+                        mem.bytes, time.perf_counter() - t, p)
             if compiled:
                 for _ in range(2):  # compiled code may still recompile on its second call
                     step()
@@ -337,55 +351,67 @@ def main(argv=None) -> int:
     p.add_argument("--vocab-size", type=int, help="default 50257 (GPT-2), or the preset's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="auto = bf16 autocast on GPUs that have it, float32 elsewhere (as training)")
+                   help="cairn's step: auto = as training chooses (bf16 autocast on GPUs that have it; on "
+                        "CPUs bf16 where measured faster for this shape's matmuls), fp32 or bf16")
+    p.add_argument("--reference-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the nanogpt reference's step: fp32 (eager float32, the baseline), or bf16: also a "
+                        "second row of it under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd nanogpt and cairn")
     p.add_argument("--rounds", type=int, default=0, help="timed steps per variant, alternating "
                                                            "(default 3 on CPU, 20 on GPU)")
-    p.add_argument("--variants", default="nanogpt,cairn", help="comma list of nanogpt, cairn, tutorial")
+    p.add_argument("--variants", default="nanogpt,cairn",
+                   help="comma list of nanogpt, cairn, cairn-fp32 (cairn in float32 whatever --precision), tutorial")
     p.add_argument("--tutorial-batch", type=int, default=2, help="rows of 1000 tokens for the tutorial step")
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
-    unknown = sorted(set(variants) - {"nanogpt", "cairn", "tutorial"})
+    unknown = sorted(set(variants) - {"nanogpt", "cairn", "cairn-fp32", "tutorial"})
     if unknown or not variants:
-        raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, tutorial")
+        raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, cairn-fp32, tutorial")
     shape = resolve_shape(a)
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine slows every variant
     device = pick_device(a.device)
-    precision = resolve_precision(a.precision, device)
     rounds = a.rounds or (20 if device.type == "cuda" else 3)
     if device.type == "cpu":
         set_threads(0)
-    peak, peak_source = peak_flops(device, precision)
+    choice = precision_choice(a.precision, device, shape.model, shape.batch * shape.seq)
+    precision = choice.precision
+    references = ("fp32",) if a.reference_precision == "fp32" else ("fp32", "bf16")
+    peaks = {p: peak_flops(device, p) for p in dict.fromkeys((precision, *references))}
     mc = shape.model
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    peak_text = f"peak {peak / 1e12:.3g} TFLOP/s ({peak_source})" if peak else f"no peak: {peak_source}"
+    peak_text = "; ".join(f"{p} peak {pk / 1e12:.3g} TFLOP/s ({src})" if pk else f"{p}: no peak: {src}"
+                          for p, (pk, src) in peaks.items())
     print(f"# shape d{mc.d_model} L{mc.n_layers} H{mc.n_heads} T{shape.seq} B{shape.batch} V{mc.vocab_size}"
-          f"{' (' + a.preset + ')' if a.preset else ''}; {where}; {precision}; torch {torch.__version__}; {peak_text}")
-    runs = bench_training(shape, rounds, variants, a.tutorial_batch, device, precision, a.compile)
+          f"{' (' + a.preset + ')' if a.preset else ''}; {where}; torch {torch.__version__}; "
+          f"cairn {choice.describe()}; MFU against {peak_text}")
+    runs = bench_training(shape, rounds, variants, a.tutorial_batch, device, precision, a.compile, references)
     rows = []
     base = None
-    print(f"{'variant':<16} {'s/step':>8} {'tok/s':>9} {'useful tok/s':>13} {'MFU':>6} {'peak MB':>8} "
+    print(f"{'variant':<16} {'prec':>5} {'s/step':>8} {'tok/s':>9} {'useful tok/s':>13} {'MFU':>6} {'peak MB':>8} "
           f"{'vs first':>9} {'useful vs first':>16} {'first step s':>13}")
     for v in runs:
         t = statistics.median(v.times)
-        r = {"variant": v.name, "s_per_step": t, "tokens_per_s": v.tokens / t, "useful_tokens_per_s": v.useful / t,
-             "mfu": v.flops / t / peak if peak else None, "peak_memory_mb": v.peak_bytes / 2**20,
+        peak = peaks[v.precision][0]
+        r = {"variant": v.name, "precision": v.precision, "s_per_step": t, "tokens_per_s": v.tokens / t,
+             "useful_tokens_per_s": v.useful / t, "model_flops_per_s": v.flops / t,
+             "mfu": v.flops / t / peak if peak else None, "peak_flops": peak, "peak_memory_mb": v.peak_bytes / 2**20,
              "first_step_s": v.first_step_s, "steps": v.times}
         base = base or r
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["useful_speedup"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
         rows.append(r)
         mfu = f"{r['mfu']:6.1%}" if peak else f"{'-':>6}"
-        print(f"{v.name:<16} {t:8.3f} {r['tokens_per_s']:9.0f} {r['useful_tokens_per_s']:13.0f} {mfu} "
+        print(f"{v.name:<16} {v.precision:>5} {t:8.3f} {r['tokens_per_s']:9.0f} {r['useful_tokens_per_s']:13.0f} {mfu} "
               f"{r['peak_memory_mb']:8.0f} {r['speedup']:8.2f}x {r['useful_speedup']:15.2f}x {v.first_step_s:13.1f}")
     result = {"shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
-              "device": where, "precision": precision, "torch": torch.__version__,
+              "device": where, "precision": precision, "precision_choice": choice.reason, "torch": torch.__version__,
               "machine": {"cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
                           "load_avg_1min_at_start": load_at_start,
                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")},
-              "peak_flops": peak, "peak_source": peak_source, "training": rows}
+              "peak_flops": peaks[precision][0], "peak_source": peaks[precision][1],
+              "peaks": {p: {"flops": pk, "source": src} for p, (pk, src) in peaks.items()}, "training": rows}
     if a.generate:
         g = bench_generation(mc, a.generate, device, precision)
         result["generation_tokens_per_s"] = g

@@ -213,7 +213,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(0, "keep only the newest K step checkpoints (0 = keep all)")
     device: str = opt("auto", '"auto" (cuda, then mps, then cpu), or a torch device string')
     precision: Literal["auto", "fp32", "bf16"] = opt(
-        "auto", '"auto" (bf16 autocast where the device supports it well), "fp32" or "bf16"')
+        "auto", '"auto" (bf16 autocast on GPUs that have it, and on CPUs with native bf16 where the run\'s matmuls '
+                'measure faster in it: docs/precision.md), "fp32" or "bf16"')
     compile: bool = opt(False, "torch.compile the model")
     num_threads: int = opt(0, "CPU threads for torch (0 = one per core)")
     num_workers: int = opt(0, "DataLoader worker processes")

@@ -14,7 +14,8 @@ from .errors import CairnError
 from .loading import load
 from .model import Transformer
 from .ops import IGNORE_INDEX
-from .runtime import autocast, resolve_precision
+from .precision import for_checkpoint
+from .runtime import autocast
 
 
 def summarize(loss_sum: float, tokens: int, n_bytes: int) -> dict:
@@ -77,6 +78,6 @@ def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "tes
         what = f"{split} split ({stories.n_stories} stories)"
     loader = make_loader(StoryWindows(stories, cfg.data.seq_len), batch_size or cfg.train.batch_size, shuffle=False,
                          seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
-    r = evaluate(loaded.model, loader, loaded.device, resolve_precision(cfg.train.precision, loaded.device),
+    r = evaluate(loaded.model, loader, loaded.device, for_checkpoint(cfg.train.precision, loaded.device, loaded.path),
                  tok.token_bytes)
     return {**r, "what": what, "checkpoint": str(loaded.path)}

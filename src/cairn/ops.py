@@ -30,25 +30,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             hc = h[s:s + chunk].to(compute_dtype)
             yc = labels[s:s + chunk]
-            valid = yc != IGNORE_INDEX
-            safe = yc.clamp(min=0)
-            logits = hc @ w.t()  # [c, V]
-            if logits.dtype in (torch.bfloat16, torch.float16):
-                logits = logits.float()  # softmax statistics in float32
-            lse = torch.logsumexp(logits, dim=-1)
-            target = logits.gather(1, safe.unsqueeze(1)).squeeze(1)
-            loss += ((lse - target) * valid).sum()
+            valid = (yc != IGNORE_INDEX).unsqueeze(1)
+            safe = yc.clamp(min=0).unsqueeze(1)
+            logits = hc @ w.t()  # [c, V], in compute_dtype
+            # one log-softmax pass, its max, sum of exp and log in float32 (or wider): bf16 logits
+            # are widened first (CPU kernels are faster on float32 than on bf16 read as float32)
+            logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+            del logits
+            target = logp.gather(1, safe)
+            loss -= (target * valid).sum()
             if need_grad:
-                # d(sum loss)/d(logits) = softmax - onehot, zero on padding rows; in place
-                g = logits.sub_(lse.unsqueeze(1)).exp_()
-                g.scatter_add_(1, safe.unsqueeze(1), torch.full_like(target, -1.0).unsqueeze(1))
-                g.mul_(valid.unsqueeze(1).to(g.dtype))
+                # d(sum loss)/d(logits) = softmax - onehot, in place. Padding rows are masked on the
+                # narrow side (their h rows and their gradient rows, [c, d]), not over [c, V]; no
+                # data-dependent branch, so torch.compile traces it whole
+                g = logp.exp_()
+                g.scatter_add_(1, safe, torch.full_like(target, -1.0))
                 g = g.to(compute_dtype)
-                grad_h[s:s + chunk] = (g @ w).to(h.dtype)
+                mask = valid.to(compute_dtype)
+                grad_h[s:s + chunk] = ((g @ w) * mask).to(h.dtype)
                 if compute_dtype == acc:
-                    grad_w.addmm_(g.t(), hc)
+                    grad_w.addmm_(g.t(), hc * mask)
                 else:
-                    grad_w += (g.t() @ hc).to(acc)
+                    grad_w += (g.t() @ (hc * mask)).to(acc)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss

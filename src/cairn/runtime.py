@@ -15,6 +15,7 @@ import torch
 
 from .errors import CairnError
 from .host import usable_cores
+from .precision import cpu_peak_flops, resolve as precision_choice
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -35,15 +36,10 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' -> bf16 autocast on GPUs that support it, float32 elsewhere."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise CairnError("this GPU does not support bf16: use --precision fp32")
-    return precision
+def resolve_precision(precision: str, device: torch.device, model_cfg=None, tokens: int = 0) -> str:
+    """'auto' -> bf16 autocast on GPUs that support it; on CPUs, bf16 where measured to pay for
+    the run's matmuls (`model_cfg` at `tokens` per micro-batch; see precision.py), else float32."""
+    return precision_choice(precision, device, model_cfg, tokens).precision
 
 
 def autocast(device: torch.device, precision: str):
@@ -101,24 +97,9 @@ GPU_BF16_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12
                   "RTX 4090": 165e12, "RTX 3090": 71e12}
 
 
-def measured_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
-    """Float32 matmul FLOP/s of this CPU, the best of a few runs (values do not matter: ones keep
-    the RNG untouched)."""
-    import time
-
-    a = torch.ones(n, n)
-    b = torch.ones(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
 def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | tuple[None, str]:
-    """(peak FLOP/s, where it comes from) for MFU, or (None, reason) when unknown."""
+    """(peak FLOP/s, where it comes from) for MFU in the precision the run computes in, or
+    (None, reason) when unknown."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_BF16_PEAKS.items():
@@ -127,9 +108,8 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str] | tupl
                 return (peak if precision == "bf16" else peak / 2), f"{name} data sheet"
         return None, f"no peak known for {name}"
     if device.type == "cpu":
-        return measured_matmul_flops(), "measured float32 matmul"
+        return cpu_peak_flops(precision), f"measured {'bf16' if precision == 'bf16' else 'float32'} matmul"
     return None, f"no peak known for {device.type}"
-
 
 
 def available_memory(device: torch.device) -> Optional[int]:

@@ -23,7 +23,8 @@ from ..data import PackedDataset, PaddedDataset, StoryWindows, make_loader, num_
 from ..errors import CairnError
 from ..log import ensure_setup, only_main_speaks
 from ..model import build_model
-from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, resolve_precision, seed_everything, set_threads
+from ..precision import for_run as precision_for_run
+from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, seed_everything, set_threads
 from . import budget, growth, resume
 from .calibrate import measure
 from .checkpointer import Checkpointer
@@ -49,7 +50,6 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     threads = set_threads(dist.cpu_threads(t.num_threads))
     if dist.device.type == "cpu":
         keep_freed_memory()  # a CPU step's large tensors would otherwise be page-faulted in anew each step
-    precision = resolve_precision(t.precision, dist.device)
     run = RunDir(out_dir, writer=main)
     checkpointer = Checkpointer(run, dist, cfg.name, t.keep_checkpoints)
     start_from = dist.on_main(lambda: resume.starting_point(run, checkpointer, resume_run, restart))
@@ -63,15 +63,24 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     # held-out stories are scored one at a time from their own beginning, however training cuts
     # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
     val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
-    plan = initial_plan(cfg, len(train_ds), dist)
-    if t.time_budget and t.grow_to_epochs and start_from is None:
-        _grow_for_budget(cfg, dist, precision, train_ds, tokenizer.eot_id, plan, started)
     # the same initial weights on every rank; training holds float32 weights, gradients and AdamW's two moments
+    initial_rng = torch.get_rng_state()
     model = build_model(cfg.model, dist.device, bytes_per_param=16)
+    plan = initial_plan(cfg, len(train_ds), dist)
+    # measured for this model's matmuls on CPUs (precision.py); rank 0 decides for all ranks
+    resumed = run.path / "run.json" if start_from is not None else None
+    choice = dist.on_main(lambda: precision_for_run(t.precision, dist.device, cfg.model,
+                                                    t.batch_size * cfg.data.seq_len, resumed))
+    precision = choice.precision
+    log.info(choice.describe())
+    if t.time_budget and t.grow_to_epochs and start_from is None and \
+            _grow_for_budget(cfg, dist, precision, train_ds, tokenizer.eot_id, plan, started):
+        torch.set_rng_state(initial_rng)  # the wider model starts from the same seeded state
+        model = build_model(cfg.model, dist.device, bytes_per_param=16)
     peak, peak_source = peak_flops(dist.device, precision)
     trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
                       model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
-                      time.monotonic() if started is None else started)
+                      time.monotonic() if started is None else started, precision_reason=choice.reason)
     saved = resume.load_weights_and_state(trainer, start_from) if start_from is not None else None
     trainer.wrapped = dist.wrap(model, precision)
     trainer.optimizer = make_optimizer(model, t, dist.device)
@@ -107,8 +116,9 @@ def initial_plan(cfg: RunConfig, n_items: int, dist: Dist) -> Plan:
 
 
 def _grow_for_budget(cfg: RunConfig, dist: Dist, precision: str, train_ds, eot_id: int, plan: Plan,
-                     started: Optional[float]) -> None:
-    """A wider model where the budget affords more epochs than grow_to_epochs (see growth.py)."""
+                     started: Optional[float]) -> bool:
+    """A wider model where the budget affords more epochs than grow_to_epochs (see growth.py):
+    True when `cfg.model` was changed to one."""
     t = cfg.train
     budget_s = parse_duration(t.time_budget)
     elapsed = time.monotonic() - started if started is not None else 0.0
@@ -118,6 +128,7 @@ def _grow_for_budget(cfg: RunConfig, dist: Dist, precision: str, train_ds, eot_i
                         budget_s - elapsed - budget.margin_s(budget_s))
     if shape is not None:
         cfg.model = shape
+    return shape is not None
 
 
 def _can_compile(asked: bool, device: torch.device) -> bool:

@@ -69,6 +69,7 @@ class Trainer:
     progress: bool = False
     stop_after: int = 0
     started: float = 0.0  # time.monotonic() when the command began: a time budget counts from there
+    precision_reason: str = ""  # why `precision` (measured, asked, kept on resume): see precision.py
     state: TrainState = field(default_factory=TrainState)
     wrapped: Any = None  # the model as DDP/FSDP wrapped it
     forward: Any = None  # `wrapped`, compiled or not
@@ -345,7 +346,8 @@ class Trainer:
             "cairn_version": __version__,
             "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
             "parameters": self.model.num_params(),
-            "device": str(self.device), "precision": self.precision, "threads": self.threads,
+            "device": str(self.device), "precision": self.precision,
+            "precision_choice": self.precision_reason, "threads": self.threads,
             "processes": self.dist.world, "parallel": self.dist.parallel,
             "plan": asdict(self.plan),
             "data": {"cache": str(self.data.cache_dir), **self.data.meta},

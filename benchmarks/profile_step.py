@@ -1,0 +1,77 @@
+"""Where a cairn training step spends its time: torch.profiler over a few steps of `cairn bench`'s
+cairn step (forward under autocast, backward, clipping, AdamW), the operators by self CPU time.
+
+    PYTHONPATH=src python benchmarks/profile_step.py --precision bf16 --out benchmarks/profile-d256-bf16.txt
+    PYTHONPATH=src python benchmarks/profile_step.py --preset cpu-10min --precision bf16 \\
+        --out benchmarks/profile-cpu-10min-bf16.txt
+
+Shape flags as `cairn bench` (default d256 / 4 layers / 8 heads / GPT-2 vocabulary / 256 tokens /
+batch 8). Also prints the share of the step in matmuls (aten::mm, addmm, bmm, linear's kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from cairn.bench import make_step, resolve_shape
+from cairn.config import TrainConfig
+from cairn.model import Transformer
+from cairn.precision import cpu_info
+from cairn.runtime import autocast, set_threads
+from cairn.training.optim import make_optimizer
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm", "mkldnn")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag in ("--d-model", "--n-layers", "--n-heads", "--seq-len", "--batch-size", "--vocab-size"):
+        p.add_argument(flag, type=int)
+    p.add_argument("--preset")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core, as training)")
+    p.add_argument("--out", help="also write the table here")
+    a = p.parse_args()
+    set_threads(a.threads)
+    shape = resolve_shape(a)
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    mc = shape.model
+    x = torch.randint(0, mc.vocab_size, (shape.batch, shape.seq))
+    y = torch.randint(0, mc.vocab_size, (shape.batch, shape.seq))
+    m = Transformer(mc)
+    opt = make_optimizer(m, TrainConfig(lr=1e-4), device)
+    step = make_step(m, opt, lambda: (lambda s: s[0] / s[1])(m(x, labels=y)), lambda: autocast(device, a.precision))
+    step()
+    step()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(a.steps):
+            step()
+    wall = (time.perf_counter() - t) / a.steps
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMULS))
+    flops = m.flops_per_token(shape.seq) * shape.batch * shape.seq
+    head = (f"cairn step, {a.precision}, d{mc.d_model} L{mc.n_layers} H{mc.n_heads} T{shape.seq} B{shape.batch} "
+            f"V{mc.vocab_size}{' (' + a.preset + ')' if a.preset else ''}; {torch.get_num_threads()} threads; "
+            f"torch {torch.__version__}; {cpu_info()[0]}; load average {os.getloadavg()[0]:.1f} at the start\n"
+            f"{wall:.3f} s/step under the profiler ({flops / wall / 1e9:.1f} model GFLOP/s); "
+            f"matmul kernels {mm / max(total, 1):.0%} of self CPU time\n")
+    table = events.table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=40)
+    print(head + table)
+    if a.out:
+        Path(a.out).write_text(head + table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
