@@ -128,14 +128,17 @@ class TextStream:
     as every story does in training, so the model knows a story starts there."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
-                 stop: Sequence[str] = (), use_cache: bool = True):
+                 stop: Sequence[str] = (), use_cache: bool = True, prompt_ids: Optional[Sequence[int]] = None):
         self.model, self.tokenizer, self.prompt, self.s, self.use_cache = model, tokenizer, prompt, s, use_cache
+        # `prompt_ids`: the prompt already as tokens (a chat template's rendering), used instead of `prompt`
+        self.prompt_ids = None if prompt_ids is None else list(prompt_ids)
         self.stop = [x for x in stop if x]
         self.text, self.tokens, self.finish_reason, self.seconds = "", 0, "", 0.0
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
-        ids = [self.tokenizer.eot_id] + self.tokenizer.encode(self.prompt)
+        ids = self.prompt_ids if self.prompt_ids is not None else [self.tokenizer.eot_id] + self.tokenizer.encode(
+            self.prompt)
         new: list[int] = []
         shown = 0
         self.finish_reason = "eot"
@@ -173,9 +176,10 @@ class TextStream:
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
-                  on_text: Optional[Callable[[str], None]] = None, use_cache: bool = True) -> str:
+                  on_text: Optional[Callable[[str], None]] = None, use_cache: bool = True,
+                  prompt_ids: Optional[Sequence[int]] = None) -> str:
     """The continuation of `prompt` (a `TextStream` read to its end); `on_text` receives each piece."""
-    stream = TextStream(model, tokenizer, prompt, s, use_cache=use_cache)
+    stream = TextStream(model, tokenizer, prompt, s, use_cache=use_cache, prompt_ids=prompt_ids)
     for piece in stream:
         if on_text is not None:
             on_text(piece)

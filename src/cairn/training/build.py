@@ -17,14 +17,15 @@ from typing import Optional
 
 import torch
 
-from .. import run_tokenizer
+from .. import lora, run_tokenizer
 from ..config import RunConfig, parse_duration, to_toml, validate
 from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
+from ..data.sft import SFTRows, prepare_sft
 from ..errors import CairnError
 from ..log import ensure_setup, only_main_speaks
 from ..model import build_model
 from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, resolve_precision, seed_everything, set_threads
-from . import budget, resume
+from . import budget, init_from, resume
 from .calibrate import measure
 from .checkpointer import Checkpointer
 from .distributed import Dist, session
@@ -57,14 +58,28 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     tokenizer = dist.main_first(lambda: run_tokenizer.for_training(cfg, run.path, start_from is not None))
     cfg.model.vocab_size = tokenizer.vocab_size
     seed_everything(cfg.seed)
-    data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
     d = cfg.data
-    train_ds = PackedDataset(data.train, d.seq_len) if d.batching == "pack" else PaddedDataset(data.train, d.seq_len)
-    # held-out stories are scored one at a time from their own beginning, however training cuts
-    # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
-    val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
+    if d.format == "sft":  # whole instruction examples, the loss on their answers (data/sft.py)
+        data = prepare_sft(d, cfg.seed, tokenizer)
+        train_ds = SFTRows(data.train, d.seq_len, pack=d.batching == "pack")
+        val_ds, test_ds = (SFTRows(split, d.seq_len, pack=False) or None for split in (data.val, data.test))
+    else:
+        data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
+        train_ds = PackedDataset(data.train, d.seq_len) if d.batching == "pack" else PaddedDataset(data.train,
+                                                                                                   d.seq_len)
+        # held-out stories are scored one at a time from their own beginning, however training cuts
+        # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
+        val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
     # the same initial weights on every rank; training holds float32 weights, gradients and AdamW's two moments
     model = build_model(cfg.model, dist.device, bytes_per_param=16)
+    if cfg.init_from and start_from is None:
+        init_from.load_initial_weights(model, cfg, tokenizer)
+    if t.lora_rank:
+        model = lora.add_adapters(model, t.lora_rank, t.lora_alpha, t.lora_targets)
+        n_train, n_all = lora.trainable(model)
+        where = t.lora_targets or "every linear of the blocks"
+        log.info(f"LoRA rank {t.lora_rank}, alpha {t.lora_alpha:g} on {where}: {n_train:,} trainable parameters "
+                 f"of {n_all:,} ({100 * n_train / n_all:.2f}%)")
     peak, peak_source = peak_flops(dist.device, precision)
     plan = initial_plan(cfg, len(train_ds), dist)
     trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
@@ -161,6 +176,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, restart:
     and rank 0 holds the run's lock."""
     started = time.monotonic() if started is None else started
     validate(cfg)
+    if cfg.data.format == "sft" and run_tokenizer.parse_bpe_spec(cfg.tokenizer) is not None:
+        raise CairnError(f"data.format sft cannot learn a tokenizer ({cfg.tokenizer}) on instruction records: "
+                         "use --init-from RUN (its tokenizer), --tokenizer gpt2 or a tokenizer directory")
     ensure_setup()
     with session(cfg.train) as dist:
         only_main_speaks(dist.rank)
