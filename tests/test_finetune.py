@@ -362,3 +362,17 @@ def test_eval_words_reports_the_fraction_of_prompts_honoured(sft_run, tmp_path, 
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Use cat."}])
     assert main(["eval", str(sft_run), "--task", "words", "--data", str(bad)]) == 2
     assert "'words'" in capsys.readouterr().err
+
+
+def test_eval_and_generate_read_an_instruction_tuned_run_through_its_template(sft_run, sft_file, capsys):
+    assert main(["eval", str(sft_run), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    answers = json.loads((sft_run / "run.json").read_text())["data"]["splits"]["test"]["answer_tokens"]
+    assert r["tokens"] == answers  # the held-out answers, not the prompts
+    assert main(["eval", str(sft_run), "--data", str(sft_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > answers
+    assert main(["generate", str(sft_run), "--prompt", "Use cat.", "--max-new-tokens", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "User: Use cat.\nAssistant: "
+    assert main(["generate", str(sft_run), "--prompt", "Use cat.", "--max-new-tokens", "4", "--json",
+                 "--no-template"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "Use cat."

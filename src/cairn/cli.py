@@ -113,6 +113,9 @@ def _add_generate(sub) -> None:
                    help="print one JSON object per sample: prompt, text, tokens, finish_reason, tokens_per_s")
     p.add_argument("--no-stream", action="store_true", help="print each sample whole when it is done")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
+    p.add_argument("--no-template", action="store_true",
+                   help="an instruction-tuned run: continue the prompt as plain text instead of answering it as an "
+                        "instruction through the run's chat template")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
 
 
@@ -396,6 +399,7 @@ def _prompts(args) -> list[str]:
 def cmd_generate(args) -> int:
     from dataclasses import replace
 
+    from .chat_template import ChatTemplate, instruction, render
     from .generate import SamplingConfig, TextStream
     from .loading import load
     from .runtime import set_threads
@@ -410,10 +414,17 @@ def cmd_generate(args) -> int:
     loaded = load(args.path, args.device)
     stream_out = not (args.json or args.no_stream)
     first = True
+    # an instruction-tuned run answers each prompt as an instruction, through its chat template
+    template = ChatTemplate.from_config(loaded.config.data) \
+        if loaded.config.data.format == "sft" and not args.no_template else None
     for prompt in prompts:
+        ids = None
+        if template is not None:
+            ids = instruction(template, loaded.tokenizer, prompt)
+            prompt = render(template, [{"role": "user", "content": prompt}], answer=True)
         for i in range(args.num_samples):
             sample = TextStream(loaded.model, loaded.tokenizer, prompt, replace(s, seed=s.seed + i), stop=args.stop,
-                                use_cache=not args.no_cache)
+                                use_cache=not args.no_cache, prompt_ids=ids)
             if not (args.json or first):
                 sys.stdout.write("\n")
             first = False
