@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from cairn.words_task import evaluate_words
+from cairn.words_task import evaluate_words, words_found
 
 
 def run_facts(run: Path) -> dict:
@@ -67,6 +67,10 @@ def main(argv=None) -> int:
                                "honoured": r["honoured"], "rate": r["rate"], "sampling": r["sampling"],
                                **run_facts(Path(path))}
         kept += [{"run": name, **s} for s in r["samples"]]
+    for name, entry in table["runs"].items():  # how many single words were used, of all asked for
+        mine = [s for s in kept if s["run"] == name]
+        entry["words_found"] = sum(words_found(s["story"], s["words"]) for s in mine)
+        entry["words_asked"] = sum(len(s["words"]) for s in mine)
     table["eval_data"] = a.eval
     table["hardware"] = (f"{os.cpu_count()}-core {platform.processor() or platform.machine()}, torch "
                          f"{torch.__version__}, shared with other work (load average {os.getloadavg()[0]:.0f})")

@@ -341,11 +341,12 @@ def test_chat_refuses_a_message_longer_than_the_context_and_goes_on(sft_run):
 # ---------------------------------------------------------------- the words task
 
 def test_a_story_honours_its_words_only_with_each_whole_word():
-    from cairn.words_task import uses_all
+    from cairn.words_task import uses_all, words_found
 
     assert uses_all("The Cat sat. A dog ran; the HAT fell.", ["cat", "dog", "hat"])
     assert not uses_all("The cats sat in a scattered hat with a dog.", ["cat", "dog", "hat"])
     assert not uses_all("", ["cat"])
+    assert words_found("The cats sat with a dog and a Dog.", ["cat", "dog", "hat"]) == 1
 
 
 def test_eval_words_reports_the_fraction_of_prompts_honoured(sft_run, tmp_path, capsys):
@@ -358,7 +359,7 @@ def test_eval_words_reports_the_fraction_of_prompts_honoured(sft_run, tmp_path, 
     r = json.loads(capsys.readouterr().out)
     assert r["prompts"] == 3 and [s["seed"] for s in r["samples"]] == [0, 1, 2]
     assert r["honoured"] == sum(uses_all(s["story"], s["words"]) for s in r["samples"])
-    assert r["rate"] == r["honoured"] / 3
+    assert r["rate"] == r["honoured"] / 3 and r["word_rate"] == sum(s["words_found"] for s in r["samples"]) / 4
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Use cat."}])
     assert main(["eval", str(sft_run), "--task", "words", "--data", str(bad)]) == 2
     assert "'words'" in capsys.readouterr().err

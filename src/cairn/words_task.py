@@ -24,9 +24,14 @@ from .loading import load
 WORD = re.compile(r"[A-Za-z]+")
 
 
-def uses_all(text: str, words: list[str]) -> bool:
+def words_found(text: str, words: list[str]) -> int:
+    """How many of `words` occur in `text` as whole words, case-insensitively."""
     present = {w.lower() for w in WORD.findall(text)}
-    return all(w.lower() in present for w in words)
+    return sum(w.lower() in present for w in words)
+
+
+def uses_all(text: str, words: list[str]) -> bool:
+    return words_found(text, words) == len(words)
 
 
 def read_word_prompts(path: str | Path) -> list[dict]:
@@ -73,11 +78,13 @@ def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", s
         ok = uses_all(stream.text, p["words"])
         honoured += ok
         sample = {"prompt": p["prompt"], "words": p["words"], "seed": s.seed, "story": stream.text, "honoured": ok,
-                  "finish_reason": stream.finish_reason}
+                  "words_found": words_found(stream.text, p["words"]), "finish_reason": stream.finish_reason}
         samples.append(sample)
         if on_sample is not None:
             on_sample(sample)
+    asked = sum(len(p["words"]) for p in prompts)
     return {"checkpoint": str(loaded.path), "prompts": len(prompts), "honoured": honoured,
-            "rate": honoured / len(prompts), "sampling": {"temperature": temperature, "top_k": top_k,
+            "rate": honoured / len(prompts), "word_rate": sum(x["words_found"] for x in samples) / asked,
+            "sampling": {"temperature": temperature, "top_k": top_k,
                                                           "max_new_tokens": max_new_tokens, "seeds": f"{seed}.."},
             "seconds": round(time.perf_counter() - started, 1), "samples": samples}
