@@ -46,7 +46,7 @@ def _add_train(sub) -> None:
     from .presets import PRESETS
 
     p = sub.add_parser(
-        "train", help="train a model from scratch",
+        "train", help="train a model from scratch, or on from a trained run (--init-from)",
         description="Train a GPT-style model. Settings come from a preset, then a TOML config file, then "
                     "--key value overrides (any option below, with - or _, e.g. --lr 1e-3 --d-model 256).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
