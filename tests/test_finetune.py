@@ -377,3 +377,20 @@ def test_eval_and_generate_read_an_instruction_tuned_run_through_its_template(sf
     assert main(["generate", str(sft_run), "--prompt", "Use cat.", "--max-new-tokens", "4", "--json",
                  "--no-template"]) == 0
     assert json.loads(capsys.readouterr().out)["prompt"] == "Use cat."
+
+
+def test_init_from_a_lora_run_starts_from_its_merged_weights(base_run, sft_file, tmp_path, stories_file):
+    from cairn.training.build import build_trainer
+    from cairn.training.distributed import session
+    from cairn.training.init_from import apply
+
+    lora_run = tmp_path / "lora"
+    assert main(sft_args(base_run, sft_file, lora_run, "--lora-rank", "4", "--max-steps", "2",
+                         "--end-stories", "0")) == 0
+    merged = load(lora_run, "cpu", merge=True).model.weights()
+    assert not [k for k in merged if "lora" in k]
+    cfg = validate(apply(config(stories_file, init_from=str(lora_run), max_steps=2, num_threads=1)))
+    with session(cfg.train) as dist:
+        trainer = build_trainer(cfg, tmp_path / "run", dist)
+    assert_same_weights(trainer.model.weights(), merged)
+    assert not torch.equal(merged["blocks.0.attn.qkv.weight"], final_weights(base_run)["blocks.0.attn.qkv.weight"])
