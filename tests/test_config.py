@@ -84,6 +84,27 @@ PRESET_VALUES = {
     ),
 }
 
+# the fine-tuning settings (--init-from, --format sft and its template, LoRA) at their defaults in every
+# preset above; cpu-instruct is cpu-10min's model tuned on instruction records
+FINETUNE_DEFAULTS = dict(
+    top=dict(init_from=""),
+    data=dict(format="text", prompt_field="prompt", response_field="response", messages_field="messages",
+              template_system="{content}\n", template_user="User: {content}\n",
+              template_assistant="Assistant: {content}", template_separator="\n"),
+    train=dict(lora_rank=0, lora_alpha=16.0, lora_targets=""),
+)
+for _values in PRESET_VALUES.values():
+    _values.update(FINETUNE_DEFAULTS["top"])
+    _values["data"].update(FINETUNE_DEFAULTS["data"])
+    _values["train"].update(FINETUNE_DEFAULTS["train"])
+PRESET_VALUES["cpu-instruct"] = dict(
+    name="cpu-instruct", seed=42, tokenizer="bpe:4096", init_from="", model=PRESET_VALUES["cpu-10min"]["model"],
+    data={**PRESET_VALUES["cpu-10min"]["data"], "format": "sft", "train_frac": 0.98, "val_frac": 0.02},
+    train={**PRESET_VALUES["cpu-10min"]["train"], "lr": 0.002, "embed_lr_scale": 1.0, "time_budget": "5m",
+           "compile": False, "report_every": 25, "eval_every": 0, "checkpoint_every": 200, "test_at_end": False,
+           "end_stories": 1, "end_story_tokens": 200},
+)
+
 
 def test_reference_preset_has_the_tutorials_hyperparameters():
     c = preset("reference-105m")
@@ -179,6 +200,7 @@ CHOICES = {
     "norm": ("model", ("layernorm", "rmsnorm")),
     "mlp": ("model", ("gelu", "swiglu")),
     "batching": ("data", ("pack", "pad")),
+    "format": ("data", ("text", "sft")),
     "optimizer": ("train", ("adamw", "muon")),
     "schedule": ("train", ("linear", "cosine", "constant")),
     "epoch_val": ("train", ("full", "sample")),
@@ -303,8 +325,8 @@ def test_toml_round_trip_of_awkward_strings(tmp_path):
 
 
 def test_unknown_preset_names_the_choices():
-    with pytest.raises(CairnError, match=r"^unknown preset 'huge': choose one of cpu-10min, cpu-small, "
-                                         r"reference-105m, tiny$"):
+    with pytest.raises(CairnError, match=r"^unknown preset 'huge': choose one of cpu-10min, cpu-instruct, "
+                                         r"cpu-small, reference-105m, tiny$"):
         preset("huge")
     assert preset("tiny") is not preset("tiny")  # a fresh copy each time: changing one changes no other
 

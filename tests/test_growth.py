@@ -9,7 +9,7 @@ import pytest
 from cairn.config import ModelConfig, load_toml
 from cairn.loading import load
 from cairn.training import train
-from cairn.training.growth import Candidate, choose, wider
+from cairn.training.growth import choose, wider
 from helpers import config
 
 
@@ -17,26 +17,26 @@ def test_wider_shapes_keep_the_head_size_and_the_mlp_ratio():
     base = ModelConfig(d_model=128, n_heads=2, d_mlp=352, n_layers=3)
     shapes = wider(base)
     assert shapes[0] is base and len(shapes) == 7  # 2 heads up to 8 (4x the width)
-    assert [(s.d_model, s.n_heads, s.d_mlp) for s in shapes[1:4]] == [(192, 3, 528), (256, 4, 704), (320, 5, 880)]
+    assert [(s.d_model, s.n_heads, s.d_mlp) for s in shapes[1:4]] == [(192, 3, 512), (256, 4, 704), (320, 5, 896)]
     assert all(s.n_layers == 3 and s.d_model // s.n_heads == 64 for s in shapes)
 
 
 def test_the_narrowest_shape_within_the_epochs_is_chosen_else_the_widest():
-    c = [Candidate(ModelConfig(d_model=d), 0.0, e) for d, e in [(128, 11.0), (192, 6.5), (256, 3.8), (320, 2.9)]]
-    assert choose(c, 4.0).model.d_model == 256
-    assert choose(c, 12.0).model.d_model == 128  # the configured one when it fits
-    assert choose(c, 1.0).model.d_model == 320  # none fits: the widest measured
+    epochs = [11.0, 6.5, 3.8, 2.9]
+    assert choose(epochs, 4.0) == 2
+    assert choose(epochs, 12.0) == 0  # the configured one when it fits
+    assert choose(epochs, 1.0) == 3  # none fits: the widest
 
 
 def test_a_budget_with_room_for_too_many_epochs_trains_a_wider_model(tmp_path, stories_file, small_tokenizer, caplog):
-    """A 30-second budget over a small split would take dozens of epochs of the tiny model: with
-    grow_to_epochs 2 the run measures wider shapes, trains one, and its config records it, so the
+    """A 12-second budget over a small split would take dozens of epochs of the tiny model: with
+    grow_to_epochs 2 the run measures a wider shape, trains it, and its config records it, so the
     run loads as any other."""
-    cfg = config(stories_file, tokenizer=small_tokenizer, time_budget="30s", grow_to_epochs=2, max_steps=4,
-                 end_stories=0, eval_every=0)
+    cfg = config(stories_file, tokenizer=small_tokenizer, time_budget="12s", grow_to_epochs=2, end_stories=0,
+                 eval_every=0, checkpoint_every=0, report_every=1000)
     with caplog.at_level(logging.INFO, logger="cairn"):
         train(cfg, tmp_path / "run")
-    assert "training a wider one, d_model" in caplog.text, caplog.text
+    assert "measuring a wider one, d_model" in caplog.text and "the wider model gets" in caplog.text, caplog.text
     saved = load_toml(tmp_path / "run" / "config.toml")
     assert saved.model.d_model > cfg.model.d_model and saved.model.d_model // saved.model.n_heads == 8
     loaded = load(tmp_path / "run")

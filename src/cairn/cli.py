@@ -46,7 +46,7 @@ def _add_train(sub) -> None:
     from .presets import PRESETS
 
     p = sub.add_parser(
-        "train", help="train a model from scratch",
+        "train", help="train a model from scratch, or on from a trained run (--init-from)",
         description="Train a GPT-style model. Settings come from a preset, then a TOML config file, then "
                     "--key value overrides (any option below, with - or _, e.g. --lr 1e-3 --d-model 256).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -81,6 +81,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, bits_per_byte, tokens")
+    p.add_argument("--task", choices=("loss", "words"), default="loss",
+                   help="loss: held-out loss (default); words: one story per prompt of --data (JSONL with "
+                        "\"prompt\" and \"words\"), the fraction that use all their words")
+    p.add_argument("--seed", type=int, default=0, help="words: the first prompt's sampling seed (default 0)")
+    p.add_argument("--limit", type=int, default=0, help="words: only the first N prompts (default all)")
 
 
 def _add_generate(sub) -> None:
@@ -108,6 +113,23 @@ def _add_generate(sub) -> None:
                    help="print one JSON object per sample: prompt, text, tokens, finish_reason, tokens_per_s")
     p.add_argument("--no-stream", action="store_true", help="print each sample whole when it is done")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (no KV cache)")
+    p.add_argument("--no-template", action="store_true",
+                   help="an instruction-tuned run: continue the prompt as plain text instead of answering it as an "
+                        "instruction through the run's chat template")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to an instruction-tuned run in the terminal",
+                       description="Type an instruction, the answer streams. The conversation is kept while it fits "
+                                   "the context (then its oldest turns are dropped). Commands: /reset, "
+                                   "/temperature T, /quit. Reads lines from stdin, so it can be piped.")
+    p.set_defaults(func=cmd_chat)
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="longest answer in tokens (default 300)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the first answer, +1 for each next (default 1234)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
 
 
@@ -226,6 +248,7 @@ def build_parser() -> Parser:
     _add_eval(sub)
     _add_generate(sub)
     _add_serve(sub)
+    _add_chat(sub)
     _add_plot(sub)
     _add_export(sub)
     _add_tokenizer(sub)
@@ -297,7 +320,12 @@ def train_config(args, overrides: dict[str, str]) -> tuple[object, Path, bool]:
         overrides["source"] = args.data
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
-    return validate(apply_overrides(cfg, overrides)), out, resume
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.init_from and not saved:  # the architecture and tokenizer of the run it starts from
+        from .training.init_from import apply as start_from
+
+        cfg = start_from(cfg, overrides)
+    return validate(cfg), out, resume
 
 
 def cmd_train(args, extra: list[str], started: float) -> int:
@@ -352,12 +380,30 @@ def cmd_eval(args) -> int:
     _not_empty(args, "eval", "data")
     setup_logging(stream=sys.stderr)
     set_threads(0)
+    if args.task == "words":
+        return _eval_words(args)
     r = evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size, device=args.device)
     if args.json:
         print(json.dumps({k: r[k] for k in ("loss", "perplexity", "bits_per_byte", "tokens")}))
     else:
         print(f"{r['checkpoint']} on {r['what']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte, {r['tokens']:,} tokens")
+    return 0
+
+
+def _eval_words(args) -> int:
+    from .words_task import evaluate_words
+
+    if args.data is None:
+        raise CairnError("--task words needs --data FILE.jsonl of prompts with their \"words\"")
+    if args.limit < 0:
+        raise CairnError(f"--limit must be zero (all) or more, got {args.limit}")
+    r = evaluate_words(args.path, args.data, device=args.device, seed=args.seed, limit=args.limit)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['checkpoint']}: {r['honoured']} of {r['prompts']} stories use all their words "
+              f"({100 * r['rate']:.1f}%)")
     return 0
 
 
@@ -378,6 +424,7 @@ def _prompts(args) -> list[str]:
 def cmd_generate(args) -> int:
     from dataclasses import replace
 
+    from .chat_template import ChatTemplate, instruction, render
     from .generate import SamplingConfig, TextStream
     from .loading import load
     from .runtime import set_threads
@@ -392,10 +439,17 @@ def cmd_generate(args) -> int:
     loaded = load(args.path, args.device)
     stream_out = not (args.json or args.no_stream)
     first = True
+    # an instruction-tuned run answers each prompt as an instruction, through its chat template
+    template = ChatTemplate.from_config(loaded.config.data) \
+        if loaded.config.data.format == "sft" and not args.no_template else None
     for prompt in prompts:
+        ids = None
+        if template is not None:
+            ids = instruction(template, loaded.tokenizer, prompt)
+            prompt = render(template, [{"role": "user", "content": prompt}], answer=True)
         for i in range(args.num_samples):
             sample = TextStream(loaded.model, loaded.tokenizer, prompt, replace(s, seed=s.seed + i), stop=args.stop,
-                                use_cache=not args.no_cache)
+                                use_cache=not args.no_cache, prompt_ids=ids)
             if not (args.json or first):
                 sys.stdout.write("\n")
             first = False
@@ -431,6 +485,26 @@ def cmd_serve(args) -> int:
     serve(args.path, host=args.host, port=args.port, api_key=args.api_key, max_concurrency=args.max_concurrency,
           max_batch=args.max_batch, max_body=args.max_body, max_tokens=args.max_tokens, device=args.device,
           model_name=args.model_name)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession, run_chat
+    from .chat_template import ChatTemplate
+    from .generate import SamplingConfig
+    from .loading import load
+    from .runtime import set_threads
+
+    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       seed=args.seed)
+    s.check(flags=True)
+    set_threads(0)
+    loaded = load(args.path, args.device, merge=True)
+    if loaded.config.data.format != "sft":
+        print(f"({loaded.path} was not instruction-tuned (data.format {loaded.config.data.format!r}): its answers "
+              "continue the template's text)", file=sys.stderr)
+    session = ChatSession(loaded.model, loaded.tokenizer, ChatTemplate.from_config(loaded.config.data), s)
+    run_chat(session, sys.stdin, sys.stdout, sys.stderr, interactive=sys.stdin.isatty())
     return 0
 
 

@@ -157,6 +157,17 @@ class DataConfig:
     pack_shift: bool = opt(False, "pack mode: each epoch after the first cuts the stream into windows at a new "
                                   "seeded offset")
     cache_dir: str = opt("", 'where tokenized data is cached ("" = $CAIRN_CACHE or ~/.cache/cairn)')
+    format: Literal["text", "sft"] = opt(
+        "text", '"text": stories; "sft": JSONL instruction records (prompt/response or messages), the loss on '
+                "the responses only")
+    prompt_field: str = opt("prompt", "sft: field holding the instruction")
+    response_field: str = opt("response", "sft: field holding the answer")
+    messages_field: str = opt("messages", 'sft: field holding a conversation, a list of {"role", "content"}')
+    template_system: str = opt("{content}\n", "chat template: a system turn ({content} is its text)")
+    template_user: str = opt("User: {content}\n", "chat template: a user turn")
+    template_assistant: str = opt("Assistant: {content}", "chat template: an assistant turn (the text before "
+                                                          "{content} ends every prompt)")
+    template_separator: str = opt("\n", "chat template: written after an assistant turn that is not the last")
 
     def check(self) -> None:
         check_choices(self, "data")
@@ -176,6 +187,16 @@ class DataConfig:
                              "use --batching pack, or --story-mask false")
         if not self.source:
             raise CairnError("data.source is empty: pass --data PATH_OR_HUB_ID")
+        if self.format == "sft":
+            from .chat_template import ChatTemplate
+
+            ChatTemplate.from_config(self)
+            if self.batching == "pack" and not self.story_mask:
+                raise CairnError("data.format sft packs whole examples into rows, which must not attend to each "
+                                 "other: add --story-mask true, or use --batching pad")
+            if self.pack_shift:
+                raise CairnError("data.pack_shift cuts a token stream, and sft rows hold whole examples: "
+                                 "use --pack-shift false")
 
 
 @dataclass
@@ -235,6 +256,11 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp"] = opt(
         "ddp", 'under torchrun: "ddp" (a copy per process) or "fsdp" (parameters and optimizer state sharded)')
     dist_timeout_s: int = opt(600, "under torchrun: seconds to wait for the other ranks before the job fails")
+    lora_rank: int = opt(0, "LoRA (peft): train rank-R adapters on --lora-targets, the model frozen (0 = off: "
+                            "train every weight)")
+    lora_alpha: float = opt(16.0, "LoRA scale: the adapters' update is multiplied by lora_alpha / lora_rank")
+    lora_targets: str = opt("", "LoRA: comma-separated names of the linear layers to adapt, by last name (qkv, "
+                                "proj, fc, gate, up, lm_head) or full path (\"\" = every linear of the blocks)")
 
     def check(self) -> None:
         check_choices(self, "train")
@@ -260,6 +286,8 @@ class TrainConfig:
                              f"{wd}: change --embed-weight-decay")
         if self.time_budget:
             parse_duration(self.time_budget)
+        positive(self, "train", "lora_rank", zero_ok=True)
+        positive(self, "train", "lora_alpha")
 
 
 MAX_NAME_BYTES = 200  # a checkpoint is <name>_checkpoint_step0000000, written as .<that>.tmp-PID
@@ -271,6 +299,8 @@ class RunConfig:
     seed: int = opt(42, "seeds the data shuffle, the model initialisation and the batch order")
     tokenizer: str = opt("gpt2", '"gpt2" (exact GPT-2 BPE), "bpe:N" (an N-token BPE learned on this run\'s '
                                  "training split, cached), or a directory made by `cairn tokenizer train`")
+    init_from: str = opt("", "start from this run's (or checkpoint's) weights, with its architecture and tokenizer "
+                             "and a fresh optimizer and schedule (\"\" = random weights)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -297,6 +327,9 @@ class RunConfig:
         if self.data.seq_len > self.model.context_len:
             raise CairnError(f"data.seq_len ({self.data.seq_len}) is longer than model.context_len "
                              f"({self.model.context_len}): lower seq_len or raise context_len")
+        if self.train.lora_rank and self.train.parallel == "fsdp":
+            raise CairnError("LoRA (train.lora_rank) is not supported with FSDP: use --parallel ddp (the frozen "
+                             "model is small next to full training), or --lora-rank 0")
         if self.train.optimizer == "muon" and self.train.parallel == "fsdp":
             raise CairnError("train.optimizer muon needs whole weight matrices, which FSDP shards: "
                              "use --parallel ddp, or --optimizer adamw with FSDP")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .data.sft import SFTRows, SFTSplit, prepare_sft
 from .data import SplitTokens, StoryWindows, clean_texts, load_texts, make_loader, prepare_data
 from .errors import CairnError
 from .loading import load
@@ -64,6 +66,16 @@ def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "tes
         raise CairnError(f"--batch-size must be positive (or 0 for the run's), got {batch_size}")
     loaded = load(path, device)
     cfg, tok = loaded.config, loaded.tokenizer
+    ds, what = (_answers if cfg.data.format == "sft" else _stories)(cfg, tok, data, split)
+    loader = make_loader(ds, batch_size or cfg.train.batch_size, shuffle=False,
+                         seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
+    r = evaluate(loaded.model, loader, loaded.device, for_checkpoint(cfg.train.precision, loaded.device, loaded.path),
+                 tok.token_bytes)
+    return {**r, "what": what, "checkpoint": str(loaded.path)}
+
+
+def _stories(cfg, tok, data: Optional[str], split: str):
+    """Every story of `data`, or of the run's split, each read from its own beginning."""
     if data is not None:
         d = cfg.data
         texts = clean_texts(load_texts(data, d.text_field, d.txt_separator, d.hub_split))
@@ -76,8 +88,19 @@ def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "tes
         if stories.n_stories == 0:
             raise CairnError(f"the run's {split} split is empty: evaluate --split val, or pass --data")
         what = f"{split} split ({stories.n_stories} stories)"
-    loader = make_loader(StoryWindows(stories, cfg.data.seq_len), batch_size or cfg.train.batch_size, shuffle=False,
-                         seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
-    r = evaluate(loaded.model, loader, loaded.device, for_checkpoint(cfg.train.precision, loaded.device, loaded.path),
-                 tok.token_bytes)
-    return {**r, "what": what, "checkpoint": str(loaded.path)}
+    return StoryWindows(stories, cfg.data.seq_len), what
+
+
+def _answers(cfg, tok, data: Optional[str], split: str):
+    """An instruction-tuned run's examples (every record of `data`, or the run's split), one per row,
+    scored on their answers."""
+    prepared = prepare_sft(replace(cfg.data, source=data) if data is not None else cfg.data, cfg.seed, tok)
+    if data is not None:
+        examples = SFTSplit([e for name in ("train", "val", "test") for e in prepared.split(name).examples], [])
+        what = f"{data} ({len(examples.examples)} examples)"
+    else:
+        examples = prepared.split(split)
+        what = f"{split} split ({len(examples.examples)} examples)"
+    if not examples.examples:
+        raise CairnError(f"the run's {split} split is empty: evaluate --split val, or pass --data")
+    return SFTRows(examples, cfg.data.seq_len, pack=False), what

@@ -241,7 +241,7 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CairnError(f"--out {str(out)!r} already exists and is not an empty directory: choose a new one")
-    loaded = load(path, device="cpu")
+    loaded = load(path, device="cpu", merge=True)  # LoRA adapters folded in: the export needs no peft
     arch = hf_architecture(loaded.config)
     cfg, tok = loaded.config, loaded.tokenizer
     if cfg.model.vocab_size != tok.vocab_size:

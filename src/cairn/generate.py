@@ -176,8 +176,10 @@ class TextStream:
     follows an <|endoftext|> (`prompt_ids`)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
-                 stop: Sequence[str] = (), use_cache: bool = True):
+                 stop: Sequence[str] = (), use_cache: bool = True, prompt_ids: Optional[Sequence[int]] = None):
         self.model, self.tokenizer, self.prompt, self.s, self.use_cache = model, tokenizer, prompt, s, use_cache
+        # `prompt_ids`: the prompt already as tokens (a chat template's rendering), used instead of `prompt`
+        self.prompt_ids = None if prompt_ids is None else list(prompt_ids)
         self.stop = [x for x in stop if x]
         self.text, self.tokens, self.finish_reason, self.seconds = "", 0, "", 0.0
 
@@ -185,7 +187,7 @@ class TextStream:
         start = time.perf_counter()
         pieces = TextPieces(self.tokenizer, self.stop)
         self.finish_reason = "eot"
-        ids = prompt_ids(self.tokenizer, self.prompt)
+        ids = self.prompt_ids if self.prompt_ids is not None else prompt_ids(self.tokenizer, self.prompt)
         for tok in generate_ids(self.model, ids, self.s, self.tokenizer.eot_id, self.use_cache):
             piece = pieces.push(tok)
             self.text = pieces.text
@@ -206,9 +208,10 @@ class TextStream:
 
 
 def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
-                  on_text: Optional[Callable[[str], None]] = None, use_cache: bool = True) -> str:
+                  on_text: Optional[Callable[[str], None]] = None, use_cache: bool = True,
+                  prompt_ids: Optional[Sequence[int]] = None) -> str:
     """The continuation of `prompt` (a `TextStream` read to its end); `on_text` receives each piece."""
-    stream = TextStream(model, tokenizer, prompt, s, use_cache=use_cache)
+    stream = TextStream(model, tokenizer, prompt, s, use_cache=use_cache, prompt_ids=prompt_ids)
     for piece in stream:
         if on_text is not None:
             on_text(piece)

@@ -30,18 +30,29 @@ class Loaded:
     device: torch.device
 
 
-def load(path: str | Path, device: str = "auto") -> Loaded:
-    """A run directory (its final checkpoint, else its newest) or one checkpoint directory."""
+def load(path: str | Path, device: str = "auto", merge: bool = False) -> Loaded:
+    """A run directory (its final checkpoint, else its newest) or one checkpoint directory. A
+    LoRA run's model carries its adapters (peft's layers), or with `merge` has them folded into
+    plain weights."""
     c = ckpt.read_checkpoint(ckpt.resolve(path))
     cfg = saved_config(c)
     tokenizer = run_tokenizer.for_checkpoint(c.path, cfg.tokenizer, c.meta.get("tokenizer"))
     dev = pick_device(device)
     model = build_model(cfg.model, torch.device("cpu"))
+    t = cfg.train
+    if t.lora_rank:
+        from . import lora
+
+        model = lora.add_adapters(model, t.lora_rank, t.lora_alpha, t.lora_targets)
     try:
         model.load_weights(c.model_state())
     except RuntimeError as e:
         raise CairnError(f"{c.path}: weights do not fit the saved model config ({str(e).splitlines()[0].strip()}): "
                          "use another checkpoint") from None
+    if t.lora_rank and merge:
+        from . import lora
+
+        model = lora.merge(model)
     return Loaded(model.to(dev).eval(), cfg, tokenizer, c.path, c.meta, dev)
 
 

@@ -235,7 +235,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, 
     order = epoch_order(n, seed, epoch, shuffle)
     shares = (np.array_split(order[b * size:(b + 1) * size], world)[rank] for b in range(start_batch, total))
     batches = [share.tolist() for share in shares if len(share)]
-    if isinstance(dataset, PaddedDataset):
+    if isinstance(dataset, PaddedDataset) or getattr(dataset, "ragged", False):  # rows of their own lengths
         collate = functools.partial(collate_padded, pad_id=pad_id)
     else:
         collate = collate_packed

@@ -17,15 +17,16 @@ from typing import Optional
 
 import torch
 
-from .. import run_tokenizer
+from .. import lora, run_tokenizer
 from ..config import RunConfig, parse_duration, to_toml, validate
-from ..data import PackedDataset, PaddedDataset, StoryWindows, make_loader, num_batches, prepare_data
+from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
+from ..data.sft import SFTRows, prepare_sft
 from ..errors import CairnError
 from ..log import ensure_setup, only_main_speaks
 from ..model import build_model
 from ..precision import for_run as precision_for_run
 from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, seed_everything, set_threads
-from . import budget, growth, resume
+from . import budget, growth, init_from, resume
 from .calibrate import measure
 from .checkpointer import Checkpointer
 from .distributed import Dist, session
@@ -57,12 +58,18 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     tokenizer = dist.main_first(lambda: run_tokenizer.for_training(cfg, run.path, start_from is not None))
     cfg.model.vocab_size = tokenizer.vocab_size
     seed_everything(cfg.seed)
-    data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
     d = cfg.data
-    train_ds = PackedDataset(data.train, d.seq_len) if d.batching == "pack" else PaddedDataset(data.train, d.seq_len)
-    # held-out stories are scored one at a time from their own beginning, however training cuts
-    # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
-    val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
+    if d.format == "sft":  # whole instruction examples, the loss on their answers (data/sft.py)
+        data = prepare_sft(d, cfg.seed, tokenizer)
+        train_ds = SFTRows(data.train, d.seq_len, pack=d.batching == "pack")
+        val_ds, test_ds = (SFTRows(split, d.seq_len, pack=False) or None for split in (data.val, data.test))
+    else:
+        data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
+        train_ds = PackedDataset(data.train, d.seq_len) if d.batching == "pack" else PaddedDataset(data.train,
+                                                                                                   d.seq_len)
+        # held-out stories are scored one at a time from their own beginning, however training cuts
+        # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
+        val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
     # the same initial weights on every rank; training holds float32 weights, gradients and AdamW's two moments
     initial_rng = torch.get_rng_state()
     model = build_model(cfg.model, dist.device, bytes_per_param=16)
@@ -71,18 +78,49 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     resumed = run.path / "run.json" if start_from is not None else None
     choice = dist.on_main(lambda: precision_for_run(t.precision, dist.device, cfg.model,
                                                     t.batch_size * cfg.data.seq_len, resumed))
-    precision = choice.precision
     log.info(choice.describe())
-    if t.time_budget and t.grow_to_epochs and start_from is None and \
-            _grow_for_budget(cfg, dist, precision, train_ds, tokenizer.eot_id, plan, started):
-        torch.set_rng_state(initial_rng)  # the wider model starts from the same seeded state
-        model = build_model(cfg.model, dist.device, bytes_per_param=16)
-    peak, peak_source = peak_flops(dist.device, precision)
-    trainer = Trainer(cfg, dist, run, tokenizer, data, train_ds, val_ds, test_ds, plan,
-                      model, precision, threads, checkpointer, peak, peak_source, progress and main, stop_after,
-                      time.monotonic() if started is None else started, precision_reason=choice.reason)
+    parts = dict(cfg=cfg, dist=dist, run=run, tokenizer=tokenizer, data=data, datasets=(train_ds, val_ds, test_ds),
+                 precision=choice, threads=threads, checkpointer=checkpointer, start_from=start_from,
+                 progress=progress and main, stop_after=stop_after,
+                 started=time.monotonic() if started is None else started)
+    trainer = _assemble(model, plan, **parts)
+    # a fine-tune keeps its base's shape: only a run from scratch grows
+    if t.time_budget and t.grow_to_epochs and start_from is None and not cfg.init_from:
+        shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.plan, t.grow_to_epochs)
+        if shape is not None:
+            cfg.model = shape
+            torch.set_rng_state(initial_rng)  # the wider model starts from the same seeded state
+            trainer = _assemble(build_model(shape, dist.device, bytes_per_param=16), plan, **parts)
+            growth.report(trainer.plan, t.grow_to_epochs)
+    dist.on_main(lambda: _write_run_files(trainer))
+    if t.tensorboard and main:
+        from ..tensorboard import TensorBoardLogger
+        # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
+        trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
+        run.metrics.sink = trainer.tb.write
+    return trainer
+
+
+def _assemble(model, plan: Plan, *, cfg: RunConfig, dist: Dist, run: RunDir, tokenizer, data, datasets, precision,
+              threads: int, checkpointer: Checkpointer, start_from, progress: bool, stop_after: int,
+              started: float) -> Trainer:
+    """The trainer of `model`: its initial or resumed weights and state, the wrapped and compiled
+    model, the optimizer, and under a time budget the measured plan."""
+    t = cfg.train
+    if cfg.init_from and start_from is None:
+        init_from.load_initial_weights(model, cfg, tokenizer)
+    if t.lora_rank:
+        model = lora.add_adapters(model, t.lora_rank, t.lora_alpha, t.lora_targets)
+        n_train, n_all = lora.trainable(model)
+        where = t.lora_targets or "every linear of the blocks"
+        log.info(f"LoRA rank {t.lora_rank}, alpha {t.lora_alpha:g} on {where}: {n_train:,} trainable parameters "
+                 f"of {n_all:,} ({100 * n_train / n_all:.2f}%)")
+    peak, peak_source = peak_flops(dist.device, precision.precision)
+    trainer = Trainer(cfg, dist, run, tokenizer, data, *datasets, copy.deepcopy(plan), model, precision.precision,
+                      threads, checkpointer, peak, peak_source, progress, stop_after, started,
+                      precision_reason=precision.reason)
     saved = resume.load_weights_and_state(trainer, start_from) if start_from is not None else None
-    trainer.wrapped = dist.wrap(model, precision)
+    trainer.wrapped = dist.wrap(model, trainer.precision)
     trainer.optimizer = make_optimizer(model, t, dist.device)
     if dist.enabled:
         resume.seed_rank(trainer, 0)
@@ -91,12 +129,6 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     trainer.forward = torch.compile(trainer.wrapped) if _can_compile(t.compile, dist.device) else trainer.wrapped
     if t.time_budget and not trainer.plan_restored:
         plan_for_budget(trainer)  # before the run directory is written: a budget too short leaves nothing
-    dist.on_main(lambda: _write_run_files(trainer))
-    if t.tensorboard and main:
-        from ..tensorboard import TensorBoardLogger
-        # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
-        trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
-        run.metrics.sink = trainer.tb.write
     return trainer
 
 
@@ -113,22 +145,6 @@ def initial_plan(cfg: RunConfig, n_items: int, dist: Dist) -> Plan:
                          "too few for one step: lower --seq-len or add data")
     total = min(steps_per_epoch * t.epochs, t.max_steps or math.inf)
     return Plan(micro, steps_per_epoch, total, warmup_steps(t, total), t.epochs)
-
-
-def _grow_for_budget(cfg: RunConfig, dist: Dist, precision: str, train_ds, eot_id: int, plan: Plan,
-                     started: Optional[float]) -> bool:
-    """A wider model where the budget affords more epochs than grow_to_epochs (see growth.py):
-    True when `cfg.model` was changed to one."""
-    t = cfg.train
-    budget_s = parse_duration(t.time_budget)
-    elapsed = time.monotonic() - started if started is not None else 0.0
-    batch = next(iter(make_loader(train_ds, t.batch_size, shuffle=True, seed=cfg.seed, epoch=0, drop_last=False,
-                                  pad_id=eot_id, rank=dist.rank, world=dist.world)))
-    shape = growth.grow(cfg, dist, precision, batch, eot_id, plan.steps_per_epoch,
-                        budget_s - elapsed - budget.margin_s(budget_s))
-    if shape is not None:
-        cfg.model = shape
-    return shape is not None
 
 
 def _can_compile(asked: bool, device: torch.device) -> bool:
@@ -191,6 +207,9 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, restart:
     and rank 0 holds the run's lock."""
     started = time.monotonic() if started is None else started
     validate(cfg)
+    if cfg.data.format == "sft" and run_tokenizer.parse_bpe_spec(cfg.tokenizer) is not None:
+        raise CairnError(f"data.format sft cannot learn a tokenizer ({cfg.tokenizer}) on instruction records: "
+                         "use --init-from RUN (its tokenizer), --tokenizer gpt2 or a tokenizer directory")
     ensure_setup()
     with session(cfg.train) as dist:
         only_main_speaks(dist.rank)

@@ -351,6 +351,7 @@ class Trainer:
             "processes": self.dist.world, "parallel": self.dist.parallel,
             "plan": asdict(self.plan),
             "data": {"cache": str(self.data.cache_dir), **self.data.meta},
+            **({"init_from": self.cfg.init_from} if self.cfg.init_from else {}),
         })
 
     def describe(self) -> None:

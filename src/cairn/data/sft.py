@@ -1,0 +1,214 @@
+"""Supervised fine-tuning data (`--format sft`): instruction records, the loss on the answers only.
+
+Each JSONL record is a `prompt` and a `response` (field names configurable) or a `messages` list
+(`role` / `content`, roles system, user, assistant). The run's chat template (chat_template.py)
+turns it into one token sequence starting and ending with <|endoftext|>; only answer tokens (and
+the <|endoftext|> that ends the example) are targets, every other label is IGNORE_INDEX.
+
+Training rows (`SFTRows`) hold whole examples: in pack mode as many as fit in seq_len + 1 tokens,
+one after the other (each example's leading <|endoftext|> is the previous one's end, so the story
+mask keeps them from attending to each other), in pad mode one per row. An example longer than a
+row keeps its beginning and loses the end of its answer (counted and logged); one whose prompt
+leaves no room for a single answer token is refused. Held-out examples are scored one per row, so
+the validation loss, perplexity and bits per byte are those of the held-out answers.
+
+Instruction sets are small next to pre-training corpora: they are read and tokenized in memory,
+split by record exactly as stories are (`split_assignment`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..chat_template import ChatTemplate, check_messages, encode_conversation
+from ..config import DataConfig
+from ..errors import CairnError
+from ..tokenizer import Tokenizer
+from .sources import resolve_files
+from .splits import SPLITS, split_assignment
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # as cairn.ops.IGNORE_INDEX (not imported: this module must not need torch)
+
+
+def record_messages(record: object, d: DataConfig, where: str) -> list[dict]:
+    """One record as a conversation ending with the assistant's answer, or one line saying what is wrong."""
+    if not isinstance(record, dict):
+        raise CairnError(f"{where}: not a JSON object: give {{\"{d.prompt_field}\": ..., \"{d.response_field}\": ...}}")
+    if d.messages_field in record:
+        messages = check_messages(record[d.messages_field], where)
+        if messages[-1]["role"] != "assistant":
+            raise CairnError(f"{where}: the last message must be the assistant's answer (got role "
+                             f"{messages[-1]['role']!r})")
+    else:
+        missing = [f for f in (d.prompt_field, d.response_field) if not isinstance(record.get(f), str)]
+        if missing:
+            raise CairnError(f"{where}: no text field {' or '.join(repr(f) for f in missing)}: give "
+                             f"\"{d.prompt_field}\" and \"{d.response_field}\" (or \"{d.messages_field}\"), or name "
+                             "the fields with --prompt-field / --response-field")
+        messages = [{"role": "user", "content": record[d.prompt_field]},
+                    {"role": "assistant", "content": record[d.response_field]}]
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise CairnError(f"{where}: the response{f' (message {k})' if d.messages_field in record else ''} is "
+                             "empty: give every example an answer to learn, or drop the record")
+    return messages
+
+
+def read_records(d: DataConfig) -> list[list[dict]]:
+    """Every record of the .jsonl source(s), in file order."""
+    found = resolve_files(d.source)
+    if found is None:
+        raise CairnError(f"data.format sft reads local .jsonl files, and {d.source!r} is not one: "
+                         "pass --data FILE.jsonl")
+    conversations = []
+    for path in found[1]:
+        if not path.name.lower().endswith(".jsonl"):
+            raise CairnError(f"data.format sft reads JSON Lines, and {path} is not a .jsonl file: convert it")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise CairnError(f"{path} is not UTF-8 text: save it as UTF-8") from None
+        except OSError as e:
+            raise CairnError(f"cannot read {path} ({e.strerror or e}): check the path") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise CairnError(f"{path}:{n}: not valid JSON: give one JSON object per line") from None
+            conversations.append(record_messages(record, d, f"{path}:{n}"))
+    if not conversations:
+        raise CairnError(f"{d.source} holds no records: put one JSON object per line")
+    return conversations
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # int64, starting with <|endoftext|>
+    target: np.ndarray  # bool per id: an answer token (a label to learn)
+    cut: bool = False  # the answer was cut to fit a row (no <|endoftext|> at its end)
+
+
+def tokenize(conversation: list[dict], template: ChatTemplate, tokenizer: Tokenizer, seq_len: int,
+             where: str) -> Example:
+    """One example, cut to a row of seq_len inputs; refused when its prompt leaves no room for an answer."""
+    ids, target = encode_conversation(template, tokenizer, conversation)
+    first = target.index(True)  # the first answer token: ids[first] is the label of input `first - 1`
+    if first > seq_len:
+        raise CairnError(f"{where}: the prompt is {first - 1} tokens long, leaving no room for any response token "
+                         f"in rows of {seq_len} tokens (--seq-len, at most the context length): shorten the prompt "
+                         "or raise --seq-len")
+    cut = len(ids) > seq_len + 1
+    return Example(np.asarray(ids[:seq_len + 1], dtype=np.int64), np.asarray(target[:seq_len + 1], dtype=bool), cut)
+
+
+@dataclass
+class SFTSplit:
+    examples: list[Example]
+    conversations: list[list[dict]]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(e.ids) for e in self.examples))
+
+    @property
+    def n_targets(self) -> int:
+        return int(sum(int(e.target[1:].sum()) for e in self.examples))
+
+
+@dataclass
+class SFTData:
+    """The three splits of an instruction set, as `PreparedData` holds a corpus's."""
+    train: SFTSplit
+    val: SFTSplit
+    test: SFTSplit
+    cache_dir: str = "(in memory)"
+    meta: dict = field(default_factory=dict)
+
+    def split(self, name: str) -> SFTSplit:
+        return getattr(self, name)
+
+
+def prepare_sft(d: DataConfig, seed: int, tokenizer: Tokenizer) -> SFTData:
+    template = ChatTemplate.from_config(d)
+    conversations = read_records(d)
+    assign = split_assignment(len(conversations), seed, d.n_samples, d.train_frac, d.val_frac)
+    splits, cut = {}, 0
+    for k, name in enumerate(SPLITS):
+        picked = np.flatnonzero(assign == k).tolist()
+        convs = [conversations[i] for i in picked]
+        examples = [tokenize(c, template, tokenizer, d.seq_len, f"{d.source} record {i + 1}")
+                    for i, c in zip(picked, convs)]
+        cut += sum(e.cut for e in examples)
+        splits[name] = SFTSplit(examples, convs)
+    if cut:
+        log.info(f"sft: {cut} examples are longer than a row of {d.seq_len} tokens: their answers are cut there")
+    digest = hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest()[:16]
+    meta = {"format": "sft", "records": len(conversations), "content": digest, "cut_examples": cut,
+            "splits": {name: {"stories": len(s.examples), "tokens": s.n_tokens, "answer_tokens": s.n_targets}
+                       for name, s in splits.items()}}
+    log.info("sft: " + ", ".join(f"{name} {len(s.examples):,} examples / {s.n_targets:,} answer tokens"
+                                 for name, s in splits.items()))
+    return SFTData(splits["train"], splits["val"], splits["test"], meta=meta)
+
+
+def _pack(examples: list[Example], seq_len: int) -> list[list[int]]:
+    """Examples (by index) grouped into rows of at most seq_len + 1 tokens, in order, none split."""
+    rows: list[list[int]] = []
+    room = 0
+    for i, e in enumerate(examples):
+        need = len(e.ids) - 1  # its leading <|endoftext|> is the previous example's last token
+        if rows and not examples[rows[-1][-1]].cut and not e.cut and need <= room:
+            rows[-1].append(i)
+            room -= need
+        else:
+            rows.append([i])
+            room = seq_len + 1 - len(e.ids)
+    return rows
+
+
+class SFTRows:
+    """Training or held-out rows of whole examples: input_ids and labels (IGNORE_INDEX but on
+    answer tokens), of up to seq_len tokens; `ragged` rows are padded per batch (collate_padded)."""
+
+    ragged = True
+
+    def __init__(self, split: SFTSplit, seq_len: int, pack: bool):
+        self.split, self.seq_len = split, seq_len
+        self.rows = _pack(split.examples, seq_len) if pack else [[i] for i in range(len(split.examples))]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __bool__(self) -> bool:
+        return len(self.rows) > 0
+
+    def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        parts = [self.split.examples[k] for k in self.rows[i]]
+        ids = np.concatenate([parts[0].ids] + [p.ids[1:] for p in parts[1:]])
+        target = np.concatenate([parts[0].target] + [p.target[1:] for p in parts[1:]])
+        return ids, target
+
+    def __getitem__(self, i: int):
+        import torch
+
+        if not 0 <= i < len(self.rows):
+            raise IndexError(f"row {i} out of range ({len(self.rows)} rows)")
+        ids, target = self.row(i)
+        labels = np.where(target[1:], ids[1:], IGNORE_INDEX)
+        return {"input_ids": torch.from_numpy(ids[:-1].copy()), "labels": torch.from_numpy(labels)}
+
+
+def sample_conversations(data: SFTData, n: int) -> list[list[dict]]:
+    """Up to `n` held-out conversations without their last answer: prompts to show a tuned model's answers."""
+    pool: Optional[SFTSplit] = next((s for s in (data.val, data.test, data.train) if s.examples), None)
+    return [c[:-1] for c in pool.conversations[:n]] if pool else []
