@@ -146,3 +146,14 @@ def test_a_resumed_run_keeps_the_precision_it_started_in(tmp_path, small_tokeniz
     # and --precision forces either, on a resume too
     train(config(stories, tokenizer=small_tokenizer, max_steps=10, epochs=1, precision="fp32"), run, resume=True)
     assert json.loads((run / "run.json").read_text())["precision"] == "fp32"
+
+
+def test_the_peak_is_at_least_the_fastest_matmul_measured_so_mfu_stays_below_one(tmp_path, monkeypatch):
+    """A run's own bf16 matmuls measured faster than the square one: MFU uses the faster figure."""
+    monkeypatch.setenv("CAIRN_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "time_matmuls", lambda shapes, dtype, repeats=3: 290e9)
+    assert precision.cpu_peak_flops("bf16") == 290e9
+    assert precision.cached_flops("bf16 1024x128x128", lambda: 570e9) == 570e9  # a run's shapes, as for_run times them
+    assert precision.cached_flops("fp32 1024x128x128", lambda: 140e9) == 140e9
+    assert precision.cpu_peak_flops("bf16") == 570e9
+    assert precision.cpu_peak_flops("fp32") == 290e9  # the other precision's figures do not count
