@@ -369,3 +369,50 @@ def test_the_engine_turns_token_ids_into_pieces_taking_turns_within_its_batch(lo
     assert texts == expected and reasons == ["length"] * 4
     assert 1 < engine.rows_decoded / engine.steps <= 2
     assert engine.in_flight == 0
+
+
+def test_chat_completions_answer_through_the_runs_template_streamed_and_whole(server, loaded):
+    """/v1/chat/completions renders the conversation with the run's chat template (as `cairn chat`
+    and fine-tuning do) and samples as the completions route does: the official client's streamed
+    answer equals its whole answer and the library's answer to the same prompt ids and seed."""
+    from cairn import chat_template
+    from cairn.chat_template import ChatTemplate
+    from cairn.generate import SamplingConfig, generate_text
+
+    url, _ = server
+    c = client(url)
+    messages = [{"role": "system", "content": "You tell short stories."},
+                {"role": "user", "content": "Write a story about a red ball."}]
+    settings = dict(max_tokens=30, temperature=0.8, seed=11)
+    whole = c.chat.completions.create(model="tiny-run", messages=messages, **settings)
+    pieces, roles = [], set()
+    for chunk in c.chat.completions.create(model="tiny-run", messages=messages, stream=True, **settings):
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            roles.add(chunk.choices[0].delta.role)
+    ids = chat_template.prompt_ids(ChatTemplate(), loaded.tokenizer, messages)
+    ref = generate_text(loaded.model, loaded.tokenizer, "", SamplingConfig(max_new_tokens=30, temperature=0.8,
+                                                                           seed=11), prompt_ids=ids)
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == "".join(pieces) == ref
+    assert roles == {"assistant"} and whole.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"messages": []}, "messages", "non-empty list"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages", "unknown role 'robot'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages",
+     "last message must be the user's"),
+    ({"prompt": "Once", "messages": [{"role": "user", "content": "hi"}]}, "prompt", "/v1/completions"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "max_completion_tokens": 5},
+     "max_completion_tokens", "not both"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature", "0 (greedy) or more"),
+])
+def test_bad_chat_requests_get_a_clean_error_naming_the_field(server, body, param, words):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and words in err["message"], err
+    assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"

@@ -55,6 +55,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
     try:
         import uvicorn
 
+        from ..chat_template import ChatTemplate
         from .app import ServeSettings, create_app
     except ImportError as e:
         raise CairnError(f"cairn serve needs FastAPI and uvicorn ({e.name} is missing): "
@@ -76,11 +77,12 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
         raise CairnError("--api-key is empty: give a key, or leave it out to serve without one")
     sock = bind(host, port)
     try:
-        loaded = load(path, device)
+        loaded = load(path, device, merge=True)  # a LoRA run's adapters merged in: served without peft
         name = model_name or Path(path).resolve().name
         settings = ServeSettings(model_name=name, api_key=api_key, max_concurrency=max_concurrency,
                                  max_batch=max_batch, max_body=max_body, max_tokens=max_tokens,
-                                 created=int((loaded.path / "state.json").stat().st_mtime))
+                                 created=int((loaded.path / "state.json").stat().st_mtime),
+                                 template=ChatTemplate.from_config(loaded.config.data))
         app = create_app(loaded.model, loaded.tokenizer, settings)
     except BaseException:
         sock.close()

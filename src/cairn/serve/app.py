@@ -17,11 +17,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import chat_template
+from ..chat_template import ChatTemplate
 from ..generate import SamplingConfig, prompt_ids
 from ..model import Transformer
 from ..tokenizer import Tokenizer
 from .engine import Busy, Engine, Event, Job
-from .protocol import ApiError, CompletionRequest, parse_completion
+from .protocol import ApiError, CompletionRequest, parse_chat, parse_completion
 
 
 @dataclass
@@ -33,6 +35,7 @@ class ServeSettings:
     max_body: int = 1_000_000  # bytes of a request body; more get 413
     max_tokens: int = 2048  # most tokens one completion may ask for
     created: int = 0  # when the checkpoint was written (unix seconds), for /v1/models
+    template: ChatTemplate = ChatTemplate()  # how /v1/chat/completions renders a conversation (the run's own)
 
 
 def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
@@ -57,7 +60,8 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
     async def http_error(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         message = (f"no route {request.method} {request.url.path}: the routes are GET /, GET /health, "
-                   "GET /v1/models, POST /v1/completions") if e.status_code in (404, 405) else str(e.detail)
+                   "GET /v1/models, POST /v1/completions, POST /v1/chat/completions") \
+            if e.status_code in (404, 405) else str(e.detail)
         return JSONResponse(ApiError(e.status_code, message, code=code).body(), status_code=e.status_code)
 
     def authorized(request: Request) -> None:
@@ -99,20 +103,38 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
     async def completions(request: Request):
         body = await read_json(request, settings.max_body)
         r = parse_completion(body, settings.max_tokens, settings.max_concurrency)
-        name = body.get("model")
-        if name is not None and name != settings.model_name:
-            raise unknown_model(name)
+        if body.get("model") is not None and body["model"] != settings.model_name:
+            raise unknown_model(body["model"])
         jobs = completion_jobs(r, tokenizer, model.cfg.context_len)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": settings.model_name}
+        return await answer(r, jobs, meta, choice)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(request: Request):
+        body = await read_json(request, settings.max_body)
+        r, messages = parse_chat(body, settings.max_tokens, settings.max_concurrency)
+        if body.get("model") is not None and body["model"] != settings.model_name:
+            raise unknown_model(body["model"])
+        # the conversation rendered as the run was tuned on it; too long for the context, it keeps its end
+        ids = chat_template.prompt_ids(settings.template, tokenizer, messages)[-model.cfg.context_len:]
+        jobs = sampling_jobs(r, [ids])
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": settings.model_name}
+        return await answer(r, jobs, meta, chat_choice)
+
+    async def answer(r: CompletionRequest, jobs: list[Job], meta: dict, make_choice):
+        """Run the jobs: a stream of server-sent events, or one JSON answer with every choice."""
         try:
             generation = engine.open(jobs)
         except Busy as e:
             raise ApiError(429, f"the server is busy ({e}): retry shortly", code="server_busy",
                            type="rate_limit_error", headers={"Retry-After": "1"}) from None
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": settings.model_name}
         prompt_tokens = sum(len(j.ids) for j in jobs[::r.n])
         if r.stream:
-            return StreamingResponse(sse(generation.events(), generation.close, meta, r, prompt_tokens),
+            chunks = {**meta, "object": meta["object"] + ".chunk"} if meta["object"] == "chat.completion" else meta
+            return StreamingResponse(sse(generation.events(), generation.close, chunks, r, prompt_tokens,
+                                         len(jobs), make_choice),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, finish, tokens = [""] * len(jobs), [""] * len(jobs), [0] * len(jobs)
         try:
@@ -125,7 +147,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
             generation.close()
         if "error" in finish:
             raise ApiError(500, "generation failed (see the server's log)", type="server_error", code="internal")
-        return {**meta, "choices": [choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finish))],
+        return {**meta, "choices": [make_choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finish))],
                 "usage": usage(prompt_tokens, sum(tokens))}
 
     return app
@@ -151,22 +173,34 @@ async def read_json(request: Request, limit: int):
 
 
 def completion_jobs(r: CompletionRequest, tokenizer: Tokenizer, context_len: int) -> list[Job]:
-    """One job per choice, in OpenAI's order (prompt by prompt, n choices each). Choice i of a
-    prompt is sampled with seed + i, as `cairn generate --num-samples` does, so the text of
-    seed S equals `cairn generate --seed S` with the same settings."""
+    """One job per choice, in OpenAI's order (prompt by prompt, n choices each)."""
+    # a prompt longer than the context keeps its end
+    return sampling_jobs(r, [prompt_ids(tokenizer, prompt)[-context_len:] for prompt in r.prompts])
+
+
+def sampling_jobs(r: CompletionRequest, prompts: list[list[int]]) -> list[Job]:
+    """n jobs per prompt (token ids). Choice i of a prompt is sampled with seed + i, as `cairn
+    generate --num-samples` does, so the text of seed S equals `cairn generate --seed S` with the
+    same settings."""
     base = SamplingConfig(max_new_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
                           seed=r.seed, stop_at_eot=not r.ignore_eos, repetition_penalty=r.repetition_penalty)
-    jobs = []
-    for prompt in r.prompts:
-        ids = prompt_ids(tokenizer, prompt)[-context_len:]  # a prompt longer than the context keeps its end
-        jobs += [Job(ids, replace(base, seed=r.seed + i).check(), r.stop) for i in range(r.n)]
-    return jobs
+    return [Job(ids, replace(base, seed=r.seed + i).check(), r.stop) for ids in prompts for i in range(r.n)]
+
+
+def _reason(finish: Optional[str]) -> Optional[str]:
+    # "eot" (the model ended the text) is OpenAI's "stop": clients know only stop and length
+    return None if finish is None else "length" if finish == "length" else "stop"
 
 
 def choice(index: int, text: str, finish: Optional[str]) -> dict:
-    # "eot" (the model ended the text) is OpenAI's "stop": clients know only stop and length
-    reason = None if finish is None else "length" if finish == "length" else "stop"
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": _reason(finish)}
+
+
+def chat_choice(index: int, text: str, finish: Optional[str], delta: bool = False) -> dict:
+    """A chat answer's choice: its whole message, or (`delta`, streaming) the piece just written."""
+    key = "delta" if delta else "message"
+    return {"index": index, key: {"role": "assistant", "content": text}, "logprobs": None,
+            "finish_reason": _reason(finish)}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -175,12 +209,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 async def sse(events: AsyncIterator[Event], close, meta: dict, r: CompletionRequest,
-              prompt_tokens: int) -> AsyncIterator[str]:
+              prompt_tokens: int, n_choices: int, make_choice=choice) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. The usage comes in the
     last chunk with a choice, or with include_usage in a chunk of its own after it (as OpenAI sends it);
     with continuous_usage_stats in every chunk."""
     tokens: dict[int, int] = {}
-    open_choices = len(r.prompts) * r.n
+    open_choices = n_choices
+    piece = (lambda i, text, finish: make_choice(i, text, finish, delta=True)) if make_choice is chat_choice \
+        else make_choice
     so_far = usage(prompt_tokens, 0)
     try:
         async for ev in events:
@@ -191,7 +227,7 @@ async def sse(events: AsyncIterator[Event], close, meta: dict, r: CompletionRequ
                 break
             if ev.finish_reason is not None:
                 open_choices -= 1
-            chunk = {**meta, "choices": [choice(ev.index, ev.text, ev.finish_reason)]}
+            chunk = {**meta, "choices": [piece(ev.index, ev.text, ev.finish_reason)]}
             so_far = usage(prompt_tokens, sum(tokens.values()))
             if r.continuous_usage or (open_choices == 0 and not r.include_usage):
                 chunk["usage"] = so_far

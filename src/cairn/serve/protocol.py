@@ -177,3 +177,30 @@ def parse_completion(body: Any, max_tokens_limit: int, max_sequences: int) -> Co
         r.include_usage = _bool(options, "include_usage")
         r.continuous_usage = _bool(options, "continuous_usage_stats")
     return r
+
+
+def parse_chat(body: Any, max_tokens_limit: int, max_sequences: int) -> tuple[CompletionRequest, list[dict]]:
+    """OpenAI's chat completion request: `messages` instead of `prompt`, the other fields as a
+    completion's (`max_completion_tokens` is the newer name of `max_tokens`)."""
+    from ..chat_template import check_messages
+    from ..errors import CairnError
+
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got a JSON {type(body).__name__}",
+                       code="invalid_json")
+    if "prompt" in body:
+        raise bad("prompt", "chat completions take 'messages', not 'prompt': send a prompt to /v1/completions")
+    rest = {k: v for k, v in body.items() if k != "messages"}
+    if "max_completion_tokens" in rest:
+        if "max_tokens" in rest:
+            raise bad("max_completion_tokens", "give 'max_completion_tokens' or 'max_tokens', not both")
+        rest["max_tokens"] = rest.pop("max_completion_tokens")
+    r = parse_completion({**rest, "prompt": ""}, max_tokens_limit, max_sequences)
+    try:
+        messages = check_messages(body.get("messages"))
+    except CairnError as e:
+        raise bad("messages", str(e)) from None
+    if messages[-1]["role"] != "user":
+        raise bad("messages", f"the last message must be the user's (the one to answer), got "
+                              f"{messages[-1]['role']!r}")
+    return r, messages
