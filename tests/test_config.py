@@ -62,7 +62,7 @@ PRESET_VALUES = {
             eval_every=500, eval_batches=8, epoch_val="sample", patience=0, checkpoint_every=500,
             keep_checkpoints=2, device="auto", precision="auto", compile=True, num_threads=0, num_workers=0,
             test_at_end=True, end_on_best=True, tensorboard=False, skip_nonfinite=0, time_budget="10m",
-            grow_to_epochs=0.0, end_stories=3, end_story_tokens=300, parallel="ddp", dist_timeout_s=600),
+            grow_to_epochs=10.0, end_stories=3, end_story_tokens=300, parallel="ddp", dist_timeout_s=600),
     ),
     "tiny": dict(
         name="tiny", seed=42, tokenizer="gpt2",
@@ -102,7 +102,7 @@ PRESET_VALUES["cpu-instruct"] = dict(
     data={**PRESET_VALUES["cpu-10min"]["data"], "format": "sft", "train_frac": 0.98, "val_frac": 0.02},
     train={**PRESET_VALUES["cpu-10min"]["train"], "lr": 0.002, "embed_lr_scale": 1.0, "time_budget": "5m",
            "compile": False, "report_every": 25, "eval_every": 0, "checkpoint_every": 200, "test_at_end": False,
-           "end_stories": 1, "end_story_tokens": 200},
+           "end_stories": 1, "end_story_tokens": 200, "grow_to_epochs": 0.0},
 )
 
 

@@ -62,11 +62,14 @@ def _run_record(run: Path) -> dict:
     """What a recorded run's own files say: the last whole-split validation, the test, the steps
     trained and the month it was prepared."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if r["kind"] == "val" and r.get("full", True)][-1]
+    val = [r for r in records if r["kind"] == "val" and r.get("full", True)][-1]["val_bits_per_byte"]
+    ended = [r for r in records if r["kind"] == "end_on_best"]
+    if ended and ended[-1]["ends_on"] == "best":  # the run ended on its best weights: their whole-split score
+        val = ended[-1]["best_val_bits_per_byte"]
     test = [r for r in records if r["kind"] == "test"][-1]
     steps = [r for r in records if r["kind"] == "train"][-1]["step"]
     created = json.loads((run / "run.json").read_text())["data"]["created"]
-    return {"val": val["val_bits_per_byte"], "test": test["test_bits_per_byte"], "steps": steps,
+    return {"val": val, "test": test["test_bits_per_byte"], "steps": steps,
             "month": created[:7]}
 
 
