@@ -325,3 +325,49 @@ def test_a_last_batch_with_fewer_rows_than_processes_trains_as_in_one_process(tm
     assert_close_runs(tmp_path / "single", tmp_path / "ddp")
     steps = [r["step"] for r in records(tmp_path / "ddp") if r["kind"] == "train"]
     assert steps[-1] == n // 2 + 1
+
+
+SPOILED = '''\
+"""`cairn train` whose weights are spoiled just before the end: it must end on its best ones."""
+import sys
+import torch
+from cairn.cli import main
+from cairn.training.loop import Trainer
+
+real = Trainer.finish
+
+def spoiled(self, stopped):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in self.model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.5)
+    return real(self, stopped)
+
+Trainer.finish = spoiled
+raise SystemExit(main())
+'''
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_distributed_run_ends_on_its_best_weights(tmp_path, stories_file, small_tokenizer, parallel):
+    """Under torchrun the best checkpoint's weights reach every rank (FSDP: into its shards), are
+    validated there and saved as the final checkpoint; the last state stays resumable."""
+    from cairn import checkpoint as ckpt
+
+    script = tmp_path / "spoiled.py"
+    script.write_text(SPOILED)
+    out = tmp_path / "run"
+    r = torchrun("train", "--preset", "tiny", "--data", str(stories_file), "--out", str(out), "--tokenizer",
+                 str(small_tokenizer), "--no-progress", "--d-model", "16", "--n-heads", "2", "--n-layers", "1",
+                 "--d-mlp", "32", "--seq-len", "32", "--batch-size", "2", "--max-steps", "10", "--eval-every", "4",
+                 "--eval-batches", "1", "--epoch-val", "sample", "--checkpoint-every", "0", "--end-stories", "1",
+                 "--end-story-tokens", "8", "--num-threads", "1", "--parallel", parallel, script=script)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "the run ends on step 8's" in r.stdout, r.stdout[-3000:]
+    final = ckpt.resolve(out)
+    assert ckpt.read_checkpoint(final).meta["weights_step"] == 8
+    best = load_file(str(out / "checkpoints" / "tiny_best" / "model.safetensors"))
+    got = load_file(str(final / "model.safetensors"))
+    assert best.keys() == got.keys() and all(torch.equal(best[k], got[k]) for k in best)
+    newest, passed_over = ckpt.newest_resumable(out / "checkpoints")
+    assert newest is not None and newest.name.endswith("_step0000010") and passed_over == []

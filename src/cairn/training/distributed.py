@@ -236,17 +236,16 @@ class Dist:
         return {k: v for k, v in state.items() if k in keep}
 
     def load_full_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-        """Inverse of `full_weights`: whole weights, given on rank 0 (others pass {}), into the
-        model of every rank (under FSDP into each rank's shards)."""
-        if not self.enabled:
+        """Whole weights (as `model.weights()` gives them, on every rank) into the model (under FSDP
+        into each rank's shards)."""
+        if not (self.enabled and self.fsdp):
             model.load_weights(weights)
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        if self.is_main and model.cfg.tie_embeddings:
+        if model.cfg.tie_embeddings:
             weights = {**weights, "lm_head.weight": weights["wte.weight"]}
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True,
-                                                                        broadcast_from_rank0=True))
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
 
     def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """The optimizer state keyed by parameter names, not positions, and whole (gathered on rank

@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-import torch
-
 from .. import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
@@ -38,17 +36,17 @@ def end_on_best(trainer, last: dict, keep_last: Callable[[], object]) -> Optiona
     if step is None:
         return None
     dist, model = trainer.dist, trainer.model
-    current = {k: v.detach().to("cpu", copy=True) for k, v in dist.full_weights(model).items()}
-    best = dist.on_main(lambda: ckpt.read_checkpoint(trainer.checkpointer.dir / f"{trainer.cfg.name}_best"),
-                        share_result=False)
-    dist.load_full_weights(model, best.model_state() if dist.is_main else {})
+    # this rank's own tensors (under FSDP its shards), to put back if the last weights stay
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # every rank reads the best checkpoint, as every rank reads the one a run resumes from
+    best = ckpt.read_checkpoint(trainer.checkpointer.dir / f"{trainer.cfg.name}_best").model_state()
+    dist.load_full_weights(model, best)
     r = trainer.evaluate(trainer.val_ds)
     better = r["loss"] < last["loss"]
-    with torch.no_grad():
-        dist.load_full_weights(model, current)
+    model.load_state_dict(current)
     if better:
-        keep_last()
-        dist.load_full_weights(model, best.model_state() if dist.is_main else {})
+        keep_last()  # the last state, saved before the model takes the best weights for good
+        dist.load_full_weights(model, best)
     trainer.rundir.metrics.write({"kind": "end_on_best", "step": trainer.state.step, "best_step": step,
                                   "last_val_loss": last["loss"], "best_val_loss": r["loss"],
                                   "last_val_bits_per_byte": last["bits_per_byte"],
