@@ -3,7 +3,6 @@ penalty, KV cache; and `TextStream`, the text as it is written, with stop string
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from . import jsonl
 from .errors import CairnError
 from .model import KVCache, Transformer
 from .tokenizer import Tokenizer
@@ -222,27 +222,14 @@ def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: JSON Lines with a "prompt" field (.jsonl), else one prompt per line
     (blank lines skipped)."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CairnError(f"prompt file {str(path)!r} does not exist: check the path") from None
-    except UnicodeDecodeError:
-        raise CairnError(f"prompt file {str(path)!r} is not UTF-8 text: save it as UTF-8") from None
-    except OSError as e:
-        raise CairnError(f"cannot read prompt file {str(path)!r} ({e.strerror or e}): check the path") from None
-    prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix.lower() == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise CairnError(f"{path}:{n}: not valid JSON: give one JSON object per line") from None
+    if path.suffix.lower() == ".jsonl":
+        prompts = []
+        for n, record in jsonl.records(path, "prompt file"):
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise CairnError(f"{path}:{n}: no text field 'prompt': give {{\"prompt\": \"...\"}} on each line")
-            line = record["prompt"]
-        prompts.append(line)
+            prompts.append(record["prompt"])
+    else:
+        prompts = [line for line in jsonl.read_lines(path, "prompt file") if line.strip()]
     if not prompts:
         raise CairnError(f"prompt file {str(path)!r} holds no prompt: put one prompt per line")
     return prompts

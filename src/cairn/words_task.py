@@ -10,12 +10,12 @@ fraction of prompts honoured.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
 from typing import Optional
 
+from . import jsonl
 from .chat_template import ChatTemplate, instruction
 from .errors import CairnError
 from .generate import SamplingConfig, TextStream
@@ -35,21 +35,8 @@ def uses_all(text: str, words: list[str]) -> bool:
 
 
 def read_word_prompts(path: str | Path) -> list[dict]:
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CairnError(f"--data {str(path)!r} does not exist: give the JSONL file of word prompts") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CairnError(f"cannot read --data {str(path)!r} ({e}): give a UTF-8 JSONL file") from None
     out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            raise CairnError(f"{path}:{n}: not valid JSON: give one JSON object per line") from None
+    for n, r in jsonl.records(path, "word prompts file (--data)"):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("words"), list)
                 and r["words"] and all(isinstance(w, str) and WORD.fullmatch(w) for w in r["words"])):
             raise CairnError(f"{path}:{n}: needs a text 'prompt' and a list of 'words' (letters only), e.g. "

@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import jsonl
 from ..chat_template import ChatTemplate, check_messages, encode_conversation
 from ..config import DataConfig
 from ..errors import CairnError
@@ -72,19 +73,7 @@ def read_records(d: DataConfig) -> list[list[dict]]:
     for path in found[1]:
         if not path.name.lower().endswith(".jsonl"):
             raise CairnError(f"data.format sft reads JSON Lines, and {path} is not a .jsonl file: convert it")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise CairnError(f"{path} is not UTF-8 text: save it as UTF-8") from None
-        except OSError as e:
-            raise CairnError(f"cannot read {path} ({e.strerror or e}): check the path") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise CairnError(f"{path}:{n}: not valid JSON: give one JSON object per line") from None
+        for n, record in jsonl.records(path, "instruction data file"):
             conversations.append(record_messages(record, d, f"{path}:{n}"))
     if not conversations:
         raise CairnError(f"{d.source} holds no records: put one JSON object per line")
