@@ -103,6 +103,20 @@ def test_the_experiments_tables_are_the_ones_the_ablation_record_gives():
     assert out.strip() and out in text, "docs/experiments.md: rerun python benchmarks/ablation_tables.py"
 
 
+def test_the_words_task_rows_are_the_ones_its_record_gives():
+    record = json.loads((REPO / "benchmarks" / "instruct-words.json").read_text(encoding="utf-8"))
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "instruct_words.py"), "--json",
+                          str(REPO / "benchmarks" / "instruct-words.json"), "--table", ",".join(record["runs"])],
+                         capture_output=True, text=True, check=True).stdout
+    want = {line for line in out.splitlines() if line.startswith("| `")}
+    text = (REPO / "docs" / "fine-tuning.md").read_text(encoding="utf-8")
+    shown = {line for line in text.splitlines() if line.startswith("| `runs/")}
+    assert len(want) == len(record["runs"]) and shown == want, \
+        "docs/fine-tuning.md: paste the rows python benchmarks/instruct_words.py --table prints"
+    for entry in record["runs"].values():  # each figure from a run evaluated on 100 prompts, with its gain
+        assert entry["prompts"] == 100 and entry["words_asked"] == 300 and entry["prompt_gain_tokens"] > 0
+
+
 def test_nothing_speaks_of_how_the_project_was_made():
     hits = []
     for place in MAKING_PLACES:

@@ -365,6 +365,48 @@ def test_eval_words_reports_the_fraction_of_prompts_honoured(sft_run, tmp_path, 
     assert "'words'" in capsys.readouterr().err
 
 
+def test_word_token_positions_are_the_tokens_that_spell_each_whole_word(small_tokenizer):
+    from cairn.words_task import word_token_positions
+
+    tok = get_tokenizer(str(small_tokenizer))
+    head = tok.encode("User: Use cat.")
+    ids = head + tok.encode(" The cat and the cats saw a Dog, then a dog.")
+    at = word_token_positions(tok, ids, len(head), ["cat", "dog"])
+    runs, last = [], None  # consecutive positions spell one occurrence
+    for j in at:
+        runs[-1:] = [runs[-1] + [j]] if runs and j == last + 1 else runs[-1:] + [[j]]
+        last = j
+    assert [tok.decode([ids[j] for j in run]).strip() for run in runs] == ["cat", "Dog", "dog"]  # not "cats"
+
+
+def test_prompt_gain_is_the_log_probability_the_right_prompt_adds_to_the_asked_words(sft_run):
+    from cairn.chat_template import encode_conversation
+    from cairn.words_task import prompt_gain, word_token_positions
+
+    loaded = load(sft_run, "cpu")
+    template = ChatTemplate.from_config(loaded.config.data)
+    records = [{"prompt": "Use cat and dog.", "words": ["cat", "dog"], "response": "Tom saw a cat. Then a dog came."},
+               {"prompt": "Use hat.", "words": ["hat"], "response": "A hat fell on the boat."}]
+    got = prompt_gain(loaded, records)
+
+    def word_logprob(prompt, record):  # through the model's own loss path (labels), not the function's
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["response"]}]
+        ids, target = encode_conversation(template, loaded.tokenizer, messages)
+        at = word_token_positions(loaded.tokenizer, ids, target.index(True), record["words"])
+        labels = torch.full((len(ids) - 1,), IGNORE_INDEX)
+        labels[[j - 1 for j in at]] = torch.tensor([ids[j] for j in at])
+        with torch.no_grad():
+            loss_sum, n = loaded.model(torch.tensor([ids[:-1]]), labels=labels[None])
+        return -loss_sum.item(), int(n)
+
+    right = [word_logprob(r["prompt"], r) for r in records]
+    wrong = [word_logprob(records[1 - i]["prompt"], r) for i, r in enumerate(records)]
+    n = sum(k for _, k in right)
+    assert got["word_tokens"] == n == sum(k for _, k in wrong) >= 3
+    assert got["logprob_right"] == pytest.approx(sum(v for v, _ in right) / n, abs=1e-4)
+    assert got["gain"] == pytest.approx((sum(v for v, _ in right) - sum(v for v, _ in wrong)) / n, abs=1e-4)
+
+
 def test_eval_and_generate_read_an_instruction_tuned_run_through_its_template(sft_run, sft_file, capsys):
     assert main(["eval", str(sft_run), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

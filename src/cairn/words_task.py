@@ -75,3 +75,70 @@ def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", s
             "sampling": {"temperature": temperature, "top_k": top_k,
                                                           "max_new_tokens": max_new_tokens, "seeds": f"{seed}.."},
             "seconds": round(time.perf_counter() - started, 1), "samples": samples}
+
+
+def word_token_positions(tokenizer, ids: list[int], start: int, words: list[str]) -> list[int]:
+    """Indices into `ids` (from `start` on) of the tokens that spell an occurrence of one of `words`
+    (whole word, case-insensitive): every token overlapping the word's bytes."""
+    ends, n = [], 0
+    for t in ids[start:]:
+        n += len(tokenizer.decode_bytes([t]))
+        ends.append(n)
+    text = tokenizer.decode_bytes(ids[start:]).decode("utf-8", errors="replace").encode("utf-8")
+    out: set[int] = set()
+    for w in words:
+        for m in re.finditer(rb"(?<![A-Za-z])" + re.escape(w.encode()) + rb"(?![A-Za-z])", text, re.I):
+            begin = 0
+            for k, end in enumerate(ends):
+                if end > m.start() and begin < m.end():
+                    out.add(start + k)
+                begin = end
+    return sorted(out)
+
+
+def prompt_gain(loaded, records: list[dict], limit: int = 0) -> dict:
+    """How much the model's prompt tells it about the asked words, teacher-forced on held-out stories.
+
+    For each record (`prompt`, `words` and its story, `response`) the story is scored twice through
+    the run's template: after its own prompt and after the next record's prompt (other words). The
+    gain is the mean log-probability, in nats per token, that the right prompt adds to the tokens
+    spelling the asked words in the story. A model that copies the asked words scores well above 0;
+    sampling honours a prompt only when this is large, so it measures progress that the all-three
+    rate cannot show while it is still 0."""
+    import torch
+
+    from .chat_template import encode_conversation
+
+    template = ChatTemplate.from_config(loaded.config.data)
+    recs = [r for r in records if isinstance(r.get("response"), str)][:limit or None]
+    if len(recs) < 2:
+        raise CairnError("prompt gain needs at least 2 records with the story ('response') they were made from")
+    ctx = loaded.model.cfg.context_len
+    right = wrong = 0.0
+    tokens = 0
+    for i, r in enumerate(recs):
+        runs = []
+        for prompt in (r["prompt"], recs[(i + 1) % len(recs)]["prompt"]):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["response"]}]
+            ids, target = encode_conversation(template, loaded.tokenizer, messages)
+            runs.append((ids, target.index(True)))
+        # the story's tokens are the same after either prompt: score the part that fits after both
+        story_len = min(min(len(ids), ctx + 1) - first for ids, first in runs)
+        if story_len <= 0:
+            continue
+        ids, first = runs[0]
+        at = [j - first for j in word_token_positions(loaded.tokenizer, ids[:first + story_len], first, r["words"])]
+        if not at:
+            continue
+        for k, (ids, first) in enumerate(runs):
+            ids = ids[:first + story_len]
+            with torch.no_grad():
+                logp = loaded.model(torch.tensor([ids[:-1]], device=loaded.device))[0].float().log_softmax(-1)
+            rows = torch.tensor([first + j - 1 for j in at], dtype=torch.long, device=loaded.device)
+            got = logp[rows, torch.tensor([ids[first + j] for j in at], device=loaded.device)].sum().item()
+            right, wrong = (right + got, wrong) if k == 0 else (right, wrong + got)
+        tokens += len(at)
+    if not tokens:
+        raise CairnError("none of the records' stories contains its words: give the records their stories")
+    return {"records": len(recs), "word_tokens": tokens, "logprob_right": right / tokens,
+            "logprob_wrong": wrong / tokens, "gain": (right - wrong) / tokens}
