@@ -4,10 +4,10 @@ One story per prompt of --eval (made by benchmarks/words_data.py from stories no
 sampled with the same seeds for every run (prompt i: seed i, temperature 0.8, top-k 50, at most
 300 tokens, through the run's chat template). A story honours its prompt when it contains all three
 words, as whole words, case-insensitively (cairn.words_task). `prompt_gain` is the log-probability
-(nats per token) that a prompt adds to the tokens of its words in the held-out story it was made from,
-against another prompt (cairn.words_task.prompt_gain): how far a run has learned to take the words
-from its prompt, while the rate is still 0. Runs given again replace their
-entry in --json, so the runs can be scored one at a time.
+(nats per token) that a prompt adds to the tokens of its words in the held-out story it was made
+from, against another prompt (cairn.words_task.prompt_gain; --eval holds the stories, as
+words_data.py writes them): how far a run has learned to take the words from its prompt, while the
+rate is still 0. Runs given again replace their entry in --json, so the runs can be scored one at a time.
 
     python benchmarks/instruct_words.py --eval runs/words-eval.jsonl --json benchmarks/instruct-words.json \
         --run base=runs/base --what "base=the base run" --run full=runs/inst --run lora=runs/inst-lora
@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cairn import jsonl
-from cairn.loading import load
-from cairn.words_task import evaluate_words, prompt_gain, words_found
+from cairn.words_task import evaluate_words, words_found
 
 
 def run_facts(run: Path) -> dict:
@@ -94,20 +92,18 @@ def main(argv=None) -> int:
     old_samples = ([json.loads(line) for line in samples_path.read_text().splitlines()]
                    if samples_path.is_file() else [])
     names = {spec.split("=", 1)[0] for spec in a.run}
-    records = [r for _, r in jsonl.records(a.eval, "--eval")]
     kept = [s for s in old_samples if s["run"] not in names]
     for spec in a.run:
         name, path = spec.split("=", 1)
         started = time.perf_counter()
         load_avg = os.getloadavg()[0]
         r = evaluate_words(path, a.eval, device="cpu", seed=0)
-        gain = prompt_gain(load(path, "cpu", merge=True), records)
         print(f"{name}: {r['honoured']}/{r['prompts']} honoured ({100 * r['rate']:.1f}%), prompt gain "
-              f"{gain['gain']:.3f} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+              f"{r['prompt_gain']:.3f} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
         table["runs"][name] = {"run": path, "what": what.get(name, table["runs"].get(name, {}).get("what", "")),
                                "checkpoint": r["checkpoint"], "eval_data": a.eval, "prompts": r["prompts"],
                                "honoured": r["honoured"], "rate": r["rate"], "sampling": r["sampling"],
-                               "prompt_gain": round(gain["gain"], 4), "prompt_gain_tokens": gain["word_tokens"],
+                               "prompt_gain": r["prompt_gain"], "prompt_gain_tokens": r["prompt_gain_tokens"],
                                **run_facts(Path(path)),
                                "measured": f"{time.strftime('%Y-%m-%d')}, {cpu_name()} ({os.cpu_count()} cores), "
                                            f"torch {torch.__version__}, {a.threads} thread(s), load average "

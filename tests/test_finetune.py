@@ -360,6 +360,12 @@ def test_eval_words_reports_the_fraction_of_prompts_honoured(sft_run, tmp_path, 
     assert r["prompts"] == 3 and [s["seed"] for s in r["samples"]] == [0, 1, 2]
     assert r["honoured"] == sum(uses_all(s["story"], s["words"]) for s in r["samples"])
     assert r["rate"] == r["honoured"] / 3 and r["word_rate"] == sum(s["words_found"] for s in r["samples"]) / 4
+    assert r["prompt_gain"] is None  # no stories given
+    stories = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "Use cat and dog.", "words": ["cat", "dog"],
+                                                  "response": "A cat and a dog."},
+                                                 {"prompt": "Use hat.", "words": ["hat"], "response": "A red hat."}])
+    assert main(["eval", str(sft_run), "--task", "words", "--data", str(stories), "--device", "cpu"]) == 0
+    assert "prompt gain" in capsys.readouterr().out
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Use cat."}])
     assert main(["eval", str(sft_run), "--task", "words", "--data", str(bad)]) == 2
     assert "'words'" in capsys.readouterr().err

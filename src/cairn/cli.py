@@ -403,7 +403,9 @@ def _eval_words(args) -> int:
         print(json.dumps(r))
     else:
         print(f"{r['checkpoint']}: {r['honoured']} of {r['prompts']} stories use all their words "
-              f"({100 * r['rate']:.1f}%)")
+              f"({100 * r['rate']:.1f}%); {100 * r['word_rate']:.1f}% of the single words"
+              + ("" if r["prompt_gain"] is None else
+                 f"; prompt gain {r['prompt_gain']:.2f} nats per word token (teacher-forced on the stories)"))
     return 0
 
 

@@ -1,7 +1,8 @@
 """`cairn eval RUN --task words --data F`: does the model write stories that use the words asked for?
 
 F holds JSONL records with a `prompt` ("Write a story that uses the words: w1, w2, w3.") and its
-`words`. Each prompt is put through the run's chat template (the one it was tuned with; a base run
+`words` (and, optionally, the held-out story they were taken from as `response`: then the prompt
+gain below is reported too). Each prompt is put through the run's chat template (the one it was tuned with; a base run
 gets the default template, the same text) and one story is sampled per prompt with a fixed seed
 (the record's position + --seed). A story honours its prompt when every word occurs in it as a
 whole word, case-insensitively ("cat" is not found in "cats" or "scatter"). The figure is the
@@ -42,7 +43,8 @@ def read_word_prompts(path: str | Path) -> list[dict]:
             raise CairnError(f"{path}:{n}: needs a text 'prompt' and a list of 'words' (letters only), e.g. "
                              "{\"prompt\": \"Write a story that uses the words: cat, hat, sun.\", "
                              "\"words\": [\"cat\", \"hat\", \"sun\"]}")
-        out.append({"prompt": r["prompt"], "words": r["words"]})
+        out.append({"prompt": r["prompt"], "words": r["words"],
+                    **({"response": r["response"]} if isinstance(r.get("response"), str) else {})})
     if not out:
         raise CairnError(f"--data {str(path)!r} holds no prompt")
     return out
@@ -70,10 +72,13 @@ def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", s
         if on_sample is not None:
             on_sample(sample)
     asked = sum(len(p["words"]) for p in prompts)
+    # records made from held-out stories (benchmarks/words_data.py keeps them) also give the prompt gain
+    gain = prompt_gain(loaded, prompts) if len(prompts) > 1 and all("response" in p for p in prompts) else None
     return {"checkpoint": str(loaded.path), "prompts": len(prompts), "honoured": honoured,
             "rate": honoured / len(prompts), "word_rate": sum(x["words_found"] for x in samples) / asked,
             "sampling": {"temperature": temperature, "top_k": top_k,
                                                           "max_new_tokens": max_new_tokens, "seeds": f"{seed}.."},
+            "prompt_gain": gain and round(gain["gain"], 4), "prompt_gain_tokens": gain and gain["word_tokens"],
             "seconds": round(time.perf_counter() - started, 1), "samples": samples}
 
 
