@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from cairn.host import cpu_description
 from cairn.words_task import evaluate_words, words_found
 
 
@@ -44,16 +44,6 @@ def run_facts(run: Path) -> dict:
             "parameters": info.get("parameters"), "format": "sft" if 'format = "sft"' in cfg_text else "text",
             "lora_rank": next((int(line.split("=")[1]) for line in cfg_text.splitlines()
                                if line.startswith("lora_rank")), 0)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(table: dict, names: list[str]) -> str:
@@ -105,7 +95,7 @@ def main(argv=None) -> int:
                                "honoured": r["honoured"], "rate": r["rate"], "sampling": r["sampling"],
                                "prompt_gain": r["prompt_gain"], "prompt_gain_tokens": r["prompt_gain_tokens"],
                                **run_facts(Path(path)),
-                               "measured": f"{time.strftime('%Y-%m-%d')}, {cpu_name()} ({os.cpu_count()} cores), "
+                               "measured": f"{time.strftime('%Y-%m-%d')}, {cpu_description()}, "
                                            f"torch {torch.__version__}, {a.threads} thread(s), load average "
                                            f"{load_avg:.1f} at the start"}
         kept += [{"run": name, **s} for s in r["samples"]]

@@ -32,7 +32,8 @@ from cairn.bench import make_step
 from cairn.config import ModelConfig, TrainConfig
 from cairn.host import usable_cores
 from cairn.model import Transformer
-from cairn.precision import NATIVE_BF16_FLAGS, cpu_info
+from cairn.host import cpu_info
+from cairn.precision import NATIVE_BF16_FLAGS
 from cairn.runtime import autocast, keep_freed_memory, set_threads
 from cairn.training.optim import make_optimizer
 

@@ -81,7 +81,8 @@ def main() -> int:
 
 
 def _cpu() -> tuple[str, list[str]]:
-    from cairn.precision import NATIVE_BF16_FLAGS, cpu_info
+    from cairn.host import cpu_info
+    from cairn.precision import NATIVE_BF16_FLAGS
 
     model, flags = cpu_info()
     return model, sorted(f for f in flags if f in NATIVE_BF16_FLAGS or f.startswith("avx512"))

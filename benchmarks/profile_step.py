@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 from cairn.bench import make_step, resolve_shape
 from cairn.config import TrainConfig
 from cairn.model import Transformer
-from cairn.precision import cpu_info
+from cairn.host import cpu_info
 from cairn.runtime import autocast, set_threads
 from cairn.training.optim import make_optimizer
 

@@ -39,6 +39,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # cairn from this checkout, as the servers it starts
+from cairn.host import cpu_info  # noqa: E402
 SAMPLE = Path(os.environ.get("CAIRN_TINYSTORIES", REPO.parent / "shared" / "data" / "tinystories"))
 LEVELS = (1, 4, 16)
 MAX_CONCURRENCY = 16
@@ -60,16 +61,6 @@ def train_model(out: Path) -> Path:
     if proc.returncode:
         sys.exit(f"training the model to serve failed:\n{err}")
     return run
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def free_port() -> int:
@@ -213,7 +204,7 @@ def main() -> None:
                           f"{a.requests} completions of {a.max_tokens} tokens one after the other",
                   "command": "python benchmarks/serve.py",
                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "host": {"cpu": cpu_model(), "usable_cores": len(os.sched_getaffinity(0)),
+                  "host": {"cpu": cpu_info()[0], "usable_cores": len(os.sched_getaffinity(0)),
                            "torch": torch.__version__, "python": platform.python_version()},
                   "model": model,
                   "settings": {"requests_per_client": a.requests, "max_tokens": a.max_tokens, "temperature": 0.8,

@@ -26,8 +26,9 @@ import numpy as np
 import cairn.data.sft as sft
 from cairn.cli import main as cairn_main
 from cairn.words_task import word_token_positions
+from words_data import PROMPT
 
-ASKED = re.compile(r"uses the words: (.*)\.")
+ASKED = re.compile(re.escape(PROMPT).replace(re.escape("{}"), "(.*)"))  # the words of a words_data prompt
 
 
 def focus(keep: float, seed: int):
@@ -39,7 +40,7 @@ def focus(keep: float, seed: int):
         e = tokenize(conversation, template, tokenizer, seq_len, where)
         asked = ASKED.search(conversation[0]["content"])
         if asked is None:
-            raise SystemExit(f"{where}: the prompt does not ask for words ('... uses the words: a, b, c.')")
+            raise SystemExit(f"{where}: the prompt is not {PROMPT!r} with the words: make the data with words_data.py")
         words = [w.strip() for w in asked.group(1).split(",")]
         ids = e.ids.tolist()
         first = int(np.argmax(e.target))
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("cairn_args", nargs=argparse.REMAINDER, help="-- then a `cairn train` command line")
     a = p.parse_args(argv)
     args = a.cairn_args[1:] if a.cairn_args[:1] == ["--"] else a.cairn_args
-    if not args or args[0] != "train" or "--format" in args and "sft" not in args:
+    if not args or args[0] != "train":
         p.error("give a `cairn train ...` command line after --")
     sft.tokenize = focus(a.keep, a.seed)
     return cairn_main(args)

@@ -378,10 +378,12 @@ def test_word_token_positions_are_the_tokens_that_spell_each_whole_word(small_to
     head = tok.encode("User: Use cat.")
     ids = head + tok.encode(" The cat and the cats saw a Dog, then a dog.")
     at = word_token_positions(tok, ids, len(head), ["cat", "dog"])
-    runs, last = [], None  # consecutive positions spell one occurrence
+    runs = []  # consecutive positions spell one occurrence
     for j in at:
-        runs[-1:] = [runs[-1] + [j]] if runs and j == last + 1 else runs[-1:] + [[j]]
-        last = j
+        if runs and j == runs[-1][-1] + 1:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
     assert [tok.decode([ids[j] for j in run]).strip() for run in runs] == ["cat", "Dog", "dog"]  # not "cats"
 
 

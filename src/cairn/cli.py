@@ -41,6 +41,10 @@ def _add_config_options(p) -> None:
                        help=argparse.SUPPRESS)
 
 
+def _add_device(p) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
 def _add_train(sub) -> None:
     from .config import describe_options
     from .presets import PRESETS
@@ -79,7 +83,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="split of the run's data (default test; train shows how far it overfits)")
     p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: the run's)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, bits_per_byte, tokens")
     p.add_argument("--task", choices=("loss", "words"), default="loss",
                    help="loss: held-out loss (default); words: one story per prompt of --data (JSONL with "
@@ -116,7 +120,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-template", action="store_true",
                    help="an instruction-tuned run: continue the prompt as plain text instead of answering it as an "
                         "instruction through the run's chat template")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    _add_device(p)
 
 
 def _add_chat(sub) -> None:
@@ -130,7 +134,7 @@ def _add_chat(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the first answer, +1 for each next (default 1234)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    _add_device(p)
 
 
 def _add_serve(sub) -> None:
@@ -154,7 +158,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=2048, metavar="N",
                    help="most tokens one completion may ask for (default 2048)")
     p.add_argument("--model-name", help="the model's id in the API (default: the directory's name)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    _add_device(p)
 
 
 def _add_plot(sub) -> None:

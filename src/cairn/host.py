@@ -16,22 +16,31 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """(model name, feature flags) from /proc/cpuinfo; the platform's name and no flags where it
+    cannot be read."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    if not model:
+        import platform
+        model = platform.processor() or platform.machine()
+    return model, flags
+
+
 def cpu_description() -> str:
     """The CPU as a benchmark record names it: model, usable cores and the vector instructions
     that decide float32 and bfloat16 speed, e.g. "AMD EPYC, 2 cores, avx2 avx512f avx512_bf16"."""
-    model, flags = "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:  # not Linux: the platform's own name
-        import platform
-        model = platform.processor() or platform.machine()
+    model, flags = cpu_info()
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     text = f"{model or 'unknown CPU'}, {usable_cores()} cores"
     return f"{text}, {' '.join(wanted)}" if wanted else text

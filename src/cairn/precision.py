@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from . import files
 from .errors import CairnError
+from .host import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +61,6 @@ class Choice:
 
 
 # ---------------------------------------------------------------- what the CPU is
-
-def cpu_info() -> tuple[str, set[str]]:
-    """(model name, feature flags) from /proc/cpuinfo; ("", empty) where it cannot be read."""
-    model, flags = "", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    return model or platform.processor() or platform.machine(), flags
-
 
 def native_bf16(flags: Optional[set[str]] = None) -> bool:
     """Does this CPU compute bf16 dot products in hardware? From its flags where the OS lists

@@ -11,6 +11,8 @@ fraction of prompts honoured.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import time
 from pathlib import Path
@@ -85,19 +87,15 @@ def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", s
 def word_token_positions(tokenizer, ids: list[int], start: int, words: list[str]) -> list[int]:
     """Indices into `ids` (from `start` on) of the tokens that spell an occurrence of one of `words`
     (whole word, case-insensitive): every token overlapping the word's bytes."""
-    ends, n = [], 0
-    for t in ids[start:]:
-        n += len(tokenizer.decode_bytes([t]))
-        ends.append(n)
-    text = tokenizer.decode_bytes(ids[start:]).decode("utf-8", errors="replace").encode("utf-8")
+    pieces = [tokenizer.decode_bytes([t]) for t in ids[start:]]
+    ends = list(itertools.accumulate(len(p) for p in pieces))  # byte offset where each token ends
+    text = b"".join(pieces)
     out: set[int] = set()
     for w in words:
         for m in re.finditer(rb"(?<![A-Za-z])" + re.escape(w.encode()) + rb"(?![A-Za-z])", text, re.I):
-            begin = 0
-            for k, end in enumerate(ends):
-                if end > m.start() and begin < m.end():
-                    out.add(start + k)
-                begin = end
+            first = bisect.bisect_right(ends, m.start())  # the token holding the word's first byte
+            last = bisect.bisect_left(ends, m.end())  # the token holding its last byte
+            out.update(range(start + first, start + last + 1))
     return sorted(out)
 
 
@@ -119,7 +117,7 @@ def prompt_gain(loaded, records: list[dict], limit: int = 0) -> dict:
     if len(recs) < 2:
         raise CairnError("prompt gain needs at least 2 records with the story ('response') they were made from")
     ctx = loaded.model.cfg.context_len
-    right = wrong = 0.0
+    totals = [0.0, 0.0]  # summed log-probability after the right prompt, after the other one
     tokens = 0
     for i, r in enumerate(recs):
         runs = []
@@ -141,9 +139,10 @@ def prompt_gain(loaded, records: list[dict], limit: int = 0) -> dict:
                 logp = loaded.model(torch.tensor([ids[:-1]], device=loaded.device))[0].float().log_softmax(-1)
             rows = torch.tensor([first + j - 1 for j in at], dtype=torch.long, device=loaded.device)
             got = logp[rows, torch.tensor([ids[first + j] for j in at], device=loaded.device)].sum().item()
-            right, wrong = (right + got, wrong) if k == 0 else (right, wrong + got)
+            totals[k] += got
         tokens += len(at)
     if not tokens:
         raise CairnError("none of the records' stories contains its words: give the records their stories")
+    right, wrong = totals
     return {"records": len(recs), "word_tokens": tokens, "logprob_right": right / tokens,
             "logprob_wrong": wrong / tokens, "gain": (right - wrong) / tokens}
