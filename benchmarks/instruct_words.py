@@ -3,9 +3,9 @@
 One story per prompt of --eval (made by benchmarks/words_data.py from stories no run trained on),
 sampled with the same seeds for every run (prompt i: seed i, temperature 0.8, top-k 50, at most
 300 tokens, through the run's chat template). A story honours its prompt when it contains all three
-words, as whole words, case-insensitively (cairn.words_task). `prompt_gain` is the log-probability
+words, as whole words, case-insensitively (cairn.tasks.words). `prompt_gain` is the log-probability
 (nats per token) that a prompt adds to the tokens of its words in the held-out story it was made
-from, against another prompt (cairn.words_task.prompt_gain; --eval holds the stories, as
+from, against another prompt (cairn.tasks.words.prompt_gain; --eval holds the stories, as
 words_data.py writes them): how far a run has learned to take the words from its prompt, while the
 rate is still 0. Runs given again replace their entry in --json, so the runs can be scored one at a time.
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from cairn.host import cpu_description
-from cairn.words_task import evaluate_words, words_found
+from cairn.util.host import cpu_description
+from cairn.tasks.words import evaluate_words, words_found
 
 
 def run_facts(run: Path) -> dict:

@@ -28,13 +28,13 @@ from pathlib import Path
 
 import torch
 
-from cairn.bench import make_step
-from cairn.config import ModelConfig, TrainConfig
-from cairn.host import usable_cores
-from cairn.model import Transformer
-from cairn.host import cpu_info
-from cairn.precision import NATIVE_BF16_FLAGS
-from cairn.runtime import autocast, keep_freed_memory, set_threads
+from cairn.bench.speed import make_step
+from cairn.config.sections import ModelConfig, TrainConfig
+from cairn.util.host import usable_cores
+from cairn.model.transformer import Transformer
+from cairn.util.host import cpu_info
+from cairn.runtime.precision import NATIVE_BF16_FLAGS
+from cairn.runtime.device import autocast, keep_freed_memory, set_threads
 from cairn.training.optim import make_optimizer
 
 D, LAYERS, HEADS, VOCAB, SEQ, BATCH = 256, 4, 8, 50257, 256, 8

@@ -81,15 +81,15 @@ def main() -> int:
 
 
 def _cpu() -> tuple[str, list[str]]:
-    from cairn.host import cpu_info
-    from cairn.precision import NATIVE_BF16_FLAGS
+    from cairn.util.host import cpu_info
+    from cairn.runtime.precision import NATIVE_BF16_FLAGS
 
     model, flags = cpu_info()
     return model, sorted(f for f in flags if f in NATIVE_BF16_FLAGS or f.startswith("avx512"))
 
 
 def _cores() -> int:
-    from cairn.host import usable_cores
+    from cairn.util.host import usable_cores
 
     return usable_cores()
 

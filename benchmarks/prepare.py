@@ -44,7 +44,7 @@ def build_file(sample: Path, out: Path, mb: int) -> tuple[int, int]:
 def tiktoken_one_core(sample: Path) -> float:
     """MB/s of GPT-2 encoding alone, one story at a time on one core (no parsing, no writing)."""
     from cairn.data import load_texts
-    from cairn.tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
 
     tok = get_tokenizer("gpt2")
     texts = load_texts(str(sample))

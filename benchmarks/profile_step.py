@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cairn.bench import make_step, resolve_shape
-from cairn.config import TrainConfig
-from cairn.model import Transformer
-from cairn.host import cpu_info
-from cairn.runtime import autocast, set_threads
+from cairn.bench.speed import make_step, resolve_shape
+from cairn.config.sections import TrainConfig
+from cairn.model.transformer import Transformer
+from cairn.util.host import cpu_info
+from cairn.runtime.device import autocast, set_threads
 from cairn.training.optim import make_optimizer
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::_weight_int8pack_mm", "mkldnn")

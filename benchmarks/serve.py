@@ -39,7 +39,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # cairn from this checkout, as the servers it starts
-from cairn.host import cpu_info  # noqa: E402
+from cairn.util.host import cpu_info  # noqa: E402
 SAMPLE = Path(os.environ.get("CAIRN_TINYSTORIES", REPO.parent / "shared" / "data" / "tinystories"))
 LEVELS = (1, 4, 16)
 MAX_CONCURRENCY = 16
@@ -193,7 +193,7 @@ def main() -> None:
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(a.run) if a.run else train_model(Path(tmp))
-        from cairn.loading import load as load_run
+        from cairn.checkpoint.load import load as load_run
 
         loaded = load_run(run, "cpu")
         model = {"config": loaded.config.name, "trained_steps": loaded.meta.get("state", {}).get("step"),

@@ -8,7 +8,7 @@ The tutorial's block (sinusoidal positions, LayerNorm, GELU, biases) at d128 / 2
 every variant; only one thing differs from cairn:
 
 - "pos amplitude 1": the sinusoidal table added at unit amplitude, as the tutorial adds it,
-  instead of scaled to the token embeddings' initial size (cairn.model.POS_SCALE);
+  instead of scaled to the token embeddings' initial size (cairn.model.transformer.POS_SCALE);
 - "pytorch default init": each layer's own reset_parameters (nn.Embedding N(0, 1), nn.Linear
   Kaiming-uniform), as the tutorial's model starts, instead of GPT-2's N(0, 0.02);
 - "decay on every parameter": AdamW's weight decay on biases, norms and embeddings too, as the
@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import cairn  # noqa: E402
-import cairn.model  # noqa: E402
+import cairn.model.transformer  # noqa: E402
 import cairn.training.optim as optim  # noqa: E402
-from cairn.config import apply_overrides  # noqa: E402
-from cairn.host import cpu_description  # noqa: E402
+from cairn.config.sections import apply_overrides  # noqa: E402
+from cairn.util.host import cpu_description  # noqa: E402
 
 STEPS = 80
 SETTINGS = {"tokenizer": "bpe:2048", "d_model": 128, "n_layers": 2, "n_heads": 4, "d_mlp": 512, "context_len": 256,
@@ -52,28 +52,28 @@ SETTINGS = {"tokenizer": "bpe:2048", "d_model": 128, "n_layers": 2, "n_heads": 4
 
 @contextlib.contextmanager
 def unit_positions():
-    saved = cairn.model.POS_SCALE
-    cairn.model.POS_SCALE = 1.0
+    saved = cairn.model.transformer.POS_SCALE
+    cairn.model.transformer.POS_SCALE = 1.0
     try:
         yield
     finally:
-        cairn.model.POS_SCALE = saved
+        cairn.model.transformer.POS_SCALE = saved
 
 
 @contextlib.contextmanager
 def default_init():
-    saved = cairn.model.Transformer.reset_parameters
+    saved = cairn.model.transformer.Transformer.reset_parameters
 
     def reset(self):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
 
-    cairn.model.Transformer.reset_parameters = reset
+    cairn.model.transformer.Transformer.reset_parameters = reset
     try:
         yield
     finally:
-        cairn.model.Transformer.reset_parameters = saved
+        cairn.model.transformer.Transformer.reset_parameters = saved
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cairn.data import clean_texts, load_texts, split_assignment
-from cairn.presets import preset
+from cairn.config.presets import preset
 
 WORD = re.compile(r"[A-Za-z]+")
 PROMPT = "Write a story that uses the words: {}."

@@ -4,7 +4,7 @@
 three asked words are 3-6 of them, so nearly all of the gradient teaches the model to tell stories
 and very little teaches it to take the words from the prompt. This script runs the same `cairn
 train` command with one change to the training targets: an answer token stays a target when it
-spells one of the record's words (cairn.words_task.word_token_positions), or with probability
+spells one of the record's words (cairn.tasks.words.word_token_positions), or with probability
 --keep otherwise (the <|endoftext|> that ends the answer always stays). --keep 1 is plain SFT;
 --keep 0 trains only the copying of the words. It measures how much of the words task a model of
 this size can learn in the budget when the gradient goes to the words; it is an experiment, not a
@@ -24,8 +24,8 @@ import sys
 import numpy as np
 
 import cairn.data.sft as sft
-from cairn.cli import main as cairn_main
-from cairn.words_task import word_token_positions
+from cairn.cli.commands import main as cairn_main
+from cairn.tasks.words import word_token_positions
 from words_data import PROMPT
 
 ASKED = re.compile(re.escape(PROMPT).replace(re.escape("{}"), "(.*)"))  # the words of a words_data prompt

@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests benchmarks
-workers=${CAIRN_TEST_WORKERS:-$(python -c "from cairn.host import usable_cores; print(min(4, usable_cores()))")}
+workers=${CAIRN_TEST_WORKERS:-$(python -c "from cairn.util.host import usable_cores; print(min(4, usable_cores()))")}
 python -m pytest -q --durations=15 -n "$workers" --dist loadfile "$@"

@@ -77,7 +77,7 @@ def small_tokenizer(tmp_path_factory) -> Path:
     once per test run on generated stories and, when present, the TinyStories sample's first file.
     Pass it as `--tokenizer DIR` or `cfg.tokenizer = str(DIR)`; the trainer sets the vocab_size."""
     from cairn.data import load_texts
-    from cairn.tokenizer_train import train_bpe
+    from cairn.tokenizer.learn import train_bpe
 
     texts = make_stories(300)
     if have_tinystories():

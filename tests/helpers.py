@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cairn.config import RunConfig, apply_overrides
-from cairn.presets import preset
+from cairn.config.sections import RunConfig, apply_overrides
+from cairn.config.presets import preset
 
 
 def config(source: Path, **overrides) -> RunConfig:
@@ -34,7 +34,7 @@ def steps_per_epoch(cfg: RunConfig, world: int = 1) -> int:
     them (the batches of the training split's windows or rows, the last and shorter one included,
     divided by the accumulation and rounded up)."""
     from cairn.data import PackedDataset, PaddedDataset, num_batches, prepare_data
-    from cairn.tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
 
     data = prepare_data(cfg.data, cfg.seed, get_tokenizer(cfg.tokenizer))
     d, t = cfg.data, cfg.train

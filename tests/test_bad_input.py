@@ -5,7 +5,7 @@ the case's whole temporary folder (its inputs, and any run directory or checkpoi
 byte-identical afterwards, no `.tmp-` folder is left in the token cache, the module's good run is
 untouched, and a pickle payload planted in a checkpoint never runs.
 
-Most cases call `cairn.cli.main([...])` in-process (a subprocess costs ~3 s of imports); the cases
+Most cases call `cairn.cli.commands.main([...])` in-process (a subprocess costs ~3 s of imports); the cases
 marked `sub=True` run `python -m cairn` for real. A few cases call the library directly.
 """
 
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import pytest
 
 from cairn.cli import main
-from cairn.errors import CairnError
+from cairn.util.errors import CairnError
 
 # "what to do": every message names an action (or, for a plain constraint, what the value must be)
 HINT = re.compile(r"\b(use|pass|give|set|check|choose|add|lower|raise|drop|resume|start|convert|put|fix|save|"
@@ -509,7 +509,7 @@ def test_bad_input_fails_with_one_clean_line(case: Case, world: World, tmp_path,
             rc = main(argv)
         except BaseException as e:  # noqa: BLE001 - main must turn every bad input into a return code
             out, err = capsys.readouterr()
-            raise AssertionError(f"cairn.cli.main raised {type(e).__name__}: {e}\nstderr: {err}") from e
+            raise AssertionError(f"cairn.cli.commands.main raised {type(e).__name__}: {e}\nstderr: {err}") from e
         out, err = capsys.readouterr()
     elapsed = time.monotonic() - start
 
@@ -550,7 +550,7 @@ def test_the_planted_payload_is_live(tmp_path, via):
 
 def _lib_train_zero_batch(c: Ctx):
     import cairn
-    from cairn.config import apply_overrides
+    from cairn.config.sections import apply_overrides
 
     cfg = apply_overrides(cairn.preset("tiny"), {"batch_size": 0, "source": str(c.w.data)})
     return lambda: cairn.train(cfg, c.out)
@@ -558,7 +558,7 @@ def _lib_train_zero_batch(c: Ctx):
 
 def _lib_generate_top_p_zero(c: Ctx):
     import cairn
-    from cairn.generate import SamplingConfig, generate_text
+    from cairn.inference.generate import SamplingConfig, generate_text
 
     loaded = cairn.load(c.w.final, "cpu")
     return lambda: generate_text(loaded.model, loaded.tokenizer, "Once upon a time", SamplingConfig(top_p=0.0))
@@ -579,7 +579,7 @@ def _lib_load_texts_bad_utf8(c: Ctx):
 
 
 def _lib_load_toml_unknown_section(c: Ctx):
-    from cairn.config import load_toml
+    from cairn.config.sections import load_toml
 
     f = c.file("c.toml", "[optimizer]\nlr = 1\n")
     return lambda: load_toml(f)
@@ -592,7 +592,7 @@ def _lib_preset_unknown(c: Ctx):
 
 
 def _lib_validate_seed(c: Ctx):
-    from cairn.config import RunConfig, validate
+    from cairn.config.sections import RunConfig, validate
 
     cfg = RunConfig()
     cfg.seed = -3

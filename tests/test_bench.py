@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from cairn.bench import main
+from cairn.bench.speed import main
 
 
 def test_bench_times_every_variant_and_checks_cached_decoding(tmp_path, capsys):
@@ -40,7 +40,7 @@ def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
 
 
 def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tmp_path, monkeypatch):
-    from cairn import precision
+    from cairn.runtime import precision
 
     monkeypatch.setenv("CAIRN_CACHE", str(tmp_path))
     monkeypatch.setattr(precision, "time_matmuls", lambda shapes, dtype: 400e9 if dtype == torch.bfloat16 else 160e9)

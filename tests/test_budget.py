@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import load_file
 
 from cairn.cli import main
-from cairn.config import parse_duration
-from cairn.errors import CairnError
+from cairn.config.sections import parse_duration
+from cairn.util.errors import CairnError
 from cairn.training import train
 from helpers import assert_same_weights, config
 
@@ -93,7 +93,7 @@ def test_a_budgeted_cli_run_ends_within_its_budget(tmp_path, stories_file, small
 
 def test_bpe_tokenizer_is_learned_on_the_training_split_cached_and_kept_with_the_run(logs, tmp_path, stories_file):
     from cairn.data import load_texts, split_stories
-    from cairn.loading import load
+    from cairn.checkpoint.load import load
 
     cfg = config(stories_file, max_steps=4, end_stories=2, end_story_tokens=8)
     cfg.tokenizer = "bpe:300"
@@ -211,7 +211,7 @@ def test_the_budget_clock_starts_with_the_process_not_after_the_imports():
     import subprocess
     import sys
 
-    code = ("import time; time.sleep(1.0); from cairn.cli import process_started; "
+    code = ("import time; time.sleep(1.0); from cairn.cli.commands import process_started; "
             "print(time.monotonic() - process_started())")
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 1.0 <= age < 30

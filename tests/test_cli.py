@@ -1,6 +1,6 @@
 """The command line end to end on the real TinyStories sample: train, checkpoints, eval, generate.
 
-The commands run in-process through `cairn.cli.main` on the shared trained run (conftest's
+The commands run in-process through `cairn.cli.commands.main` on the shared trained run (conftest's
 `trained_run`, on generated stories where the sample is absent); one `python -m cairn` process
 checks what only a real process shows: its exit code and its wall-clock time under --time-budget.
 """
@@ -16,7 +16,7 @@ from conftest import TRAINED_RUN_ARGS, make_stories, write_stories
 from helpers import records
 
 from cairn.cli import main
-from cairn import checkpoint as ckpt
+from cairn.checkpoint import store as ckpt
 
 
 def cairn(capsys, *args) -> str:
@@ -67,7 +67,7 @@ def test_eval_on_the_training_split_scores_the_training_stories(trained_run, cap
 
 
 def test_eval_on_other_stories_evaluates_every_story(trained_run, tmp_path, capsys):
-    from cairn.tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
 
     run = trained_run.run
     stories = ["Once upon a time there was a cat. The cat liked milk. The end.",

@@ -6,10 +6,10 @@ import sys
 import typing
 from pathlib import Path
 
-from cairn.config import (DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, describe_options,
+from cairn.config.sections import (DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, describe_options,
                           field_index, from_dict, load_toml, to_toml, validate)
-from cairn.errors import CairnError
-from cairn.presets import PRESETS, config_file, preset
+from cairn.util.errors import CairnError
+from cairn.config.presets import PRESETS, config_file, preset
 
 # every value of every preset: a refactoring must not change one (docs/presets.md says why they are so)
 PRESET_VALUES = {
@@ -173,7 +173,7 @@ def test_toml_round_trip_and_file_errors(tmp_path):
 
 
 def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
-    from cairn.model import Transformer
+    from cairn.model.transformer import Transformer
 
     for name in PRESETS:
         validate(preset(name))
@@ -345,12 +345,12 @@ def test_help_lists_every_option_with_its_help_and_default():
 
 def test_config_imports_neither_presets_nor_data_nor_the_tokenizer_trainer():
     src = str(Path(__import__("cairn").__file__).parents[1])
-    code = "import sys, cairn.config; print(' '.join(sorted(m for m in sys.modules if m.startswith('cairn'))))"
+    code = "import sys, cairn.config.sections; print(' '.join(sorted(m for m in sys.modules if m.startswith('cairn'))))"
     env = {**os.environ, "PYTHONPATH": src}
     loaded = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                             check=True).stdout.split()
-    assert "cairn.config" in loaded
-    for module in ("cairn.presets", "cairn.data", "cairn.tokenizer_train"):
+    assert "cairn.config.sections" in loaded
+    for module in ("cairn.config.presets", "cairn.data", "cairn.tokenizer.learn"):
         assert module not in loaded
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cairn.config import DataConfig
+from cairn.config.sections import DataConfig
 from cairn.data import (
     PackedDataset,
     PaddedDataset,
@@ -36,8 +36,8 @@ from cairn.data import (
 )
 from cairn.data import sources as sources_mod
 from cairn.data.cache import cache_root
-from cairn.errors import CairnError
-from cairn.tokenizer import get_tokenizer
+from cairn.util.errors import CairnError
+from cairn.tokenizer.base import get_tokenizer
 
 EOT = "<|endoftext|>"
 TINYSTORIES = Path(os.environ.get("CAIRN_TINYSTORIES")
@@ -197,7 +197,7 @@ def test_hub_real_call_is_bounded():
 def test_hub_with_offline_env_goes_through_datasets_quickly(tmp_path):
     # HF_HUB_OFFLINE is read when huggingface_hub is imported: set it before the process starts, as a
     # user does (in this process an earlier test may have imported it already)
-    code = ("from cairn.data.sources import load_texts\nfrom cairn.errors import CairnError\n"
+    code = ("from cairn.data.sources import load_texts\nfrom cairn.util.errors import CairnError\n"
             "try:\n    load_texts('cairn-tests-no-such-owner/no-such-dataset')\n"
             "except CairnError as e:\n    print(e)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hub")}
@@ -416,8 +416,8 @@ def test_shifted_packing_cuts_elsewhere_with_as_many_windows():
 def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_path, stories_file, small_tokenizer):
     """The training loader of epoch e cuts at epoch_offset(e); the first epoch is the unshifted cut;
     a loader resumed mid-epoch gives the batches the uninterrupted epoch gives."""
-    from cairn.config import apply_overrides
-    from cairn.presets import preset
+    from cairn.config.sections import apply_overrides
+    from cairn.config.presets import preset
     from cairn.data import epoch_offset
     from cairn.training.build import build_trainer
     from cairn.training.distributed import Dist
@@ -492,9 +492,9 @@ def test_story_windows_loss_against_a_direct_computation():
     score does not depend on its neighbours, and a long story's tail sees its earlier tokens."""
     import torch.nn.functional as F
 
-    from cairn.config import ModelConfig
-    from cairn.evaluate import evaluate
-    from cairn.model import Transformer
+    from cairn.config.sections import ModelConfig
+    from cairn.eval.evaluate import evaluate
+    from cairn.model.transformer import Transformer
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=2, d_mlp=64, context_len=16)).eval()

@@ -14,13 +14,13 @@ import pytest
 
 from conftest import make_stories
 
-from cairn.config import DataConfig
+from cairn.config.sections import DataConfig
 from cairn.data import cache as cache_mod
 from cairn.data import clean_texts, iter_texts, load_texts, prepare_data, split_stories
 from cairn.data.sources import _dataset_chunks, read_chunk, source_chunks
-from cairn.errors import CairnError
-from cairn.tokenizer import get_tokenizer
-from cairn.tokenizer_train import training_texts
+from cairn.util.errors import CairnError
+from cairn.tokenizer.base import get_tokenizer
+from cairn.data.run_tokenizer import training_texts
 
 EOT = "<|endoftext|>"
 FILES = ("train.tokens", "val.tokens", "test.tokens", "train.offsets.npy", "val.offsets.npy", "test.offsets.npy")
@@ -213,9 +213,9 @@ def test_n_samples_streamed_reads_only_what_it_needs(tmp_path, tok, monkeypatch)
 
 _PEAK = """
 import json, resource, sys
-from cairn.config import DataConfig
+from cairn.config.sections import DataConfig
 from cairn.data import prepare_data
-from cairn.tokenizer import get_tokenizer
+from cairn.tokenizer.base import get_tokenizer
 if __name__ == "__main__":
     tok = get_tokenizer("gpt2")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

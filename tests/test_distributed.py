@@ -33,10 +33,10 @@ import torch
 from conftest import TINYSTORIES
 from safetensors.torch import load_file
 
-from cairn.config import RunConfig, apply_overrides, load_toml
-from cairn.presets import preset
+from cairn.config.sections import RunConfig, apply_overrides, load_toml
+from cairn.config.presets import preset
 from cairn.data import PackedDataset, PaddedDataset, SplitTokens, make_loader
-from cairn.errors import CairnError
+from cairn.util.errors import CairnError
 from cairn.training import train
 
 LOSS_REL, NORM_REL, MEAN_ATOL, MAX_ATOL = 1e-5, 1e-3, 1e-6, 5e-4
@@ -233,7 +233,7 @@ def labels(ds, batch_size: int, train: bool, **share) -> list[torch.Tensor]:
 def test_ranks_share_each_global_batch_as_one_process_would_see_it(small_tokenizer):
     from conftest import make_stories
 
-    from cairn.tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
 
     split = SplitTokens.from_texts(make_stories(31), get_tokenizer(str(small_tokenizer)))
     for ds in (PackedDataset(split, 16), PaddedDataset(split, 16)):
@@ -251,7 +251,7 @@ def test_ranks_share_each_global_batch_as_one_process_would_see_it(small_tokeniz
 
 
 def test_parallel_must_be_ddp_or_fsdp():
-    from cairn.config import validate
+    from cairn.config.sections import validate
 
     with pytest.raises(CairnError, match="train.parallel must be 'ddp' or 'fsdp'"):
         validate(apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"}))
@@ -260,7 +260,7 @@ def test_parallel_must_be_ddp_or_fsdp():
 def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file,
                                                                         small_tokenizer):
     """Checkpoints written before the state was keyed by parameter name hold torch's own format."""
-    from cairn import checkpoint as ckpt
+    from cairn.checkpoint import store as ckpt
 
     opts = {"source": str(stories_file), "tokenizer": str(small_tokenizer), "d_model": 16, "n_heads": 2, "n_layers": 1,
             "d_mlp": 32, "seq_len": 32, "batch_size": 4, "max_steps": 6, "eval_every": 0, "checkpoint_every": 3,
@@ -304,7 +304,7 @@ def test_a_last_batch_with_fewer_rows_than_processes_trains_as_in_one_process(tm
     """An epoch's last global batch of one row, over 2 processes: rank 1's share is empty, so it
     steps on a row that counts nothing; the run equals one process's, which trains on that row."""
     from cairn.data import prepare_data
-    from cairn.tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
     from cairn.training.loop import epoch_steps_text
 
     if not (TINYSTORIES.is_dir() and list(TINYSTORIES.glob("*.jsonl"))):
@@ -352,7 +352,7 @@ raise SystemExit(main())
 def test_a_distributed_run_ends_on_its_best_weights(tmp_path, stories_file, small_tokenizer, parallel):
     """Under torchrun the best checkpoint's weights reach every rank (FSDP: into its shards), are
     validated there and saved as the final checkpoint; the last state stays resumable."""
-    from cairn import checkpoint as ckpt
+    from cairn.checkpoint import store as ckpt
 
     script = tmp_path / "spoiled.py"
     script.write_text(SPOILED)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cairn.presets import PRESETS
+from cairn.config.presets import PRESETS
 from conftest import REPO
 
 README = REPO / "README.md"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from cairn import checkpoint as ckpt
+from cairn.checkpoint import store as ckpt
 from cairn.training import train
 from cairn.training.loop import Trainer
 from helpers import assert_same_weights, config, records

@@ -13,16 +13,16 @@ import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from cairn import __version__  # noqa: E402
+from cairn.version import __version__  # noqa: E402
 from cairn.cli import main  # noqa: E402
-from cairn.presets import preset  # noqa: E402
-from cairn.errors import CairnError  # noqa: E402
-from cairn.export import export_hf  # noqa: E402
-from cairn.generate import SamplingConfig, generate_ids  # noqa: E402
-from cairn.loading import load  # noqa: E402
-from cairn.model import Transformer  # noqa: E402
-from cairn.tokenizer import gpt2  # noqa: E402
-from cairn import checkpoint as ckpt  # noqa: E402
+from cairn.config.presets import preset  # noqa: E402
+from cairn.util.errors import CairnError  # noqa: E402
+from cairn.export.hf import export_hf  # noqa: E402
+from cairn.inference.generate import SamplingConfig, generate_ids  # noqa: E402
+from cairn.checkpoint.load import load  # noqa: E402
+from cairn.model.transformer import Transformer  # noqa: E402
+from cairn.tokenizer.base import gpt2  # noqa: E402
+from cairn.checkpoint import store as ckpt  # noqa: E402
 
 # a TinyStories story (real text, with the dataset's curly quote)
 STORY = ("One day, a little girl named Lily found a needle in her room. She knew it was difficult to play with it "

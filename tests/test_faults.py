@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cairn import checkpoint as ckpt
+from cairn.checkpoint import store as ckpt
 from cairn.cli import main
-from cairn.failures import storage_problem
+from cairn.util.failures import storage_problem
 
 STEPS = ["--max-steps", "12", "--checkpoint-every", "4", "--eval-every", "0", "--no-progress",
          "--seq-len", "32", "--batch-size", "4", "--end-stories", "0"]
@@ -39,7 +39,7 @@ def _stories(n: int) -> list[str]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A small tokenizer, the data, and a run paused at step 8 of 12 (step checkpoints 4 and 8)."""
-    from cairn.tokenizer_train import train_bpe
+    from cairn.tokenizer.learn import train_bpe
 
     root = tmp_path_factory.mktemp("faults")
     data = root / "stories.jsonl"

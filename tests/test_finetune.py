@@ -13,13 +13,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cairn.chat_template import ChatTemplate, encode_conversation, instruction, render  # noqa: E402
+from cairn.tokenizer.chat_template import ChatTemplate, encode_conversation, instruction, render  # noqa: E402
 from cairn.cli import main  # noqa: E402
-from cairn.config import validate  # noqa: E402
+from cairn.config.sections import validate  # noqa: E402
 from cairn.data.sft import SFTRows, prepare_sft  # noqa: E402
-from cairn.loading import load  # noqa: E402
-from cairn.ops import IGNORE_INDEX  # noqa: E402
-from cairn.tokenizer import get_tokenizer  # noqa: E402
+from cairn.checkpoint.load import load  # noqa: E402
+from cairn.model.ops import IGNORE_INDEX  # noqa: E402
+from cairn.tokenizer.base import get_tokenizer  # noqa: E402
 from cairn.training import train  # noqa: E402
 from helpers import assert_same_weights, config, final_weights  # noqa: E402
 
@@ -301,8 +301,8 @@ def test_chat_streams_answers_keeps_history_and_drops_the_oldest_turns_once(sft_
     import subprocess
     import sys
 
-    from cairn.chat import ChatSession, run_chat
-    from cairn.generate import SamplingConfig
+    from cairn.inference.chat import ChatSession, run_chat
+    from cairn.inference.generate import SamplingConfig
 
     lines = ["Use cat and dog.", "/temperature 0.5", "Use hat and kite.", "Use boat and tree.", "/reset",
              "Use cake and ball.", "Use dog and hat.", "Use tree and cat.", "Use kite and boat.", "Use cat and hat.",
@@ -328,8 +328,8 @@ def test_chat_streams_answers_keeps_history_and_drops_the_oldest_turns_once(sft_
 def test_chat_refuses_a_message_longer_than_the_context_and_goes_on(sft_run):
     import io
 
-    from cairn.chat import ChatSession, run_chat
-    from cairn.generate import SamplingConfig
+    from cairn.inference.chat import ChatSession, run_chat
+    from cairn.inference.generate import SamplingConfig
 
     loaded = load(sft_run, "cpu")
     session = ChatSession(loaded.model, loaded.tokenizer, ChatTemplate(), SamplingConfig(max_new_tokens=8))
@@ -341,7 +341,7 @@ def test_chat_refuses_a_message_longer_than_the_context_and_goes_on(sft_run):
 # ---------------------------------------------------------------- the words task
 
 def test_a_story_honours_its_words_only_with_each_whole_word():
-    from cairn.words_task import uses_all, words_found
+    from cairn.tasks.words import uses_all, words_found
 
     assert uses_all("The Cat sat. A dog ran; the HAT fell.", ["cat", "dog", "hat"])
     assert not uses_all("The cats sat in a scattered hat with a dog.", ["cat", "dog", "hat"])
@@ -350,7 +350,7 @@ def test_a_story_honours_its_words_only_with_each_whole_word():
 
 
 def test_eval_words_reports_the_fraction_of_prompts_honoured(sft_run, tmp_path, capsys):
-    from cairn.words_task import uses_all
+    from cairn.tasks.words import uses_all
 
     data = write_jsonl(tmp_path / "w.jsonl", [{"prompt": "Use cat and dog.", "words": ["cat", "dog"]},
                                               {"prompt": "Use hat.", "words": ["hat"]},
@@ -372,7 +372,7 @@ def test_eval_words_reports_the_fraction_of_prompts_honoured(sft_run, tmp_path, 
 
 
 def test_word_token_positions_are_the_tokens_that_spell_each_whole_word(small_tokenizer):
-    from cairn.words_task import word_token_positions
+    from cairn.tasks.words import word_token_positions
 
     tok = get_tokenizer(str(small_tokenizer))
     head = tok.encode("User: Use cat.")
@@ -388,8 +388,8 @@ def test_word_token_positions_are_the_tokens_that_spell_each_whole_word(small_to
 
 
 def test_prompt_gain_is_the_log_probability_the_right_prompt_adds_to_the_asked_words(sft_run):
-    from cairn.chat_template import encode_conversation
-    from cairn.words_task import prompt_gain, word_token_positions
+    from cairn.tokenizer.chat_template import encode_conversation
+    from cairn.tasks.words import prompt_gain, word_token_positions
 
     loaded = load(sft_run, "cpu")
     template = ChatTemplate.from_config(loaded.config.data)

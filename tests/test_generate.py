@@ -1,8 +1,8 @@
 import torch
 
-from cairn.config import ModelConfig
-from cairn.generate import SamplingConfig, filter_logits, generate_ids
-from cairn.model import Transformer
+from cairn.config.sections import ModelConfig
+from cairn.inference.generate import SamplingConfig, filter_logits, generate_ids
+from cairn.model.transformer import Transformer
 
 
 def model(context_len=32) -> Transformer:
@@ -67,7 +67,7 @@ def test_top_k_and_top_p_filters():
 
 def _stream_of(monkeypatch, tokenizer, ids, stop=(), max_new_tokens=50):
     """A TextStream whose model writes exactly `ids`."""
-    import cairn.generate as gen
+    import cairn.inference.generate as gen
 
     def scripted(model, prompt, s, eot_id=None, use_cache=True):
         yield from ids[:s.max_new_tokens]
@@ -83,7 +83,7 @@ def _byte_tokens(tokenizer, text):
 
 
 def test_a_stream_never_breaks_a_character_and_adds_up_to_the_text(monkeypatch, small_tokenizer):
-    from cairn.tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
 
     tok = get_tokenizer(str(small_tokenizer))
     ids = _byte_tokens(tok, "Café ☕ and a 🐉 dragon.")
@@ -97,7 +97,7 @@ def test_a_stream_never_breaks_a_character_and_adds_up_to_the_text(monkeypatch, 
 
 
 def test_a_stop_string_ends_the_sample_and_is_never_handed_out(monkeypatch, small_tokenizer):
-    from cairn.tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
 
     tok = get_tokenizer(str(small_tokenizer))
     ids = _byte_tokens(tok, "Tom ran. The end. Then more")
@@ -111,7 +111,7 @@ def test_a_stop_string_ends_the_sample_and_is_never_handed_out(monkeypatch, smal
 
 
 def test_the_repetition_penalty_makes_seen_tokens_less_likely():
-    from cairn.generate import penalize_repeats
+    from cairn.inference.generate import penalize_repeats
 
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     out = penalize_repeats(logits, [0, 1, 1], 2.0)

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from cairn.config import ModelConfig, load_toml
-from cairn.loading import load
+from cairn.config.sections import ModelConfig, load_toml
+from cairn.checkpoint.load import load
 from cairn.training import train
 from cairn.training.growth import choose, wider
 from helpers import config

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cairn.config import DataConfig
+from cairn.config.sections import DataConfig
 from conftest import REPO, make_stories
 
 HUB_ID = DataConfig().source  # the default the main job trains on
@@ -83,7 +83,7 @@ def _env(home: Path, **extra) -> dict:
 LOAD = """
 import json, sys
 from cairn.data.sources import load_texts
-from cairn.errors import CairnError
+from cairn.util.errors import CairnError
 out = []
 for kwargs in json.loads(sys.argv[1]):
     try:

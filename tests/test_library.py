@@ -5,7 +5,7 @@ import json
 import shutil
 
 from cairn.cli import main
-from cairn.evaluate import evaluate_run
+from cairn.eval.evaluate import evaluate_run
 
 
 def test_evaluate_run_is_what_cairn_eval_prints(trained_run, capsys):
@@ -23,7 +23,7 @@ def test_evaluate_run_is_what_cairn_eval_prints(trained_run, capsys):
 
 def test_prepare_reports_the_splits_the_run_trained_on(trained_run):
     from cairn.data.report import prepare, report_lines
-    from cairn.run_tokenizer import for_data
+    from cairn.data.run_tokenizer import for_data
     from cairn.training.resume import run_config
 
     cfg = run_config(trained_run.run)
@@ -36,8 +36,8 @@ def test_prepare_reports_the_splits_the_run_trained_on(trained_run):
 
 
 def test_loading_uses_the_runs_own_copy_of_its_tokenizer(trained_run, tmp_path):
-    from cairn.loading import load
-    from cairn.tokenizer import get_tokenizer
+    from cairn.checkpoint.load import load
+    from cairn.tokenizer.base import get_tokenizer
 
     run = tmp_path / "run"
     shutil.copytree(trained_run.run, run)

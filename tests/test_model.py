@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from cairn.config import ModelConfig
-from cairn.model import KVCache, RowKVCache, Transformer, apply_rope, rope_tables, sinusoidal_table
-from cairn.presets import preset
+from cairn.config.sections import ModelConfig
+from cairn.model.transformer import KVCache, RowKVCache, Transformer, apply_rope, rope_tables, sinusoidal_table
+from cairn.config.presets import preset
 from reference import lm_loss
 
 # the tutorial's block, the Llama block, and a mix: every switch combination must stay causal,
@@ -248,8 +248,8 @@ def test_story_mask_is_refused_with_a_kv_cache():
 
 def test_training_with_story_mask_numbers_the_stories_from_each_eot(tmp_path, stories_file, small_tokenizer,
                                                                      monkeypatch):
-    from cairn.config import apply_overrides
-    from cairn.tokenizer import get_tokenizer
+    from cairn.config.sections import apply_overrides
+    from cairn.tokenizer.base import get_tokenizer
     from cairn.training import train
 
     seen = []

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cairn.config import ModelConfig
-from cairn.model import Transformer
+from cairn.config.sections import ModelConfig
+from cairn.model.transformer import Transformer
 from reference import lm_loss
-from cairn.ops import linear_cross_entropy
+from cairn.model.ops import linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [7, 64, 1024])

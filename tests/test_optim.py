@@ -4,8 +4,8 @@ import copy
 
 import torch
 
-from cairn.config import ModelConfig, TrainConfig
-from cairn.model import Transformer
+from cairn.config.sections import ModelConfig, TrainConfig
+from cairn.model.transformer import Transformer
 from cairn.training.optim import MuonWithAdamW, make_optimizer
 
 
@@ -93,8 +93,8 @@ def test_embedding_learning_rate_scale_is_its_own_group_in_both_optimizers():
 
 
 def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file, small_tokenizer):
-    from cairn.config import apply_overrides
-    from cairn.presets import preset
+    from cairn.config.sections import apply_overrides
+    from cairn.config.presets import preset
     from cairn.training import train
     from safetensors.torch import load_file
 

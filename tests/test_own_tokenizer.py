@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from cairn.cli import main
-from cairn.config import apply_overrides
-from cairn.presets import preset
-from cairn.errors import CairnError
-from cairn.loading import load
-from cairn.tokenizer import get_tokenizer
-from cairn.tokenizer_train import train_bpe
+from cairn.config.sections import apply_overrides
+from cairn.config.presets import preset
+from cairn.util.errors import CairnError
+from cairn.checkpoint.load import load
+from cairn.tokenizer.base import get_tokenizer
+from cairn.tokenizer.learn import train_bpe
 from cairn.training import train
 from conftest import make_stories
 
@@ -147,7 +147,7 @@ def test_export_with_an_own_tokenizer(tmp_path, tokdir, stories_file):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cairn.export import export_hf
+    from cairn.export.hf import export_hf
 
     run = tmp_path / "run"
     train(tiny(stories_file, tokdir), run)

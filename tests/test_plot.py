@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from cairn.cli import main
-from cairn.errors import CairnError
-from cairn.plot import INSTALL_HINT, PANEL_TITLES, _run_names, plot_runs, read_metrics, tokens_at
+from cairn.util.errors import CairnError
+from cairn.trackers.plot import INSTALL_HINT, PANEL_TITLES, _run_names, plot_runs, read_metrics, tokens_at
 
 pytest.importorskip("matplotlib")
 

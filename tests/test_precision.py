@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import make_stories, write_stories
 
-from cairn import precision
-from cairn.config import ModelConfig
+from cairn.runtime import precision
+from cairn.config.sections import ModelConfig
 from cairn.training import train
 from helpers import config
 
@@ -109,7 +109,7 @@ def test_cpu_peak_is_the_precision_in_uses_and_the_best_seen(tmp_path, monkeypat
     timed = []
     monkeypatch.setattr(precision, "time_matmuls", lambda shapes, dtype: timed.append(dtype) or
                         (400e9 if dtype == torch.bfloat16 else 160e9))
-    from cairn.runtime import peak_flops
+    from cairn.runtime.precision import peak_flops
     assert peak_flops(CPU, "bf16") == (400e9, "measured bf16 matmul")
     assert peak_flops(CPU, "fp32") == (160e9, "measured float32 matmul")
     # a peak is measured again each time and the best kept: one taken on a busy CPU does not stay

@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_stories, write_stories
 
-from cairn.errors import CairnError
+from cairn.util.errors import CairnError
 from cairn.training import train
-from cairn import checkpoint as ckpt
+from cairn.checkpoint import store as ckpt
 from helpers import assert_same_weights, config, final_weights, losses, steps_per_epoch
 
 
@@ -110,7 +110,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(tmp_pa
 
 
 def test_non_finite_loss_stops_or_is_skipped(logs, tmp_path, tiny, monkeypatch):
-    from cairn.model import Transformer
+    from cairn.model.transformer import Transformer
 
     real_forward = Transformer.forward
     seen = {"n": 0}

@@ -10,9 +10,9 @@ import pytest
 # same large blocks (logits, activations, gradients) freed and asked for again every step.
 PROBE = """
 import resource, sys, torch
-from cairn.config import ModelConfig
-from cairn.model import Transformer
-from cairn.runtime import keep_freed_memory
+from cairn.config.sections import ModelConfig
+from cairn.model.transformer import Transformer
+from cairn.runtime.device import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.manual_seed(0)
@@ -44,7 +44,7 @@ def test_keep_freed_memory_stops_page_faulting_the_same_blocks_in_again():
 
 
 def test_cpu_compiler_is_found_on_the_path_or_in_cxx(monkeypatch):
-    from cairn.runtime import cpu_compiler
+    from cairn.runtime.device import cpu_compiler
 
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setenv("PATH", "")

@@ -1,9 +1,9 @@
 import pytest
 
-from cairn.config import TrainConfig
+from cairn.config.sections import TrainConfig
 from cairn.training.optim import lr_at, make_optimizer, warmup_steps
-from cairn.model import Transformer
-from cairn.config import ModelConfig
+from cairn.model.transformer import Transformer
+from cairn.config.sections import ModelConfig
 import torch
 
 

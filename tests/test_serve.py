@@ -20,7 +20,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 from cairn.cli import main  # noqa: E402
-from cairn.loading import load  # noqa: E402
+from cairn.checkpoint.load import load  # noqa: E402
 from cairn.serve import bind  # noqa: E402
 from cairn.serve.app import ServeSettings, create_app  # noqa: E402
 from helpers import serving as running  # noqa: E402
@@ -344,7 +344,7 @@ def test_the_engine_turns_token_ids_into_pieces_taking_turns_within_its_batch(lo
     time and each still gets the text `TextStream` (cairn generate) writes for it."""
     import asyncio
 
-    from cairn.generate import SamplingConfig, TextStream, prompt_ids
+    from cairn.inference.generate import SamplingConfig, TextStream, prompt_ids
     from cairn.serve.engine import Engine, Job
 
     settings = [SamplingConfig(max_new_tokens=25, temperature=1.0, top_k=20, seed=seed, stop_at_eot=False)
@@ -375,9 +375,9 @@ def test_chat_completions_answer_through_the_runs_template_streamed_and_whole(se
     """/v1/chat/completions renders the conversation with the run's chat template (as `cairn chat`
     and fine-tuning do) and samples as the completions route does: the official client's streamed
     answer equals its whole answer and the library's answer to the same prompt ids and seed."""
-    from cairn import chat_template
-    from cairn.chat_template import ChatTemplate
-    from cairn.generate import SamplingConfig, generate_text
+    from cairn.tokenizer import chat_template
+    from cairn.tokenizer.chat_template import ChatTemplate
+    from cairn.inference.generate import SamplingConfig, generate_text
 
     url, _ = server
     c = client(url)

@@ -19,7 +19,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from cairn.loading import load  # noqa: E402
+from cairn.checkpoint.load import load  # noqa: E402
 from cairn.serve.app import ServeSettings, create_app  # noqa: E402
 from helpers import serving  # noqa: E402
 

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from cairn.errors import CairnError
-from cairn.tensorboard import INSTALL_HINT, TensorBoardLogger, require_tensorboard, scalars
+from cairn.util.errors import CairnError
+from cairn.trackers.tensorboard import INSTALL_HINT, TensorBoardLogger, require_tensorboard, scalars
 
 RECORDS = [
     {"kind": "train", "step": 10, "epoch": 1, "train_loss": 9.5, "train_perplexity": 13360.7, "lr": 3e-3,
@@ -89,8 +89,8 @@ def test_training_with_tensorboard_writes_the_run_scalars(tmp_path, stories_file
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cairn.config import apply_overrides
-    from cairn.presets import preset
+    from cairn.config.sections import apply_overrides
+    from cairn.config.presets import preset
     from cairn.training import train
 
     cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "tokenizer": str(small_tokenizer),

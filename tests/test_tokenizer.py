@@ -1,4 +1,4 @@
-from cairn.tokenizer import gpt2
+from cairn.tokenizer.base import gpt2
 
 
 def test_gpt2_known_ids():

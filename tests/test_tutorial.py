@@ -11,7 +11,7 @@ import logging
 
 from conftest import make_stories, write_stories
 
-from cairn.presets import preset
+from cairn.config.presets import preset
 from cairn.training import train
 
 # name in cairn -> (the tutorial's value, where the tutorial sets it)

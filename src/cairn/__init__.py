@@ -1,27 +1,26 @@
 """cairn: train GPT-style language models from scratch."""
 
-__version__ = "0.1.0"
-
-from .config import RunConfig  # noqa: E402
+from cairn.config.sections import RunConfig
+from cairn.version import __version__
 
 
 def __getattr__(name):
     # `cairn.preset` on first use, so importing any cairn module does not load the presets
     if name == "preset":
-        from .presets import preset
+        from cairn.config.presets import preset
 
         return preset
     raise AttributeError(f"module 'cairn' has no attribute {name!r}")
 
 
 def train(cfg, out_dir, **kwargs):
-    from .training import train as _train
+    from cairn.training import train as _train
 
     return _train(cfg, out_dir, **kwargs)
 
 
 def load(path, device="auto"):
-    from .loading import load as _load
+    from cairn.checkpoint.load import load as _load
 
     return _load(path, device)
 

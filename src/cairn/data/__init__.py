@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .cache import PreparedData, SplitTokens, prepare_data
-from .sources import clean_texts, iter_texts, load_texts, source_fingerprint
-from .splits import split_assignment, split_stories
+from cairn.data.cache import PreparedData, SplitTokens, prepare_data
+from cairn.data.sources import clean_texts, iter_texts, load_texts, source_fingerprint
+from cairn.data.splits import split_assignment, split_stories
 
 # Batching needs torch (seconds to import); data worker processes import this package and need
 # none of it, so those names are loaded on first use.
@@ -18,7 +18,7 @@ _BATCHING = ("PackedDataset", "PaddedDataset", "StoryWindows", "collate_packed",
 
 def __getattr__(name: str) -> Any:
     if name in _BATCHING:
-        from . import batching
+        from cairn.data import batching
 
         return getattr(batching, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

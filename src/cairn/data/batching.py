@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..ops import IGNORE_INDEX
-from .cache import SplitTokens
+from cairn.model.ops import IGNORE_INDEX
+from cairn.data.cache import SplitTokens
 
 
 

@@ -27,15 +27,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from ..config import DataConfig
-from .. import files
-from ..errors import CairnError
-from ..tokenizer import Tokenizer
-from ..host import usable_cores
-from .parallel import ChunkPool, encode_chunk, scan_chunk
-from .sources import (CHUNK_BYTES, ChunkProblem, LineCounter, TextsChunk, source_bytes, source_chunks,
+from cairn.config.sections import DataConfig
+from cairn.util import files
+from cairn.util.errors import CairnError
+from cairn.tokenizer.base import Tokenizer
+from cairn.util.host import usable_cores
+from cairn.data.parallel import ChunkPool, encode_chunk, scan_chunk
+from cairn.data.sources import (CHUNK_BYTES, ChunkProblem, LineCounter, TextsChunk, source_bytes, source_chunks,
                       source_fingerprint)
-from .splits import SPLITS, split_assignment
+from cairn.data.splits import SPLITS, split_assignment
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from ..errors import CairnError
-from ..tokenizer import Tokenizer
-from .sources import Chunk, clean_texts, read_chunk
+from cairn.util.errors import CairnError
+from cairn.tokenizer.base import Tokenizer
+from cairn.data.sources import Chunk, clean_texts, read_chunk
 
 _WORKER_TOKENIZER = None  # a worker process's tokenizer, built once by _init_worker
 
@@ -52,7 +52,7 @@ def _init_worker(spec: str, name: str, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    from ..tokenizer import get_tokenizer
+    from cairn.tokenizer.base import get_tokenizer
 
     tok = get_tokenizer(spec)
     if tok.name != name:

@@ -6,10 +6,10 @@ import resource
 import sys
 import time
 
-from ..config import RunConfig
-from ..tokenizer import Tokenizer
-from .cache import prepare_data
-from .splits import SPLITS
+from cairn.config.sections import RunConfig
+from cairn.tokenizer.base import Tokenizer
+from cairn.data.cache import prepare_data
+from cairn.data.splits import SPLITS
 
 
 def peak_rss_mb() -> tuple[float, float]:

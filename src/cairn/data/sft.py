@@ -26,17 +26,17 @@ from typing import Optional
 
 import numpy as np
 
-from .. import jsonl
-from ..chat_template import ChatTemplate, check_messages, encode_conversation
-from ..config import DataConfig
-from ..errors import CairnError
-from ..tokenizer import Tokenizer
-from .sources import resolve_files
-from .splits import SPLITS, split_assignment
+from cairn.util import jsonl
+from cairn.tokenizer.chat_template import ChatTemplate, check_messages, encode_conversation
+from cairn.config.sections import DataConfig
+from cairn.util.errors import CairnError
+from cairn.tokenizer.base import Tokenizer
+from cairn.data.sources import resolve_files
+from cairn.data.splits import SPLITS, split_assignment
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # as cairn.ops.IGNORE_INDEX (not imported: this module must not need torch)
+IGNORE_INDEX = -100  # as cairn.model.ops.IGNORE_INDEX (not imported: this module must not need torch)
 
 
 def record_messages(record: object, d: DataConfig, where: str) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Union
 from urllib.parse import urlparse
 
-from ..errors import CairnError
+from cairn.util.errors import CairnError
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 _EXT_LIST = ".txt, .jsonl, .parquet or a directory"

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import CairnError
+from cairn.util.errors import CairnError
 
 SPLITS = ("train", "val", "test")
 

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from ..errors import CairnError
+from cairn.util.errors import CairnError
 
 log = logging.getLogger("cairn.serve")
 
@@ -55,12 +55,12 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
     try:
         import uvicorn
 
-        from ..chat_template import ChatTemplate
-        from .app import ServeSettings, create_app
+        from cairn.tokenizer.chat_template import ChatTemplate
+        from cairn.serve.app import ServeSettings, create_app
     except ImportError as e:
         raise CairnError(f"cairn serve needs FastAPI and uvicorn ({e.name} is missing): "
                          "pip install 'cairn-lm[serve]'") from None
-    from ..loading import load
+    from cairn.checkpoint.load import load
 
     if max_concurrency < 1:
         raise CairnError(f"--max-concurrency must be 1 or more, got {max_concurrency}")

@@ -17,13 +17,13 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import chat_template
-from ..chat_template import ChatTemplate
-from ..generate import SamplingConfig, prompt_ids
-from ..model import Transformer
-from ..tokenizer import Tokenizer
-from .engine import Busy, Engine, Event, Job
-from .protocol import ApiError, CompletionRequest, parse_chat, parse_completion
+from cairn.tokenizer import chat_template
+from cairn.tokenizer.chat_template import ChatTemplate
+from cairn.inference.generate import SamplingConfig, prompt_ids
+from cairn.model.transformer import Transformer
+from cairn.tokenizer.base import Tokenizer
+from cairn.serve.engine import Busy, Engine, Event, Job
+from cairn.serve.protocol import ApiError, CompletionRequest, parse_chat, parse_completion
 
 
 @dataclass

@@ -23,9 +23,9 @@ from typing import AsyncIterator, Callable, Optional, Sequence as Seq
 
 import torch
 
-from ..generate import SamplingConfig, TextPieces, penalize_repeats, pick_next
-from ..model import RowKVCache, Transformer
-from ..tokenizer import Tokenizer
+from cairn.inference.generate import SamplingConfig, TextPieces, penalize_repeats, pick_next
+from cairn.model.transformer import RowKVCache, Transformer
+from cairn.tokenizer.base import Tokenizer
 
 log = logging.getLogger("cairn.serve")
 

@@ -182,8 +182,8 @@ def parse_completion(body: Any, max_tokens_limit: int, max_sequences: int) -> Co
 def parse_chat(body: Any, max_tokens_limit: int, max_sequences: int) -> tuple[CompletionRequest, list[dict]]:
     """OpenAI's chat completion request: `messages` instead of `prompt`, the other fields as a
     completion's (`max_completion_tokens` is the newer name of `max_tokens`)."""
-    from ..chat_template import check_messages
-    from ..errors import CairnError
+    from cairn.tokenizer.chat_template import check_messages
+    from cairn.util.errors import CairnError
 
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got a JSON {type(body).__name__}",

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ..errors import CairnError
+from cairn.util.errors import CairnError
 
 SAFETY_FRAC = 0.03  # of the budget, for a machine that slows down while the run goes (noisy neighbours)
 SAFETY_S = 2.0

@@ -17,23 +17,25 @@ from typing import Optional
 
 import torch
 
-from .. import lora, run_tokenizer
-from ..config import RunConfig, parse_duration, to_toml, validate
-from ..data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
-from ..data.sft import SFTRows, prepare_sft
-from ..errors import CairnError
-from ..log import ensure_setup, only_main_speaks
-from ..model import build_model
-from ..precision import for_run as precision_for_run
-from ..runtime import cpu_compiler, keep_freed_memory, peak_flops, seed_everything, set_threads
-from . import budget, growth, init_from, resume
-from .calibrate import measure
-from .checkpointer import Checkpointer
-from .distributed import Dist, session
-from .loop import Trainer
-from .optim import make_optimizer, warmup_steps
-from .rundir import CONFIG, RunDir, RunLock
-from .state import Plan
+from cairn.model import lora
+from cairn.data import run_tokenizer
+from cairn.config.sections import RunConfig, parse_duration, to_toml, validate
+from cairn.data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
+from cairn.data.sft import SFTRows, prepare_sft
+from cairn.util.errors import CairnError
+from cairn.util.log import ensure_setup, only_main_speaks
+from cairn.model.transformer import build_model
+from cairn.runtime.precision import for_run as precision_for_run
+from cairn.runtime.device import cpu_compiler, keep_freed_memory, seed_everything, set_threads
+from cairn.runtime.precision import peak_flops
+from cairn.training import budget, growth, init_from, resume
+from cairn.training.calibrate import measure
+from cairn.training.checkpointer import Checkpointer
+from cairn.training.distributed import Dist, session
+from cairn.training.loop import Trainer
+from cairn.training.optim import make_optimizer, warmup_steps
+from cairn.training.rundir import CONFIG, RunDir, RunLock
+from cairn.training.state import Plan
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     cfg = copy.deepcopy(cfg)
     t, main = cfg.train, dist.is_main
     if t.tensorboard:  # fail before the data is prepared, not after
-        from ..tensorboard import require_tensorboard
+        from cairn.trackers.tensorboard import require_tensorboard
         require_tensorboard()
     threads = set_threads(dist.cpu_threads(t.num_threads))
     if dist.device.type == "cpu":
@@ -94,7 +96,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
             growth.report(trainer.plan, t.grow_to_epochs)
     dist.on_main(lambda: _write_run_files(trainer))
     if t.tensorboard and main:
-        from ..tensorboard import TensorBoardLogger
+        from cairn.trackers.tensorboard import TensorBoardLogger
         # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
         trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
         run.metrics.sink = trainer.tb.write

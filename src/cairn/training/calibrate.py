@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt
-from ..data import num_batches
-from .budget import Costs
+from cairn.checkpoint import store as ckpt
+from cairn.data import num_batches
+from cairn.training.budget import Costs
 
 CALIBRATION_STEPS = 6  # the first is a warm-up (allocations, caches) and is not counted
 
@@ -94,7 +94,7 @@ def _probe_checkpoint(trainer) -> None:
 def _story_token_s(trainer) -> float:
     if not trainer.cfg.train.end_stories:
         return 0.0
-    from ..generate import SamplingConfig, generate_ids
+    from cairn.inference.generate import SamplingConfig, generate_ids
 
     def gen(n_tok: int):
         s = SamplingConfig(max_new_tokens=n_tok, temperature=1.0, seed=0, stop_at_eot=False)

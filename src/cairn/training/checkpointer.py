@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from .. import checkpoint as ckpt
-from .. import files
-from ..errors import CairnError
-from ..failures import storage_problem
-from .rundir import RunDir
+from cairn.checkpoint import store as ckpt
+from cairn.util import files
+from cairn.util.errors import CairnError
+from cairn.util.failures import storage_problem
+from cairn.training.rundir import RunDir
 
 
 class Checkpointer:

@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import TrainConfig
-from ..errors import CairnError, SharedError
-from ..host import usable_cores
-from ..runtime import pick_device
+from cairn.config.sections import TrainConfig
+from cairn.util.errors import CairnError, SharedError
+from cairn.util.host import usable_cores
+from cairn.runtime.device import pick_device
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from .. import checkpoint as ckpt
+from cairn.checkpoint import store as ckpt
 
 log = logging.getLogger(__name__)
 

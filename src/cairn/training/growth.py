@@ -20,9 +20,9 @@ from typing import Optional
 
 import torch
 
-from ..config import ModelConfig
-from ..model import Transformer
-from .state import Plan
+from cairn.config.sections import ModelConfig
+from cairn.model.transformer import Transformer
+from cairn.training.state import Plan
 
 log = logging.getLogger(__name__)
 

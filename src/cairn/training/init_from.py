@@ -14,12 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
-from .. import checkpoint as ckpt
-from ..config import RunConfig, field_index
-from ..errors import CairnError
-from ..loading import saved_config
-from ..run_tokenizer import RUN_COPY, check_same
-from ..tokenizer import TOKENIZER_FILE, Tokenizer
+from cairn.checkpoint import store as ckpt
+from cairn.config.sections import RunConfig, field_index
+from cairn.util.errors import CairnError
+from cairn.checkpoint.load import saved_config
+from cairn.data.run_tokenizer import RUN_COPY, check_same
+from cairn.tokenizer.base import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def apply(cfg: RunConfig, given: Iterable[str] = ()) -> RunConfig:
 
 def load_initial_weights(model, cfg: RunConfig, tokenizer: Tokenizer) -> None:
     """Put the weights of `cfg.init_from` into `model` (a run's LoRA adapters merged first)."""
-    from ..loading import load
+    from cairn.checkpoint.load import load
 
     c = _checkpoint(cfg.init_from)
     base = saved_config(c)

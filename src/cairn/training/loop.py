@@ -23,25 +23,25 @@ from typing import Any, Optional
 
 import torch
 
-from .. import __version__
-from .. import checkpoint as ckpt
-from ..config import RunConfig
-from ..data import epoch_offset, make_loader, num_batches
-from ..errors import CairnError
-from ..evaluate import evaluate
-from ..ops import IGNORE_INDEX
-from ..tokenizer import Tokenizer
-from ..runtime import autocast
-from . import budget, resume
-from .checkpointer import Checkpointer
-from .distributed import Dist
-from .ending import end_on_best
-from .report import Reporter
-from .rundir import RunDir
-from .signals import StopRequest
-from .state import Plan, TrainState
-from .stories import write_stories
-from .validator import Validator
+from cairn.version import __version__
+from cairn.checkpoint import store as ckpt
+from cairn.config.sections import RunConfig
+from cairn.data import epoch_offset, make_loader, num_batches
+from cairn.util.errors import CairnError
+from cairn.eval.evaluate import evaluate
+from cairn.model.ops import IGNORE_INDEX
+from cairn.tokenizer.base import Tokenizer
+from cairn.runtime.device import autocast
+from cairn.training import budget, resume
+from cairn.training.checkpointer import Checkpointer
+from cairn.training.distributed import Dist
+from cairn.training.ending import end_on_best
+from cairn.training.report import Reporter
+from cairn.training.rundir import RunDir
+from cairn.training.signals import StopRequest
+from cairn.training.state import Plan, TrainState
+from cairn.training.stories import write_stories
+from cairn.training.validator import Validator
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..config import TrainConfig
+from cairn.config.sections import TrainConfig
 
 
 class Float32Muon(torch.optim.Optimizer):

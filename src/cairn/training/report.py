@@ -7,8 +7,8 @@ import math
 import time
 from typing import Optional
 
-from .rundir import MetricsLog
-from .state import TrainState
+from cairn.training.rundir import MetricsLog
+from cairn.training.state import TrainState
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import checkpoint as ckpt
-from ..checkpoint_check import optimizer_problem, state_problem, tensors_problem
-from ..config import RunConfig, from_dict, load_toml
-from ..errors import CairnError
-from ..run_tokenizer import check_same
-from .checkpointer import Checkpointer
-from .rundir import CONFIG, WRITER, RunDir
-from .state import Plan, TrainState
+from cairn.checkpoint import store as ckpt
+from cairn.checkpoint.verify import optimizer_problem, state_problem, tensors_problem
+from cairn.config.sections import RunConfig, from_dict, load_toml
+from cairn.util.errors import CairnError
+from cairn.data.run_tokenizer import check_same
+from cairn.training.checkpointer import Checkpointer
+from cairn.training.rundir import CONFIG, WRITER, RunDir
+from cairn.training.state import Plan, TrainState
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from .. import files
-from ..errors import CairnError
-from ..failures import describe
+from cairn.util import files
+from cairn.util.errors import CairnError
+from cairn.util.failures import describe
 
 WRITER = ".writer"
 

@@ -45,7 +45,7 @@ class Plan:
         """End the run at `total_steps` instead, `step` steps being done (a time budget's re-plan).
         Once the decay has begun, what is left of it is re-laid from here; a warm-up under way keeps
         its length (changing it would move the rate up or down mid-ramp)."""
-        from .optim import decay_progress
+        from cairn.training.optim import decay_progress
 
         if step > self.warmup_steps:
             self.relaid_progress = decay_progress(step, self.warmup_steps, self.total_steps,
@@ -55,6 +55,6 @@ class Plan:
 
     def lr(self, step: int, t) -> float:
         """The learning rate of optimizer step `step` (0-based) under this plan."""
-        from .optim import lr_at
+        from cairn.training.optim import lr_at
 
         return lr_at(step, t, self.total_steps, self.warmup_steps, (self.relaid_at, self.relaid_progress))

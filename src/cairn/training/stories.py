@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from ..chat_template import ChatTemplate, prompt_ids, render
-from ..data.sft import sample_conversations
-from ..generate import SamplingConfig, generate_text
-from ..runtime import autocast
+from cairn.tokenizer.chat_template import ChatTemplate, prompt_ids, render
+from cairn.data.sft import sample_conversations
+from cairn.inference.generate import SamplingConfig, generate_text
+from cairn.runtime.device import autocast
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-from .rundir import MetricsLog
-from .state import TrainState
+from cairn.training.rundir import MetricsLog
+from cairn.training.state import TrainState
 
 log = logging.getLogger(__name__)
 

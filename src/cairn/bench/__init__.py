@@ -1,0 +1,1 @@
+"""`cairn bench`: step speed against reference implementations."""

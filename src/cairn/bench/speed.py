@@ -1,0 +1,424 @@
+"""`cairn bench`: training-step and generation throughput, cairn against plain PyTorch references.
+
+Every variant is timed in the same process, alternating rounds (A B C A B C ...), so that a noisy
+machine slows all of them alike; the table reports the median step of each and ratios to the
+first reference. Two references are written here in plain PyTorch:
+
+- `nanogpt`: an eager float32 nanoGPT-style step (fused q/k/v, SDPA, tied embeddings, full
+  float32 logits and F.cross_entropy), the usual baseline for a small GPT on one machine. It stays
+  float32 whatever --precision cairn runs in; --reference-precision bf16 adds a second row of it
+  under bf16 autocast (`nanogpt-bf16`);
+- `tutorial`: the reference tutorial's model as it writes it (per-head q/k/v linears, attention by
+  bmm + softmax without a mask, separate heads concatenated), fed as it feeds it: one story per
+  row, every row padded to 1000 tokens, in float32. Only the real story tokens are "useful".
+
+MFU is each row's against the matmul peak of the precision that row computes in (on CPUs the
+measured float32 or bf16 matmul peak, see precision.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cairn.config.sections import ModelConfig, TrainConfig
+from cairn.config.presets import preset
+from cairn.util.errors import CairnError
+from cairn.util.host import cpu_description
+from cairn.model.transformer import Transformer, sinusoidal_table
+from cairn.runtime.precision import resolve as precision_choice
+from cairn.runtime.device import autocast, pick_device, set_threads
+from cairn.runtime.precision import peak_flops
+
+
+# ---------------------------------------------------------------- references
+
+class NanoGPTBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.h = h
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, 2)
+        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.c_proj(y)
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, vocab, d, layers, heads, ctx):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(NanoGPTBlock(d, heads) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as nanoGPT
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
+        for b in self.blocks:
+            x = b(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+
+
+class TutorialHead(nn.Module):
+    def __init__(self, d, hd):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, hd), nn.Linear(d, hd), nn.Linear(d, hd)
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        w = F.softmax(torch.bmm(q, k.transpose(1, 2)) / math.sqrt(q.size(-1)), dim=-1)
+        return torch.bmm(w, v)
+
+
+class TutorialBlock(nn.Module):
+    def __init__(self, d, h, mlp):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.heads = nn.ModuleList(TutorialHead(d, d // h) for _ in range(h))
+        self.out = nn.Linear(d, d)
+        self.fc, self.proj = nn.Linear(d, mlp), nn.Linear(mlp, d)
+
+    def forward(self, x):
+        a = self.ln_1(x)
+        x = x + self.out(torch.cat([h(a) for h in self.heads], dim=-1))
+        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class Tutorial(nn.Module):
+    def __init__(self, vocab, d, layers, heads, mlp, ctx):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.register_buffer("pe", sinusoidal_table(ctx, d))
+        self.blocks = nn.ModuleList(TutorialBlock(d, heads, mlp) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.wte(idx) + self.pe  # only works at exactly the padded length, as in the tutorial
+        for b in self.blocks:
+            x = b(x)
+        logits = self.lm_head(self.ln_f(x))
+        # the tutorial's loss: every position, padding included
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1))
+
+
+# ---------------------------------------------------------------- timing
+
+@dataclass
+class Variant:
+    name: str
+    step: Callable[[], None]
+    tokens: int  # tokens processed per step
+    useful: int  # real (non-padding) target tokens per step
+    flops: float  # model FLOPs per step (6N + attention), for MFU
+    times: list
+    peak_bytes: int = 0  # the variant's own peak memory: weights, gradients, optimizer state, activations
+    first_step_s: float = 0.0  # the untimed first step (includes compiling, with --compile)
+    precision: str = "fp32"  # what the step computes in: fp32, or bf16 autocast
+
+
+class PeakMemory:
+    """Peak memory of what is built and run inside the block, net of what existed before it: the
+    CUDA allocator's peak on GPUs; on CPUs the process's peak resident set (VmHWM), which Linux
+    lets a process reset by writing 5 to /proc/self/clear_refs (after glibc's malloc_trim). 0 where
+    neither is available."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes = device, 0
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                # hand memory that freed tensors left in malloc's arenas back to the OS first, or
+                # this variant would reuse it without its resident set growing
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.base = self._status("VmRSS")
+            except OSError:
+                self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.bytes = max(0, self._status("VmHWM") - self.base)
+        return False
+
+
+def make_step(model, opt, loss_fn, ctx, clip: float = 1.0):
+    """One training step as a training loop takes it: forward under the autocast context,
+    backward, global-norm clipping, optimizer step."""
+    def step():
+        with ctx():
+            loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def story_lengths(n: int, seed: int = 0) -> np.ndarray:
+    """GPT-2 token lengths of TinyStories stories: from the shared sample when present, else a
+    log-normal with the sample's mean (~206 tokens)."""
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories" / "sample-train-v1.jsonl"
+    rng = np.random.default_rng(seed)
+    if sample.is_file():
+        from cairn.tokenizer.base import gpt2
+
+        tok = gpt2()
+        texts = [json.loads(line)["text"] for line in sample.read_text(encoding="utf-8").splitlines()[:400]]
+        lengths = np.array([len(t) + 1 for t in tok.encode_batch(texts)])
+        return rng.choice(lengths, n)
+    return np.clip(rng.lognormal(math.log(190), 0.4, n), 20, 999).astype(int)
+
+
+@dataclass
+class Shape:
+    model: ModelConfig  # cairn's model (any block); the references take its d, layers, heads, vocab
+    seq: int
+    batch: int
+
+
+def _adamw(model: nn.Module, device: torch.device):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+
+def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batch: int, device: torch.device,
+                   precision: str, compile_: bool = False, reference_precisions: tuple[str, ...] = ("fp32",)
+                   ) -> list[Variant]:
+    """Build each variant (and, with compile_, a torch.compile'd copy of nanogpt and cairn), take
+    one untimed step each, then time `rounds` steps of each, alternating. cairn computes in
+    `precision`; the nanogpt reference in each of `reference_precisions`, the tutorial in float32."""
+    from cairn.training.optim import make_optimizer
+
+    mc, seq, batch = shape.model, shape.seq, shape.batch
+    d, layers, heads, vocab = mc.d_model, mc.n_layers, mc.n_heads, mc.vocab_size
+    def ctx_of(p):
+        return lambda: autocast(device, p)
+    torch.manual_seed(0)
+    x = torch.randint(0, vocab, (batch, seq), device=device)
+    y = torch.randint(0, vocab, (batch, seq), device=device)
+    builders = []
+    if "nanogpt" in variants:
+        def nanogpt(compiled, p):
+            m = NanoGPT(vocab, d, layers, heads, seq).to(device)
+            n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+            f = torch.compile(m) if compiled else m
+            return make_step(m, _adamw(m, device), lambda: f(x, y), ctx_of(p)), batch * seq, batch * seq, \
+                (6 * n + 12 * layers * d * seq) * batch * seq
+        for p in dict.fromkeys(reference_precisions):
+            builders.append(("nanogpt" if p == "fp32" else f"nanogpt-{p}", nanogpt, p))
+    if "cairn" in variants or "cairn-fp32" in variants:
+        def cairn(compiled, p):
+            m = Transformer(mc).to(device)
+            # cairn's own optimizer set-up: decay on matrices only, fused AdamW
+            opt = make_optimizer(m, TrainConfig(lr=1e-4), device)
+            f = torch.compile(m) if compiled else m
+            return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), ctx_of(p)), batch * seq, \
+                batch * seq, m.flops_per_token(seq) * batch * seq
+        if "cairn" in variants:
+            builders.append(("cairn", cairn, precision))
+    if "cairn-fp32" in variants:  # cairn's own float32 step beside it: the gain of the precision alone
+        builders.append(("cairn-fp32", cairn, "fp32"))
+    if "tutorial" in variants:
+        def tutorial(compiled, p):
+            width = 1000
+            m = Tutorial(vocab, d, layers, heads, 4 * d, width).to(device)
+            lengths = story_lengths(tutorial_batch)
+            xt = torch.randint(0, vocab, (tutorial_batch, width))
+            for i, n_real in enumerate(lengths):
+                xt[i, n_real:] = 0
+            xt = xt.to(device)
+            n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
+            return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx_of(p)), tutorial_batch * width, \
+                int((lengths - 1).sum()), (6 * n + 12 * layers * d * width) * tutorial_batch * width
+        builders.append(("tutorial", tutorial, "fp32"))
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    out = []
+    for name, build, p in builders:
+        for compiled in ((False, True) if compile_ and name != "tutorial" else (False,)):
+            with PeakMemory(device) as mem:  # built and stepped once inside: its whole footprint
+                step, tokens, useful, flops = build(compiled, p)
+                t = time.perf_counter()
+                step()
+                sync()
+            v = Variant(name + ("+compile" if compiled else ""), step, tokens, useful, flops, [],
+                        mem.bytes, time.perf_counter() - t, p)
+            if compiled:
+                for _ in range(2):  # compiled code may still recompile on its second call
+                    step()
+            out.append(v)
+    sync()
+    for _ in range(rounds):
+        for v in out:
+            t = time.perf_counter()
+            v.step()
+            sync()
+            v.times.append(time.perf_counter() - t)
+    return out
+
+
+@torch.no_grad()
+def bench_generation(mc: ModelConfig, new_tokens: int, device: torch.device, precision: str,
+                     prompt_len: int = 16) -> dict:
+    from cairn.inference.generate import SamplingConfig, generate_ids
+
+    cfg = replace(mc, context_len=max(mc.context_len, prompt_len + new_tokens, 32))
+    torch.manual_seed(0)
+    m = Transformer(cfg).to(device).eval()
+    s = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eot=False)
+    prompt = list(range(1, prompt_len + 1))
+    res = {}
+    outs = {}
+    for name, cache in (("kv_cache", True), ("recompute", False), ("kv_cache", True), ("recompute", False)):
+        t = time.perf_counter()
+        with autocast(device, precision):
+            outs[name] = list(generate_ids(m, prompt, s, use_cache=cache))
+        res.setdefault(name, []).append(time.perf_counter() - t)
+    if precision == "fp32":  # in bf16 a near-tie between two tokens may legitimately flip
+        assert outs["kv_cache"] == outs["recompute"], "cached and recomputed decoding disagree"
+    return {k: new_tokens / min(v) for k, v in res.items()}
+
+
+def resolve_shape(a) -> Shape:
+    """The preset's model, sequence length and batch, with any shape flag given on top; without a
+    preset, a GPT-2 block (d_mlp = 4 d) of the given shape."""
+    if a.preset:
+        cfg = preset(a.preset)
+        mc, seq, batch = cfg.model, min(cfg.data.seq_len, cfg.model.context_len), cfg.train.batch_size
+    else:
+        mc, seq, batch = ModelConfig(d_model=256, n_layers=4, n_heads=8, d_mlp=1024, context_len=256), 256, 8
+    flags = {"d_model": a.d_model, "n_layers": a.n_layers, "n_heads": a.n_heads, "vocab_size": a.vocab_size}
+    mc = replace(mc, **{k: v for k, v in flags.items() if v is not None})
+    if a.d_model is not None and not a.preset:
+        mc = replace(mc, d_mlp=4 * a.d_model)
+    seq = a.seq_len or seq
+    mc = replace(mc, context_len=max(mc.context_len, seq))
+    if mc.d_model % mc.n_heads:
+        raise CairnError(f"--d-model {mc.d_model} is not divisible by --n-heads {mc.n_heads}")
+    return Shape(mc, seq, a.batch_size or batch)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="cairn bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="take the model, sequence length and batch from this preset "
+                                     "(e.g. reference-105m, cpu-10min); shape flags override it")
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--n-layers", type=int)
+    p.add_argument("--n-heads", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--vocab-size", type=int, help="default 50257 (GPT-2), or the preset's")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="cairn's step: auto = as training chooses (bf16 autocast on GPUs that have it; on "
+                        "CPUs bf16 where measured faster for this shape's matmuls), fp32 or bf16")
+    p.add_argument("--reference-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the nanogpt reference's step: fp32 (eager float32, the baseline), or bf16: also a "
+                        "second row of it under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd nanogpt and cairn")
+    p.add_argument("--rounds", type=int, default=0, help="timed steps per variant, alternating "
+                                                           "(default 3 on CPU, 20 on GPU)")
+    p.add_argument("--variants", default="nanogpt,cairn",
+                   help="comma list of nanogpt, cairn, cairn-fp32 (cairn in float32 whatever --precision), tutorial")
+    p.add_argument("--tutorial-batch", type=int, default=2, help="rows of 1000 tokens for the tutorial step")
+    p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    a = p.parse_args(argv)
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = sorted(set(variants) - {"nanogpt", "cairn", "cairn-fp32", "tutorial"})
+    if unknown or not variants:
+        raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, cairn-fp32, tutorial")
+    shape = resolve_shape(a)
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine slows every variant
+    device = pick_device(a.device)
+    rounds = a.rounds or (20 if device.type == "cuda" else 3)
+    if device.type == "cpu":
+        set_threads(0)
+    choice = precision_choice(a.precision, device, shape.model, shape.batch * shape.seq)
+    precision = choice.precision
+    references = ("fp32",) if a.reference_precision == "fp32" else ("fp32", "bf16")
+    peaks = {p: peak_flops(device, p) for p in dict.fromkeys((precision, *references))}
+    mc = shape.model
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    peak_text = "; ".join(f"{p} peak {pk / 1e12:.3g} TFLOP/s ({src})" if pk else f"{p}: no peak: {src}"
+                          for p, (pk, src) in peaks.items())
+    print(f"# shape d{mc.d_model} L{mc.n_layers} H{mc.n_heads} T{shape.seq} B{shape.batch} V{mc.vocab_size}"
+          f"{' (' + a.preset + ')' if a.preset else ''}; {where}; torch {torch.__version__}; "
+          f"cairn {choice.describe()}; MFU against {peak_text}")
+    runs = bench_training(shape, rounds, variants, a.tutorial_batch, device, precision, a.compile, references)
+    rows = []
+    base = None
+    print(f"{'variant':<16} {'prec':>5} {'s/step':>8} {'tok/s':>9} {'useful tok/s':>13} {'MFU':>6} {'peak MB':>8} "
+          f"{'vs first':>9} {'useful vs first':>16} {'first step s':>13}")
+    for v in runs:
+        t = statistics.median(v.times)
+        peak = peaks[v.precision][0]
+        r = {"variant": v.name, "precision": v.precision, "s_per_step": t, "tokens_per_s": v.tokens / t,
+             "useful_tokens_per_s": v.useful / t, "model_flops_per_s": v.flops / t,
+             "mfu": v.flops / t / peak if peak else None, "peak_flops": peak, "peak_memory_mb": v.peak_bytes / 2**20,
+             "first_step_s": v.first_step_s, "steps": v.times}
+        base = base or r
+        r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["useful_speedup"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
+        rows.append(r)
+        mfu = f"{r['mfu']:6.1%}" if peak else f"{'-':>6}"
+        print(f"{v.name:<16} {v.precision:>5} {t:8.3f} {r['tokens_per_s']:9.0f} {r['useful_tokens_per_s']:13.0f} {mfu} "
+              f"{r['peak_memory_mb']:8.0f} {r['speedup']:8.2f}x {r['useful_speedup']:15.2f}x {v.first_step_s:13.1f}")
+    result = {"shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
+              "device": where, "precision": precision, "precision_choice": choice.reason, "torch": torch.__version__,
+              "machine": {"cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
+                          "load_avg_1min_at_start": load_at_start,
+                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")},
+              "peak_flops": peaks[precision][0], "peak_source": peaks[precision][1],
+              "peaks": {p: {"flops": pk, "source": src} for p, (pk, src) in peaks.items()}, "training": rows}
+    if a.generate:
+        g = bench_generation(mc, a.generate, device, precision)
+        result["generation_tokens_per_s"] = g
+        print(f"generation of {a.generate} tokens: KV cache {g['kv_cache']:.1f} tok/s, full recomputation "
+              f"{g['recompute']:.1f} tok/s: {g['kv_cache'] / g['recompute']:.2f}x")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0

@@ -1,0 +1,67 @@
+"""Load a trained model from a run directory or a checkpoint, for evaluation, generation and export.
+
+Loading never imports the training loop: checkpoints are read by `cairn.checkpoint.store`, the
+tokenizer is found by `cairn.data.run_tokenizer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cairn.checkpoint import store as ckpt
+from cairn.data import run_tokenizer
+from cairn.config.sections import RunConfig, from_dict, validate
+from cairn.util.errors import CairnError
+from cairn.model.transformer import Transformer, build_model
+from cairn.runtime.device import pick_device
+from cairn.tokenizer.base import Tokenizer
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    config: RunConfig
+    tokenizer: Tokenizer
+    path: Path
+    meta: dict
+    device: torch.device
+
+
+def load(path: str | Path, device: str = "auto", merge: bool = False) -> Loaded:
+    """A run directory (its final checkpoint, else its newest) or one checkpoint directory. A
+    LoRA run's model carries its adapters (peft's layers), or with `merge` has them folded into
+    plain weights."""
+    c = ckpt.read_checkpoint(ckpt.resolve(path))
+    cfg = saved_config(c)
+    tokenizer = run_tokenizer.for_checkpoint(c.path, cfg.tokenizer, c.meta.get("tokenizer"))
+    dev = pick_device(device)
+    model = build_model(cfg.model, torch.device("cpu"))
+    t = cfg.train
+    if t.lora_rank:
+        from cairn.model import lora
+
+        model = lora.add_adapters(model, t.lora_rank, t.lora_alpha, t.lora_targets)
+    try:
+        model.load_weights(c.model_state())
+    except RuntimeError as e:
+        raise CairnError(f"{c.path}: weights do not fit the saved model config ({str(e).splitlines()[0].strip()}): "
+                         "use another checkpoint") from None
+    if t.lora_rank and merge:
+        from cairn.model import lora
+
+        model = lora.merge(model)
+    return Loaded(model.to(dev).eval(), cfg, tokenizer, c.path, c.meta, dev)
+
+
+def saved_config(c: ckpt.Checkpoint) -> RunConfig:
+    """The config a checkpoint was trained with, checked as a new run's would be."""
+    raw = c.meta.get("config")
+    try:
+        if not isinstance(raw, dict) or not all(isinstance(raw.get(s, {}), dict) for s in ("model", "data", "train")):
+            raise CairnError("not a table of settings")
+        return validate(from_dict(raw))
+    except CairnError as e:
+        raise CairnError(f"{c.path}/state.json holds no valid config ({e}): use another checkpoint") from None

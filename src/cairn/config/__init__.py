@@ -1,0 +1,1 @@
+"""A run's typed configuration: its sections and their checks (`sections`), the named presets (`presets`)."""

@@ -1,0 +1,152 @@
+"""Which tokenizer a run uses: decided here and nowhere else.
+
+A run's `tokenizer` setting is one of
+  gpt2       GPT-2's exact BPE, built into cairn;
+  bpe:N      an N-token byte-level BPE learned on the run's own training split (never on its
+             held-out stories), cached by the data's content and split settings;
+  DIRECTORY  a tokenizer made by `cairn tokenizer train`.
+Every run keeps a copy of an own tokenizer in RUN/tokenizer/. Whatever reads the run later
+(resume, eval, generate, export) uses that copy first, so a run stays usable when the directory
+it was trained with moves, and checks that the tokenizer is the one the checkpoint names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from cairn.config.sections import DataConfig, RunConfig
+from cairn.data import clean_texts, load_texts, source_fingerprint, split_stories
+from cairn.data.cache import cache_root
+from cairn.util.errors import CairnError
+from cairn.tokenizer.base import EOT, INFO_FILE, TOKENIZER_FILE, BPETokenizer, Tokenizer, get_tokenizer, parse_bpe_spec
+from cairn.tokenizer.learn import train_bpe
+
+log = logging.getLogger(__name__)
+
+RUN_COPY = "tokenizer"  # RUN/tokenizer: the run's own copy of an own tokenizer
+
+
+def for_training(cfg: RunConfig, run_dir: Path, resuming: bool) -> Tokenizer:
+    """The tokenizer a training run in `run_dir` uses. A resumed `bpe:N` run uses its own copy
+    (the very tokenizer its checkpoints were trained with); a new one learns (or finds cached) a
+    BPE on its training split. A directory is used as named (a resume then checks it is the
+    checkpoint's); when it has moved away, the run's copy stands in for it."""
+    copy = Path(run_dir) / RUN_COPY
+    has_copy = (copy / TOKENIZER_FILE).is_file()
+    if cfg.tokenizer == "gpt2":
+        return get_tokenizer("gpt2")
+    vocab = parse_bpe_spec(cfg.tokenizer)
+    if vocab is not None:
+        return get_tokenizer(str(copy)) if resuming and has_copy else learn_on_split(vocab, cfg.data, cfg.seed)
+    if not Path(cfg.tokenizer).is_dir() and has_copy:
+        return get_tokenizer(str(copy))
+    return _directory(cfg.tokenizer)
+
+
+def for_checkpoint(checkpoint: Path, spec: object, recorded: object) -> Tokenizer:
+    """The tokenizer a checkpoint was trained with: the copy beside it or in its run first, else
+    the directory its config names; refused when it is not the one the checkpoint recorded."""
+    if not isinstance(spec, str) or spec == "gpt2":
+        tokenizer = get_tokenizer("gpt2")
+    else:
+        places = [checkpoint / RUN_COPY]
+        if checkpoint.parent.name == "checkpoints":
+            places.append(checkpoint.parent.parent / RUN_COPY)
+        found = next((p for p in places if (p / TOKENIZER_FILE).is_file()), None)
+        if found is None and not (Path(spec) / TOKENIZER_FILE).is_file():
+            raise CairnError(f"{checkpoint} was trained with the tokenizer in {spec!r}, which is gone, and its run "
+                             "keeps no copy (RUN/tokenizer): put the tokenizer directory back")
+        tokenizer = get_tokenizer(str(found or spec))
+    check_same(tokenizer, recorded, checkpoint)
+    return tokenizer
+
+
+def check_same(tokenizer: Tokenizer, recorded: object, checkpoint: Path) -> None:
+    """`recorded` is a checkpoint's {"name": ...} entry; a different tokenizer would read its
+    token ids as other text."""
+    name = recorded.get("name") if isinstance(recorded, dict) else None
+    if name is not None and name != tokenizer.name:
+        raise CairnError(f"{checkpoint} was trained with tokenizer {name!r}, but this run's holds "
+                         f"{tokenizer.name!r}: put the run's tokenizer back (RUN/tokenizer)")
+
+
+def save_copy(tokenizer: Tokenizer, run_dir: Path) -> None:
+    """Keep an own tokenizer with the run (GPT-2 is built in: nothing to keep)."""
+    tokenizer.save(Path(run_dir) / RUN_COPY)
+
+
+def for_data(spec: str, data_cfg: DataConfig, seed: int) -> Tokenizer:
+    """The tokenizer that tokenizes a data source outside a run (`cairn prepare`)."""
+    vocab = parse_bpe_spec(spec)
+    if vocab is not None:
+        return learn_on_split(vocab, data_cfg, seed)
+    return get_tokenizer("gpt2") if spec == "gpt2" else _directory(spec)
+
+
+def _directory(spec: str) -> Tokenizer:
+    if not (Path(spec) / TOKENIZER_FILE).is_file():
+        raise CairnError(f"tokenizer {spec!r} is neither 'gpt2', 'bpe:N' nor a directory holding "
+                         f"{TOKENIZER_FILE}: use 'gpt2', bpe:4096 (learned on the training split) or a directory "
+                         "made by `cairn tokenizer train`")
+    return get_tokenizer(spec)
+
+
+def learn_on_split(vocab_size: int, data_cfg: DataConfig, seed: int) -> BPETokenizer:
+    """A BPE learned on exactly the training split `cairn train` makes of `data_cfg` with `seed`, so
+    no validation or test story shapes it. Cached by the data's content and split settings: the
+    second run with the same data maps it instead of learning it again (deterministic either way)."""
+    d = data_cfg
+    out = cache_root(d.cache_dir).parent / "tokenizers" / f"bpe{vocab_size}-{_split_key(vocab_size, d, seed)}"
+    cached = _cached(out)
+    if cached is not None:
+        log.info(f"using cached tokenizer {cached.name} ({cached.vocab_size} tokens) at {out}")
+        return cached
+    learn, _ = training_texts(d.source, text_field=d.text_field, txt_separator=d.txt_separator,
+                              hub_split=d.hub_split, seed=seed, n_samples=d.n_samples, train_frac=d.train_frac)
+    start = time.perf_counter()
+    try:
+        tok = train_bpe(learn, vocab_size, out)
+    except OSError as e:
+        raise CairnError(f"cannot write the tokenizer cache {out} ({e.strerror or e}): "
+                         "free disk space or set --cache-dir") from None
+    log.info(f"learned tokenizer {tok.name} ({tok.vocab_size} tokens) on the {len(learn):,} training stories in "
+             f"{time.perf_counter() - start:.1f}s; cached at {out}")
+    return tok
+
+
+def _split_key(vocab_size: int, d: DataConfig, seed: int) -> str:
+    fingerprint = source_fingerprint(d.source, d.text_field, d.txt_separator, d.hub_split)
+    ident = {"version": 2, "fingerprint": fingerprint, "text_field": d.text_field, "txt_separator": d.txt_separator,
+             "hub_split": d.hub_split, "seed": seed, "n_samples": d.n_samples, "train_frac": d.train_frac,
+             "vocab_size": vocab_size, "min_frequency": 2}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _cached(out: Path) -> Optional[BPETokenizer]:
+    if (out / TOKENIZER_FILE).is_file() and (out / INFO_FILE).is_file():
+        return BPETokenizer(out)
+    return None
+
+
+def training_texts(source: str, *, text_field: str = "text", txt_separator: str = EOT, hub_split: str = "train",
+                   seed: int = 42, n_samples: int = 0, train_frac: float = 0.8,
+                   all_stories: bool = False) -> tuple[list[str], list[str]]:
+    """(stories to learn from, held-out stories) of `source`, cleaned as `cairn train` cleans them.
+
+    Both in file order; the first are exactly the train split `prepare_data` caches with the same
+    seed, n_samples and train_frac (`split_assignment`), the second the rest of the kept stories."""
+    texts = clean_texts(load_texts(source, text_field, txt_separator, hub_split))
+    if not texts:
+        raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and --text-field")
+    if all_stories:
+        return texts, []
+    if not 0 < train_frac <= 1:
+        raise CairnError(f"--train-frac must be in (0, 1], got {train_frac}")
+    # the same shuffle and cut as `cairn train`: its first int(train_frac * n) stories are the training split
+    splits = split_stories(texts, seed, n_samples, train_frac, 0.0)
+    return splits["train"], splits["test"]

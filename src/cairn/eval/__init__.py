@@ -1,0 +1,1 @@
+"""Held-out metrics: loss, perplexity and bits per byte (`evaluate`)."""

@@ -1,0 +1,1 @@
+"""The transformer (`transformer`), the fused head and cross-entropy (`ops`), LoRA adapters (`lora`)."""

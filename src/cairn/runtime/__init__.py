@@ -1,0 +1,3 @@
+"""Where and how a run computes: device, threads, seeding, autocast, free memory (`device`), and the
+precision chosen by measurement (`precision`).
+"""

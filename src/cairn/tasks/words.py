@@ -1,0 +1,148 @@
+"""`cairn eval RUN --task words --data F`: does the model write stories that use the words asked for?
+
+F holds JSONL records with a `prompt` ("Write a story that uses the words: w1, w2, w3.") and its
+`words` (and, optionally, the held-out story they were taken from as `response`: then the prompt
+gain below is reported too). Each prompt is put through the run's chat template (the one it was tuned with; a base run
+gets the default template, the same text) and one story is sampled per prompt with a fixed seed
+(the record's position + --seed). A story honours its prompt when every word occurs in it as a
+whole word, case-insensitively ("cat" is not found in "cats" or "scatter"). The figure is the
+fraction of prompts honoured.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
+from cairn.util import jsonl
+from cairn.tokenizer.chat_template import ChatTemplate, instruction
+from cairn.util.errors import CairnError
+from cairn.inference.generate import SamplingConfig, TextStream
+from cairn.checkpoint.load import load
+
+WORD = re.compile(r"[A-Za-z]+")
+
+
+def words_found(text: str, words: list[str]) -> int:
+    """How many of `words` occur in `text` as whole words, case-insensitively."""
+    present = {w.lower() for w in WORD.findall(text)}
+    return sum(w.lower() in present for w in words)
+
+
+def uses_all(text: str, words: list[str]) -> bool:
+    return words_found(text, words) == len(words)
+
+
+def read_word_prompts(path: str | Path) -> list[dict]:
+    out = []
+    for n, r in jsonl.records(path, "word prompts file (--data)"):
+        if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("words"), list)
+                and r["words"] and all(isinstance(w, str) and WORD.fullmatch(w) for w in r["words"])):
+            raise CairnError(f"{path}:{n}: needs a text 'prompt' and a list of 'words' (letters only), e.g. "
+                             "{\"prompt\": \"Write a story that uses the words: cat, hat, sun.\", "
+                             "\"words\": [\"cat\", \"hat\", \"sun\"]}")
+        out.append({"prompt": r["prompt"], "words": r["words"],
+                    **({"response": r["response"]} if isinstance(r.get("response"), str) else {})})
+    if not out:
+        raise CairnError(f"--data {str(path)!r} holds no prompt")
+    return out
+
+
+def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", seed: int = 0,
+                   max_new_tokens: int = 300, temperature: float = 0.8, top_k: int = 50,
+                   limit: int = 0, on_sample: Optional[callable] = None) -> dict:
+    """One story per prompt of `data` from the model at `run`; the fraction that use all their words."""
+    prompts = read_word_prompts(data)[:limit or None]
+    loaded = load(run, device, merge=True)
+    template = ChatTemplate.from_config(loaded.config.data)
+    samples, honoured, started = [], 0, time.perf_counter()
+    for i, p in enumerate(prompts):
+        s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i)
+        stream = TextStream(loaded.model, loaded.tokenizer, p["prompt"], s,
+                            prompt_ids=instruction(template, loaded.tokenizer, p["prompt"]))
+        for _ in stream:
+            pass
+        ok = uses_all(stream.text, p["words"])
+        honoured += ok
+        sample = {"prompt": p["prompt"], "words": p["words"], "seed": s.seed, "story": stream.text, "honoured": ok,
+                  "words_found": words_found(stream.text, p["words"]), "finish_reason": stream.finish_reason}
+        samples.append(sample)
+        if on_sample is not None:
+            on_sample(sample)
+    asked = sum(len(p["words"]) for p in prompts)
+    # records made from held-out stories (benchmarks/words_data.py keeps them) also give the prompt gain
+    gain = prompt_gain(loaded, prompts) if len(prompts) > 1 and all("response" in p for p in prompts) else None
+    return {"checkpoint": str(loaded.path), "prompts": len(prompts), "honoured": honoured,
+            "rate": honoured / len(prompts), "word_rate": sum(x["words_found"] for x in samples) / asked,
+            "sampling": {"temperature": temperature, "top_k": top_k,
+                                                          "max_new_tokens": max_new_tokens, "seeds": f"{seed}.."},
+            "prompt_gain": gain and round(gain["gain"], 4), "prompt_gain_tokens": gain and gain["word_tokens"],
+            "seconds": round(time.perf_counter() - started, 1), "samples": samples}
+
+
+def word_token_positions(tokenizer, ids: list[int], start: int, words: list[str]) -> list[int]:
+    """Indices into `ids` (from `start` on) of the tokens that spell an occurrence of one of `words`
+    (whole word, case-insensitive): every token overlapping the word's bytes."""
+    pieces = [tokenizer.decode_bytes([t]) for t in ids[start:]]
+    ends = list(itertools.accumulate(len(p) for p in pieces))  # byte offset where each token ends
+    text = b"".join(pieces)
+    out: set[int] = set()
+    for w in words:
+        for m in re.finditer(rb"(?<![A-Za-z])" + re.escape(w.encode()) + rb"(?![A-Za-z])", text, re.I):
+            first = bisect.bisect_right(ends, m.start())  # the token holding the word's first byte
+            last = bisect.bisect_left(ends, m.end())  # the token holding its last byte
+            out.update(range(start + first, start + last + 1))
+    return sorted(out)
+
+
+def prompt_gain(loaded, records: list[dict], limit: int = 0) -> dict:
+    """How much the model's prompt tells it about the asked words, teacher-forced on held-out stories.
+
+    For each record (`prompt`, `words` and its story, `response`) the story is scored twice through
+    the run's template: after its own prompt and after the next record's prompt (other words). The
+    gain is the mean log-probability, in nats per token, that the right prompt adds to the tokens
+    spelling the asked words in the story. A model that copies the asked words scores well above 0;
+    sampling honours a prompt only when this is large, so it measures progress that the all-three
+    rate cannot show while it is still 0."""
+    import torch
+
+    from cairn.tokenizer.chat_template import encode_conversation
+
+    template = ChatTemplate.from_config(loaded.config.data)
+    recs = [r for r in records if isinstance(r.get("response"), str)][:limit or None]
+    if len(recs) < 2:
+        raise CairnError("prompt gain needs at least 2 records with the story ('response') they were made from")
+    ctx = loaded.model.cfg.context_len
+    totals = [0.0, 0.0]  # summed log-probability after the right prompt, after the other one
+    tokens = 0
+    for i, r in enumerate(recs):
+        runs = []
+        for prompt in (r["prompt"], recs[(i + 1) % len(recs)]["prompt"]):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["response"]}]
+            ids, target = encode_conversation(template, loaded.tokenizer, messages)
+            runs.append((ids, target.index(True)))
+        # the story's tokens are the same after either prompt: score the part that fits after both
+        story_len = min(min(len(ids), ctx + 1) - first for ids, first in runs)
+        if story_len <= 0:
+            continue
+        ids, first = runs[0]
+        at = [j - first for j in word_token_positions(loaded.tokenizer, ids[:first + story_len], first, r["words"])]
+        if not at:
+            continue
+        for k, (ids, first) in enumerate(runs):
+            ids = ids[:first + story_len]
+            with torch.no_grad():
+                logp = loaded.model(torch.tensor([ids[:-1]], device=loaded.device))[0].float().log_softmax(-1)
+            rows = torch.tensor([first + j - 1 for j in at], dtype=torch.long, device=loaded.device)
+            got = logp[rows, torch.tensor([ids[first + j] for j in at], device=loaded.device)].sum().item()
+            totals[k] += got
+        tokens += len(at)
+    if not tokens:
+        raise CairnError("none of the records' stories contains its words: give the records their stories")
+    right, wrong = totals
+    return {"records": len(recs), "word_tokens": tokens, "logprob_right": right / tokens,
+            "logprob_wrong": wrong / tokens, "gain": (right - wrong) / tokens}

@@ -1,0 +1,80 @@
+"""Train an own byte-level BPE tokenizer (`cairn tokenizer train`) with Hugging Face `tokenizers`.
+
+The tokenizer is GPT-2's kind: text is cut with GPT-2's pre-tokenization regex, each piece is
+turned into bytes (shown as GPT-2's printable byte characters), and merges are learned on the
+stories. Every one of the 256 bytes is in the vocabulary, so any text encodes and decodes back
+exactly. `<|endoftext|>` is a special token: cairn puts it after every story.
+
+The directory it writes holds
+  tokenizer.json        the tokenizer (loadable by `tokenizers` and `transformers`)
+  cairn-tokenizer.json  name ("bpe-" + sha256 prefix of tokenizer.json), vocab size, <|endoftext|> id
+
+By default it learns from the training split only (the same seeded shuffle and cut as
+`cairn train`, with --seed and --train-frac), so the held-out stories a model is scored on never
+shaped its tokenizer; a model run with the same seed and a train_frac at least as large trains on
+a superset of these stories.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from cairn.util import files
+from cairn.util.errors import CairnError
+from cairn.tokenizer.base import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, Tokenizer, content_name
+
+
+def train_bpe(texts: Sequence[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> BPETokenizer:
+    """Learn a byte-level BPE of at most `vocab_size` tokens (fewer if the text runs out of pairs
+    seen `min_frequency` times) and write it to `out_dir`; return it loaded."""
+    try:
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    except ImportError:
+        raise CairnError("training a tokenizer needs the `tokenizers` package: pip install tokenizers") from None
+    if vocab_size < MIN_VOCAB:
+        raise CairnError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + {EOT}), got {vocab_size}")
+    if min_frequency < 1:
+        raise CairnError(f"--min-frequency must be 1 or more, got {min_frequency}")
+    if not texts:
+        raise CairnError("no stories to train the tokenizer on: check --data")
+    out = Path(out_dir)
+    _check_out(out)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[EOT],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
+    text = tok.to_str()
+
+    with files.atomic_dir(out) as tmp:
+        (tmp / TOKENIZER_FILE).write_text(text, encoding="utf-8")
+        loaded = BPETokenizer(tmp)  # checks the file and computes the name from its bytes
+        info = {**loaded.info(), "trained_on": {"stories": len(texts),
+                                                "bytes": sum(len(t.encode("utf-8")) for t in texts)},
+                "requested_vocab_size": vocab_size, "min_frequency": min_frequency}
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+    result = BPETokenizer(out)
+    assert result.name == content_name((out / TOKENIZER_FILE).read_bytes())
+    return result
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a new or empty directory, or one holding only an earlier tokenizer."""
+    if out.exists() and not out.is_dir():
+        raise CairnError(f"--out {str(out)!r} is a file, not a directory: choose another --out")
+    if out.is_dir():
+        other = [p.name for p in out.iterdir() if p.name not in (TOKENIZER_FILE, INFO_FILE)]
+        if other:
+            raise CairnError(f"--out {str(out)!r} already holds other files ({', '.join(sorted(other)[:3])}): "
+                             "choose a new directory")
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: Sequence[str]) -> float:
+    """Compression: UTF-8 bytes of `texts` per token (higher = fewer tokens for the same text)."""
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    n_tokens = sum(len(ids) for ids in tokenizer.encode_batch(list(texts)))
+    return n_bytes / max(n_tokens, 1)
