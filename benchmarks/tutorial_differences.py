@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import cairn  # noqa: E402
 import cairn.model.transformer  # noqa: E402
 import cairn.training.optim as optim  # noqa: E402
-from cairn.config.sections import apply_overrides  # noqa: E402
+from cairn.config.io import apply_overrides  # noqa: E402
 from cairn.util.host import cpu_description  # noqa: E402
 
 STEPS = 80

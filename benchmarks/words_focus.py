@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-import cairn.data.sft as sft
+import cairn.data.formats.sft as sft
 from cairn.cli.commands import main as cairn_main
 from cairn.tasks.words import word_token_positions
 from words_data import PROMPT

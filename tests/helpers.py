@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cairn.config.sections import RunConfig, apply_overrides
+from cairn.config.sections import RunConfig
+
+from cairn.config.io import apply_overrides
 from cairn.config.presets import preset
 
 

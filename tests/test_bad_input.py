@@ -345,7 +345,7 @@ CASES = [
     C("config-is-a-directory", lambda c: c.train("--config", c.folder("cfgdir", {})), r"is a directory"),
     C("config-not-toml", _config("this is = = not toml\n[unclosed\n"), r"is not valid TOML"),
     C("config-not-utf8", _config(b"[train]\nlr = 1e-3 # caf\xe9\n"), r"is not UTF-8"),
-    C("config-wrong-type", _config('[train]\nlr = "fast"\n'), r"train\.lr must be a float, got 'fast'"),
+    C("config-wrong-type", _config('[train]\nlr = "fast"\n'), r"schedule\.lr must be a float, got 'fast'"),
     C("config-int-not-whole", _config("[model]\nd_model = 64.5\n"), r"model\.d_model must be an int"),
     C("config-unknown-key", _config("[train]\nlearning_rate = 0.1\n"), r"unknown key train\.learning_rate"),
     C("config-unknown-section", _config("[optimizer]\nlr = 0.1\n"), r"unknown section \[optimizer\]"),
@@ -366,7 +366,7 @@ CASES = [
     C("option-int-not-whole", lambda c: c.train("--batch-size", "1.5"), r"batch-size must be an int, got '1.5'"),
     C("max-steps-not-int", lambda c: c.train("--max-steps", "many"), r"--max-steps: invalid int value: 'many'"),
     C("batch-size-zero", lambda c: c.train("--batch-size", "0"), r"train\.batch_size must be positive, got 0"),
-    C("lr-negative", lambda c: c.train("--lr", "-1"), r"train\.lr must be positive, got -1"),
+    C("lr-negative", lambda c: c.train("--lr", "-1"), r"schedule\.lr must be positive, got -1"),
     C("lr-nan", lambda c: c.train("--lr", "nan"), r"lr must be a float, got 'nan'"),
     C("d-model-zero", lambda c: c.train("--d-model", "0"), r"model\.d_model must be positive, got 0"),
     C("epochs-zero", lambda c: c.train("--epochs", "0"), r"train\.epochs must be positive, got 0"),
@@ -550,7 +550,7 @@ def test_the_planted_payload_is_live(tmp_path, via):
 
 def _lib_train_zero_batch(c: Ctx):
     import cairn
-    from cairn.config.sections import apply_overrides
+    from cairn.config.io import apply_overrides
 
     cfg = apply_overrides(cairn.preset("tiny"), {"batch_size": 0, "source": str(c.w.data)})
     return lambda: cairn.train(cfg, c.out)
@@ -579,7 +579,7 @@ def _lib_load_texts_bad_utf8(c: Ctx):
 
 
 def _lib_load_toml_unknown_section(c: Ctx):
-    from cairn.config.sections import load_toml
+    from cairn.config.io import load_toml
 
     f = c.file("c.toml", "[optimizer]\nlr = 1\n")
     return lambda: load_toml(f)

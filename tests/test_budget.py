@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cairn.cli import main
-from cairn.config.sections import parse_duration
+from cairn.config.rules import parse_duration
 from cairn.util.errors import CairnError
 from cairn.training import train
 from helpers import assert_same_weights, config
@@ -132,15 +132,15 @@ def test_an_epoch_end_that_would_overrun_the_budget_ends_the_run_there(tmp_path,
     """An epoch's end validates and saves. When that would run past the deadline, the run stops at
     the epoch's last step and its end validates the final model once, in the time kept for it;
     it does not validate at the epoch's end, take one more step, find itself late and validate again."""
-    from cairn.training import build
+    from cairn.training.budget.budget import Budget
 
-    plan = build.plan_for_budget
+    fit = Budget.fit
 
-    def pessimistic(trainer):
-        plan(trainer)
-        trainer.epoch_end_s = 1e6  # as if the epoch's validation would outlast the budget
+    def pessimistic(self, costs, work):
+        fit(self, costs, work)
+        self.epoch_end_s = 1e6  # as if the epoch's validation would outlast the budget
 
-    monkeypatch.setattr(build, "plan_for_budget", pessimistic)
+    monkeypatch.setattr(Budget, "fit", pessimistic)
     out = tmp_path / "run"
     done = train(small(stories_file, small_tokenizer, time_budget="60s", report_every=1000, eval_every=0,
                        end_stories=0), out)
@@ -173,13 +173,13 @@ def test_sampled_epoch_end_validation_still_ends_on_the_whole_split(tmp_path, st
     (500, 0.1995, None),  # a wobble within GROW_MARGIN (fits 1001) leaves it alone
 ])
 def test_the_plan_follows_the_recent_pace_both_ways(step, pace, expect):
-    from cairn.training.budget import replan
+    from cairn.training.budget.plan import replan
 
     assert replan(step, total=1000, warmup=3, pace_s=pace, left_s=100.0, overhead_s=0.0) == expect
 
 
 def test_a_replan_counts_the_overhead_and_never_goes_below_the_steps_done_or_the_warmup():
-    from cairn.training.budget import replan
+    from cairn.training.budget.plan import replan
 
     # 100 s at 0.1 s per step plus 0.1 s of evaluations and checkpoints per step: 500 more steps
     assert replan(500, total=2000, warmup=3, pace_s=0.1, left_s=100.0, overhead_s=0.1) == 1000
@@ -189,7 +189,7 @@ def test_a_replan_counts_the_overhead_and_never_goes_below_the_steps_done_or_the
 
 
 def test_a_budget_plan_reserves_the_end_and_spreads_the_evaluations():
-    from cairn.training.budget import SAFETY_FRAC, SAFETY_S, Costs, Workload, plan
+    from cairn.training.budget.plan import SAFETY_FRAC, SAFETY_S, Costs, Workload, plan
 
     c = Costs(step_s=0.1, eval_batch_s=0.05, checkpoint_s=0.5, story_token_s=0.01)
     w = Workload(steps_per_epoch=1000, val_batches=20, test_batches=10, eval_every=100, eval_sample_batches=4,
@@ -220,21 +220,22 @@ def test_the_budget_clock_starts_with_the_process_not_after_the_imports():
 def test_the_deadline_keeps_the_plans_margin(tmp_path, stories_file, small_tokenizer, monkeypatch):
     """Re-plans fit the steps into the time left before the deadline: the deadline itself must sit
     the margin before the end, or each re-plan would spend the margin kept for a slower machine."""
-    from cairn.training import budget, build
+    from cairn.training.budget import plan as budget
+    from cairn.training.budget.budget import Budget
 
     seen = {}
-    plan, plan_for_budget = budget.plan, build.plan_for_budget
+    plan, fit = budget.plan, Budget.fit
 
     def planned(*args, **kwargs):
         seen["plan"] = plan(*args, **kwargs)
         return seen["plan"]
 
-    def spy(trainer):
-        plan_for_budget(trainer)
-        seen.update(started=trainer.started, deadline=trainer.deadline)
+    def spy(self, costs, work):
+        fit(self, costs, work)
+        seen.update(started=self.started, deadline=self.deadline)
 
     monkeypatch.setattr(budget, "plan", planned)
-    monkeypatch.setattr(build, "plan_for_budget", spy)
+    monkeypatch.setattr(Budget, "fit", spy)
     train(small(stories_file, small_tokenizer, time_budget="40s", max_steps=3, end_stories=0), tmp_path / "run")
     kept = seen["started"] + 40 - seen["deadline"]  # what the steps may never use
     assert kept == pytest.approx(seen["plan"].reserve_s + 0.03 * 40 + budget.SAFETY_S)

@@ -6,8 +6,9 @@ import sys
 import typing
 from pathlib import Path
 
-from cairn.config.sections import (DataConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, describe_options,
-                          field_index, from_dict, load_toml, to_toml, validate)
+from cairn.config.io import apply_overrides, describe_options, field_index, from_dict, load_toml, to_toml
+from cairn.config.sections import (SECTIONS, BudgetConfig, DataConfig, ModelConfig, OptimConfig, RunConfig,
+                                   ScheduleConfig, SystemConfig, validate)
 from cairn.util.errors import CairnError
 from cairn.config.presets import PRESETS, config_file, preset
 
@@ -111,10 +112,9 @@ def test_reference_preset_has_the_tutorials_hyperparameters():
     assert (c.model.vocab_size, c.model.d_model, c.model.n_layers, c.model.n_heads, c.model.d_mlp,
             c.model.context_len) == (50257, 768, 4, 12, 3072, 1000)
     assert (c.data.n_samples, c.data.train_frac, c.data.val_frac, c.data.batching) == (100, 0.8, 0.1, "pad")
-    t = c.train
-    assert (t.batch_size, t.lr, t.grad_clip, t.patience, t.report_every, t.checkpoint_every, t.epochs) == \
-        (32, 5e-4, 1.0, 5, 5, 50, 1)
-    assert t.schedule == "linear" and t.warmup_frac < 1.0  # not the whole run
+    assert (c.train.batch_size, c.schedule.lr, c.optim.grad_clip, c.eval.patience, c.report.report_every,
+            c.checkpoint.checkpoint_every, c.train.epochs) == (32, 5e-4, 1.0, 5, 5, 50, 1)
+    assert c.schedule.schedule == "linear" and c.schedule.warmup_frac < 1.0  # not the whole run
     assert c.seed == 42
     validate(c)
 
@@ -122,7 +122,7 @@ def test_reference_preset_has_the_tutorials_hyperparameters():
 def test_overrides_short_dotted_and_dashed():
     c = apply_overrides(preset("cpu-small"), {"lr": "1e-3", "model.d_model": "128", "n-heads": "4",
                                               "compile": "true", "batching": "pad"})
-    assert c.train.lr == 1e-3 and c.model.d_model == 128 and c.model.n_heads == 4 and c.train.compile is True
+    assert c.schedule.lr == 1e-3 and c.model.d_model == 128 and c.model.n_heads == 4 and c.system.compile is True
     assert c.data.batching == "pad"
 
 
@@ -160,7 +160,7 @@ def test_toml_round_trip_and_file_errors(tmp_path):
     assert load_toml(f, RunConfig()) == c
     assert from_dict(c.to_dict()) == c
     f.write_text("[train]\nlr = 'high'\n")
-    with pytest.raises(CairnError, match="train.lr must be a float"):
+    with pytest.raises(CairnError, match="schedule.lr must be a float"):
         load_toml(f)
     f.write_text("[train]\nlearning_rate = 1\n")
     with pytest.raises(CairnError, match="unknown key train.learning_rate"):
@@ -179,12 +179,12 @@ def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
         validate(preset(name))
     c = preset("cpu-10min")
     # the settings docs/experiments.md measured; the run's time budget plans the steps
-    assert c.tokenizer == "bpe:4096" and c.train.time_budget == "10m" and c.train.end_stories == 3 and c.train.compile
+    assert c.tokenizer == "bpe:4096" and c.budget.time_budget == "10m" and c.eval.end_stories == 3 and c.system.compile
     assert (c.model.positions, c.model.norm, c.model.mlp, c.model.bias) == ("rope", "rmsnorm", "swiglu", False)
     assert (c.model.d_model, c.model.n_layers, c.model.tie_embeddings) == (128, 3, False)
-    assert (c.train.batch_size, c.train.lr, c.train.embed_lr_scale, c.train.beta2) == (4, 2.5e-3, 10.0, 0.999)
+    assert (c.train.batch_size, c.schedule.lr, c.optim.embed_lr_scale, c.optim.beta2) == (4, 2.5e-3, 10.0, 0.999)
     assert c.data.val_frac > 0  # scored on a validation split it never trains on
-    assert c.data.story_mask and c.train.epoch_val == "sample"
+    assert c.data.story_mask and c.eval.epoch_val == "sample"
     c.model.vocab_size = 4096
     assert Transformer(c.model).num_params() == 1_651_584
 
@@ -192,7 +192,8 @@ def test_every_preset_is_valid_and_cpu_10min_is_the_measured_one():
 def test_presets_keep_their_values():
     assert set(PRESETS) == set(PRESET_VALUES)
     for name, expected in PRESET_VALUES.items():
-        assert preset(name).to_dict() == expected, name
+        # the values as a flat [model] [data] [train] table, the layout before the sections by concern
+        assert from_dict(expected) == preset(name), name
 
 
 CHOICES = {
@@ -201,11 +202,11 @@ CHOICES = {
     "mlp": ("model", ("gelu", "swiglu")),
     "batching": ("data", ("pack", "pad")),
     "format": ("data", ("text", "sft")),
-    "optimizer": ("train", ("adamw", "muon")),
-    "schedule": ("train", ("linear", "cosine", "constant")),
-    "epoch_val": ("train", ("full", "sample")),
-    "precision": ("train", ("auto", "fp32", "bf16")),
-    "parallel": ("train", ("ddp", "fsdp")),
+    "optimizer": ("optim", ("adamw", "muon")),
+    "schedule": ("schedule", ("linear", "cosine", "constant")),
+    "epoch_val": ("eval", ("full", "sample")),
+    "precision": ("system", ("auto", "fp32", "bf16")),
+    "parallel": ("system", ("ddp", "fsdp")),
 }
 
 
@@ -215,7 +216,7 @@ def test_choice_fields_are_literals_and_device_is_free_text():
                 if "." not in name and typing.get_origin(tp) is typing.Literal}
     assert literals == CHOICES
     assert index["device"][2] is str
-    assert apply_overrides(RunConfig(), {"device": "cuda:1"}).train.device == "cuda:1"
+    assert apply_overrides(RunConfig(), {"device": "cuda:1"}).system.device == "cuda:1"
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -224,13 +225,13 @@ def test_choice_fields_are_literals_and_device_is_free_text():
     ("model.norm", "batchnorm", "model.norm must be 'layernorm' or 'rmsnorm', got 'batchnorm': "
                                 "set --norm to one of them"),
     ("batching", "bucket", "data.batching must be 'pack' or 'pad', got 'bucket': set --batching to one of them"),
-    ("schedule", "step", "train.schedule must be 'linear', 'cosine' or 'constant', got 'step': "
+    ("schedule", "step", "schedule.schedule must be 'linear', 'cosine' or 'constant', got 'step': "
                          "set --schedule to one of them"),
-    ("precision", "fp16", "train.precision must be 'auto', 'fp32' or 'bf16', got 'fp16': "
+    ("precision", "fp16", "system.precision must be 'auto', 'fp32' or 'bf16', got 'fp16': "
                           "set --precision to one of them"),
-    ("epoch-val", "some", "train.epoch_val must be 'full' or 'sample', got 'some': set --epoch-val to one of them"),
-    ("optimizer", "Muon", "train.optimizer must be 'adamw' or 'muon', got 'Muon'"),
-    ("parallel", 1, "train.parallel must be 'ddp' or 'fsdp', got 1"),
+    ("epoch-val", "some", "eval.epoch_val must be 'full' or 'sample', got 'some': set --epoch-val to one of them"),
+    ("optimizer", "Muon", "optim.optimizer must be 'adamw' or 'muon', got 'Muon'"),
+    ("parallel", 1, "system.parallel must be 'ddp' or 'fsdp', got 1"),
 ])
 def test_a_choice_outside_its_literal_is_refused_when_set(key, value, message):
     with pytest.raises(CairnError) as e:
@@ -270,29 +271,33 @@ def test_a_choice_outside_its_literal_is_refused_by_validate(name):
     (DataConfig(n_samples=-1), r"data\.n_samples must be zero or more, got -1: set --n-samples to 0 or more"),
     (DataConfig(batching="pad", story_mask=True), r"data\.story_mask is for packed rows"),
     (DataConfig(source=""), r"data\.source is empty"),
-    (TrainConfig(min_lr=0.1, lr=0.01), r"train\.min_lr \(0\.1\) is above train\.lr \(0\.01\)"),
-    (TrainConfig(beta2=1.0), r"train\.beta2 must be in \[0, 1\), got 1\.0: change --beta2"),
-    (TrainConfig(muon_momentum=-0.1), r"train\.muon_momentum must be in \[0, 1\), got -0\.1: change --muon-momentum"),
-    (TrainConfig(warmup_steps=-2), r"train\.warmup_steps must be -1"),
-    (TrainConfig(time_budget="soon"), r"train\.time_budget 'soon' is not a duration"),
-    (TrainConfig(dist_timeout_s=0), r"train\.dist_timeout_s must be positive"),
+    (ScheduleConfig(min_lr=0.1, lr=0.01), r"schedule\.min_lr \(0\.1\) is above schedule\.lr \(0\.01\)"),
+    (OptimConfig(beta2=1.0), r"optim\.beta2 must be in \[0, 1\), got 1\.0: change --beta2"),
+    (OptimConfig(muon_momentum=-0.1), r"optim\.muon_momentum must be in \[0, 1\), got -0\.1: change --muon-momentum"),
+    (ScheduleConfig(warmup_steps=-2), r"schedule\.warmup_steps must be -1"),
+    (BudgetConfig(time_budget="soon"), r"budget\.time_budget 'soon' is not a duration"),
+    (SystemConfig(dist_timeout_s=0), r"system\.dist_timeout_s must be positive"),
     (RunConfig(seed=-1), r"^seed must be zero or more, got -1: set --seed to 0 or more$"),
     (RunConfig(name="a/b"), r"cannot name checkpoint files"),
     (RunConfig(tokenizer=""), r"tokenizer is empty"),
     (RunConfig(tokenizer="bpe:12"), r"must be bpe:N with N from 257"),
     (RunConfig(data=DataConfig(seq_len=2000)), r"data\.seq_len \(2000\) is longer than model\.context_len \(1000\)"),
-    (RunConfig(train=TrainConfig(optimizer="muon", parallel="fsdp")), r"muon needs whole weight matrices"),
+    (RunConfig(optim=OptimConfig(optimizer="muon"), system=SystemConfig(parallel="fsdp")),
+     r"muon needs whole weight matrices"),
 ])
 def test_each_section_checks_itself(section, match):
     with pytest.raises(CairnError, match=match):
         section.check()
-    for default in (ModelConfig(), DataConfig(), TrainConfig(), RunConfig()):
+    for _, default in RunConfig().sections():
         default.check()
+    RunConfig().check()
 
 
 def test_cross_section_rules_belong_to_the_run_config():
-    cfg = RunConfig(data=DataConfig(seq_len=2000), train=TrainConfig(optimizer="muon", parallel="fsdp"))
-    for section in (cfg.model, cfg.data, cfg.train):
+    cfg = RunConfig(data=DataConfig(seq_len=2000), optim=OptimConfig(optimizer="muon"),
+                    system=SystemConfig(parallel="fsdp"))
+    assert [name for name, _ in cfg.sections()] == list(SECTIONS)
+    for _, section in cfg.sections():
         section.check()  # each section alone is fine
     with pytest.raises(CairnError, match="longer than model.context_len"):
         validate(cfg)
@@ -357,9 +362,8 @@ def test_config_imports_neither_presets_nor_data_nor_the_tokenizer_trainer():
 def test_coercion_of_plain_types():
     cfg = apply_overrides(RunConfig(), {"max_steps": "1e3", "eval_every": "1_000", "compile": "on", "bias": "no",
                                         "lr": "3e-4", "warmup_steps": 5.0})
-    t = cfg.train
-    assert (t.max_steps, t.eval_every, t.compile, cfg.model.bias, t.lr, t.warmup_steps) == \
-        (1000, 1000, True, False, 3e-4, 5)
+    assert (cfg.train.max_steps, cfg.eval.eval_every, cfg.system.compile, cfg.model.bias, cfg.schedule.lr,
+            cfg.schedule.warmup_steps) == (1000, 1000, True, False, 3e-4, 5)
     for key, value, message in [("lr", "inf", "lr must be a float, got 'inf': give a finite number, e.g. 0.001"),
                                 ("batch-size", True, "batch-size must be an int, got True: give a whole number"),
                                 ("name", 5, "name must be a str, got 5: give text"),

@@ -416,7 +416,7 @@ def test_shifted_packing_cuts_elsewhere_with_as_many_windows():
 def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_path, stories_file, small_tokenizer):
     """The training loader of epoch e cuts at epoch_offset(e); the first epoch is the unshifted cut;
     a loader resumed mid-epoch gives the batches the uninterrupted epoch gives."""
-    from cairn.config.sections import apply_overrides
+    from cairn.config.io import apply_overrides
     from cairn.config.presets import preset
     from cairn.data import epoch_offset
     from cairn.training.build import build_trainer
@@ -425,17 +425,17 @@ def test_pack_shift_moves_the_cuts_each_epoch_and_replays_them_on_resume(tmp_pat
     cfg = apply_overrides(preset("tiny"), {"source": str(stories_file), "tokenizer": str(small_tokenizer),
                                            "seq_len": 16, "context_len": 64, "pack_shift": True, "end_stories": 0})
     trainer = build_trainer(cfg, tmp_path / "run", Dist())
-    stream = np.asarray(trainer.train_ds.split.tokens, dtype=np.int64)
+    stream = np.asarray(trainer.data.train.split.tokens, dtype=np.int64)
     for epoch in (0, 1, 2):
         o = epoch_offset(16, cfg.seed, epoch)
-        first = next(iter(trainer.loader(trainer.train_ds, epoch)))["input_ids"]
+        first = next(iter(trainer.batches.epoch(epoch)))["input_ids"]
         for row in first.numpy():  # every row is a window cut at o + k * 16
             starts = [k for k in range(len(stream) - 16) if (k - o) % 16 == 0
                       and np.array_equal(stream[k:k + 16], row)]
             assert starts, f"epoch {epoch}: a row not cut at offset {o}"
     assert epoch_offset(16, cfg.seed, 1) != 0 or epoch_offset(16, cfg.seed, 2) != 0
-    whole = [b["input_ids"] for b in trainer.loader(trainer.train_ds, 1)]
-    resumed = [b["input_ids"] for b in trainer.loader(trainer.train_ds, 1, start=2)]
+    whole = [b["input_ids"] for b in trainer.batches.epoch(1)]
+    resumed = [b["input_ids"] for b in trainer.batches.epoch(1, start=2)]
     assert len(resumed) == len(whole) - 2 and all(torch.equal(a, b) for a, b in zip(resumed, whole[2:]))
 
 
@@ -493,7 +493,7 @@ def test_story_windows_loss_against_a_direct_computation():
     import torch.nn.functional as F
 
     from cairn.config.sections import ModelConfig
-    from cairn.eval.evaluate import evaluate
+    from cairn.eval.metrics import evaluate
     from cairn.model.transformer import Transformer
 
     torch.manual_seed(0)

@@ -33,7 +33,9 @@ import torch
 from conftest import TINYSTORIES
 from safetensors.torch import load_file
 
-from cairn.config.sections import RunConfig, apply_overrides, load_toml
+from cairn.config.sections import RunConfig
+
+from cairn.config.io import apply_overrides, load_toml
 from cairn.config.presets import preset
 from cairn.data import PackedDataset, PaddedDataset, SplitTokens, make_loader
 from cairn.util.errors import CairnError
@@ -182,13 +184,13 @@ FAILING = '''\
 """`cairn train` whose rank 1 fails at step 2 as argv[1] says: raise, kill or hang."""
 import os, signal, sys, time
 from cairn.cli import main
-from cairn.training.loop import Trainer
+from cairn.training.step import Stepper
 
 how = sys.argv.pop(1)
-real = Trainer.train_step
+real = Stepper.__call__
 
-def failing(self, micro):
-    if self.dist.rank == 1 and self.state.step == 2:
+def failing(self, micro, lr, state):
+    if self.dist.rank == 1 and state.step == 2:
         if how == "raise":
             raise ValueError("injected failure")
         if how == "kill":
@@ -197,9 +199,9 @@ def failing(self, micro):
         # stop" and a rank hung in Python would sit out torchrun's 30 s grace; not here.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         time.sleep(600)
-    return real(self, micro)
+    return real(self, micro, lr, state)
 
-Trainer.train_step = failing
+Stepper.__call__ = failing
 raise SystemExit(main())
 '''
 
@@ -253,7 +255,7 @@ def test_ranks_share_each_global_batch_as_one_process_would_see_it(small_tokeniz
 def test_parallel_must_be_ddp_or_fsdp():
     from cairn.config.sections import validate
 
-    with pytest.raises(CairnError, match="train.parallel must be 'ddp' or 'fsdp'"):
+    with pytest.raises(CairnError, match="system.parallel must be 'ddp' or 'fsdp'"):
         validate(apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"}))
 
 

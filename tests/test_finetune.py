@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: E402
 from cairn.tokenizer.chat_template import ChatTemplate, encode_conversation, instruction, render  # noqa: E402
 from cairn.cli import main  # noqa: E402
 from cairn.config.sections import validate  # noqa: E402
-from cairn.data.sft import SFTRows, prepare_sft  # noqa: E402
+from cairn.data.formats.sft import SFTRows, prepare_sft  # noqa: E402
 from cairn.checkpoint.load import load  # noqa: E402
 from cairn.model.ops import IGNORE_INDEX  # noqa: E402
 from cairn.tokenizer.base import get_tokenizer  # noqa: E402
@@ -76,7 +76,7 @@ def test_init_from_starts_from_the_base_weights_with_its_model_and_tokenizer(bas
 
     cfg = config(stories_file, init_from=str(base_run), d_model=64, max_steps=2, num_threads=1)
     cfg = validate(apply(cfg, given=["init-from"]))  # a preset's d_model gives way to the base's
-    with session(cfg.train) as dist:
+    with session(cfg.system) as dist:
         trainer = build_trainer(cfg, tmp_path / "run", dist)
     assert trainer.state.step == 0 and cfg.model.d_model == 32
     assert_same_weights(trainer.model.weights(), final_weights(base_run))
@@ -147,7 +147,7 @@ def test_the_template_is_saved_in_the_run_and_used_by_its_prompts(base_run, sft_
                          "--template-assistant", "A: {content}"))
     assert code == 0
     loaded = load(run)
-    t = ChatTemplate.from_config(loaded.config.data)
+    t = ChatTemplate.from_config(loaded.config.chat)
     assert (t.user, t.assistant) == ("Q: {content}\n", "A: {content}")
     assert "Q: Use " in (run / "stories.md").read_text() and "\nA:" in (run / "stories.md").read_text()
 
@@ -160,7 +160,7 @@ def test_prompt_masked_packed_loss_equals_a_direct_computation(base_run, sft_fil
     loaded = load(base_run, "cpu")
     model, tok = loaded.model, loaded.tokenizer
     cfg = config(sft_file, tokenizer=small_tokenizer, format="sft", story_mask=True, seq_len=128)
-    data = prepare_sft(cfg.data, cfg.seed, tok)
+    data = prepare_sft(cfg.data, cfg.chat, cfg.seed, tok)
     rows = SFTRows(data.train, 128, pack=True)
     assert len(rows) < len(data.train.examples)  # several examples share a row
     ours, count = 0.0, 0
@@ -282,7 +282,7 @@ def test_messages_records_learn_every_answer(small_tokenizer, tmp_path):
         {"role": "assistant", "content": "Bye now."}]}] * 4)
     cfg = config(data, tokenizer=small_tokenizer, format="sft", story_mask=True, seq_len=64, train_frac=1.0,
                  val_frac=0.0)
-    rows = SFTRows(prepare_sft(cfg.data, cfg.seed, tok).train, 64, pack=False)
+    rows = SFTRows(prepare_sft(cfg.data, cfg.chat, cfg.seed, tok).train, 64, pack=False)
     labels = rows[0]["labels"]
     assert tok.decode([int(i) for i in labels if i != IGNORE_INDEX and i != tok.eot_id]) == "Hello.\nBye now."
 
@@ -314,7 +314,7 @@ def test_chat_streams_answers_keeps_history_and_drops_the_oldest_turns_once(sft_
     assert done.returncode == 0, done.stderr
     # the same session in-process: the same answers, seed by seed, with the history each turn had
     loaded = load(sft_run, "cpu")
-    session = ChatSession(loaded.model, loaded.tokenizer, ChatTemplate.from_config(loaded.config.data),
+    session = ChatSession(loaded.model, loaded.tokenizer, ChatTemplate.from_config(loaded.config.chat),
                           SamplingConfig(max_new_tokens=24, temperature=0.8, top_k=50, seed=1234))
     out, err = io.StringIO(), io.StringIO()
     run_chat(session, io.StringIO(stdin), out, err, interactive=False)
@@ -392,7 +392,7 @@ def test_prompt_gain_is_the_log_probability_the_right_prompt_adds_to_the_asked_w
     from cairn.tasks.words import prompt_gain, word_token_positions
 
     loaded = load(sft_run, "cpu")
-    template = ChatTemplate.from_config(loaded.config.data)
+    template = ChatTemplate.from_config(loaded.config.chat)
     records = [{"prompt": "Use cat and dog.", "words": ["cat", "dog"], "response": "Tom saw a cat. Then a dog came."},
                {"prompt": "Use hat.", "words": ["hat"], "response": "A hat fell on the boat."}]
     got = prompt_gain(loaded, records)
@@ -440,7 +440,7 @@ def test_init_from_a_lora_run_starts_from_its_merged_weights(base_run, sft_file,
     merged = load(lora_run, "cpu", merge=True).model.weights()
     assert not [k for k in merged if "lora" in k]
     cfg = validate(apply(config(stories_file, init_from=str(lora_run), max_steps=2, num_threads=1)))
-    with session(cfg.train) as dist:
+    with session(cfg.system) as dist:
         trainer = build_trainer(cfg, tmp_path / "run", dist)
     assert_same_weights(trainer.model.weights(), merged)
     assert not torch.equal(merged["blocks.0.attn.qkv.weight"], final_weights(base_run)["blocks.0.attn.qkv.weight"])

@@ -6,10 +6,12 @@ import logging
 
 import pytest
 
-from cairn.config.sections import ModelConfig, load_toml
+from cairn.config.sections import ModelConfig
+
+from cairn.config.io import load_toml
 from cairn.checkpoint.load import load
 from cairn.training import train
-from cairn.training.growth import choose, wider
+from cairn.training.budget.growth import choose, wider
 from helpers import config
 
 

@@ -5,7 +5,7 @@ import json
 import shutil
 
 from cairn.cli import main
-from cairn.eval.evaluate import evaluate_run
+from cairn.eval.run import evaluate_run
 
 
 def test_evaluate_run_is_what_cairn_eval_prints(trained_run, capsys):

@@ -248,7 +248,7 @@ def test_story_mask_is_refused_with_a_kv_cache():
 
 def test_training_with_story_mask_numbers_the_stories_from_each_eot(tmp_path, stories_file, small_tokenizer,
                                                                      monkeypatch):
-    from cairn.config.sections import apply_overrides
+    from cairn.config.io import apply_overrides
     from cairn.tokenizer.base import get_tokenizer
     from cairn.training import train
 

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from cairn.config.sections import ModelConfig, TrainConfig
+from cairn.config.sections import ModelConfig, OptimConfig
 from cairn.model.transformer import Transformer
 from cairn.training.optim import MuonWithAdamW, make_optimizer
 
@@ -17,7 +17,7 @@ def model(tied: bool = True) -> Transformer:
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
     m = model()
-    opt = make_optimizer(m, TrainConfig(optimizer="muon", lr=1e-3, weight_decay=0.1), torch.device("cpu"))
+    opt = make_optimizer(m, OptimConfig(optimizer="muon", weight_decay=0.1), 1e-3, torch.device("cpu"))
     assert isinstance(opt, MuonWithAdamW)
     names = {id(p): n for n, p in m.named_parameters()}
     muon = {names[id(p)] for g in opt.muon.param_groups for p in g["params"]}
@@ -31,7 +31,7 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
 
 def test_muon_lowers_the_loss_and_its_state_round_trips():
     m = model()
-    opt = make_optimizer(m, TrainConfig(optimizer="muon", lr=3e-3), torch.device("cpu"))
+    opt = make_optimizer(m, OptimConfig(optimizer="muon"), 3e-3, torch.device("cpu"))
     x, y = torch.randint(0, 97, (4, 16)), torch.randint(0, 97, (4, 16))
 
     def step(mod, o):
@@ -47,7 +47,7 @@ def test_muon_lowers_the_loss_and_its_state_round_trips():
     assert last < first - 1.0
     # a copy restored from the state dict takes the very same next step
     twin = copy.deepcopy(m)
-    twin_opt = make_optimizer(twin, TrainConfig(optimizer="muon", lr=3e-3), torch.device("cpu"))
+    twin_opt = make_optimizer(twin, OptimConfig(optimizer="muon"), 3e-3, torch.device("cpu"))
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     step(m, opt)
     step(twin, twin_opt)
@@ -82,18 +82,18 @@ def test_float32_muon_takes_torchs_muon_steps():
 def test_embedding_learning_rate_scale_is_its_own_group_in_both_optimizers():
     for name in ("adamw", "muon"):
         m = model(tied=False)
-        opt = make_optimizer(m, TrainConfig(optimizer=name, lr=1e-3, embed_lr_scale=8.0), torch.device("cpu"))
+        opt = make_optimizer(m, OptimConfig(optimizer=name, embed_lr_scale=8.0), 1e-3, torch.device("cpu"))
         names = {id(p): n for n, p in m.named_parameters()}
         scaled = [g for g in opt.param_groups if g.get("lr_scale", 1.0) != 1.0]
         assert [[names[id(p)] for p in g["params"]] for g in scaled] == [["wte.weight"]]
         assert scaled[0]["lr_scale"] == 8.0
         assert sum(len(g["params"]) for g in opt.param_groups) == len(names)
     # at scale 1 the groups are the usual two, so checkpoints from before the option still load
-    assert len(make_optimizer(model(), TrainConfig(), torch.device("cpu")).param_groups) == 2
+    assert len(make_optimizer(model(), OptimConfig(), 5e-4, torch.device("cpu")).param_groups) == 2
 
 
 def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file, small_tokenizer):
-    from cairn.config.sections import apply_overrides
+    from cairn.config.io import apply_overrides
     from cairn.config.presets import preset
     from cairn.training import train
     from safetensors.torch import load_file
@@ -119,10 +119,10 @@ def test_embedding_weight_decay_is_its_own_and_spares_rows_not_seen():
     rows = {}
     for embed_wd in (-1.0, 0.0):
         m = model(tied=False)
-        t = TrainConfig(lr=1e-2, weight_decay=0.5, embed_lr_scale=10.0, embed_weight_decay=embed_wd)
-        opt = make_optimizer(m, t, torch.device("cpu"))
+        t = OptimConfig(weight_decay=0.5, embed_lr_scale=10.0, embed_weight_decay=embed_wd)
+        opt = make_optimizer(m, t, 1e-2, torch.device("cpu"))
         for g in opt.param_groups:
-            g["lr"] = t.lr * g.get("lr_scale", 1.0)
+            g["lr"] = 1e-2 * g.get("lr_scale", 1.0)
         before = m.wte.weight.detach().clone()
         x = torch.tensor([[1, 2, 3, 4]])
         loss, _ = m(x, labels=x)

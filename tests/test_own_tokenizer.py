@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cairn.cli import main
-from cairn.config.sections import apply_overrides
+from cairn.config.io import apply_overrides
 from cairn.config.presets import preset
 from cairn.util.errors import CairnError
 from cairn.checkpoint.load import load

@@ -60,7 +60,7 @@ def test_resume_at_an_epoch_end_and_with_a_new_step_cap(logs, tmp_path, tiny):
     assert losses(full) == losses(part)
     # a finished run can be extended: the training hyperparameters may change on resume
     train(tiny(max_steps=2 * per_epoch + 3, lr=1e-3), part, resume=True)
-    assert any("train.lr changed" in m for m in logs) and any("max_steps changed" in m for m in logs)
+    assert any("schedule.lr changed" in m for m in logs) and any("max_steps changed" in m for m in logs)
     final = ckpt.read_checkpoint(next((part / "checkpoints").glob("*_final")))
     assert final.meta["state"]["step"] == 2 * per_epoch + 3
 

@@ -130,7 +130,7 @@ def _loaded_after(imports: str) -> list[str]:
 
 
 def test_loading_evaluating_generating_exporting_and_serving_never_import_the_trainer():
-    loaded = _loaded_after("cairn.checkpoint.load, cairn.inference.generate, cairn.export.hf, cairn.eval.evaluate, "
+    loaded = _loaded_after("cairn.checkpoint.load, cairn.inference.generate, cairn.export.hf, cairn.eval.run, "
                            "cairn.checkpoint.store, cairn.serve, cairn.serve.app, cairn.serve.engine")
     assert [m for m in loaded if m.startswith("cairn.training")] == []
 

@@ -89,7 +89,7 @@ def test_training_with_tensorboard_writes_the_run_scalars(tmp_path, stories_file
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cairn.config.sections import apply_overrides
+    from cairn.config.io import apply_overrides
     from cairn.config.presets import preset
     from cairn.training import train
 

@@ -38,26 +38,26 @@ TUTORIAL = {
     "data.seq_len": (1000, "tokenizer.model_max_length = 1000"),
     "train.batch_size": (32, "batch_size = 32"),
     "train.epochs": (1, "num_epochs = 1"),
-    "train.lr": (5e-4, "learning_rate = 5e-4"),
-    "train.grad_clip": (1.0, "grad_clip = 1.0"),
-    "train.schedule": ("linear", "lr_schedule: linear decay to 0"),
-    "train.min_lr": (0.0, "max(0.0, (total_steps - step) / ...)"),
-    "train.optimizer": ("adamw", "torch.optim.AdamW(model.parameters(), lr=learning_rate)"),
-    "train.beta1": (0.9, "AdamW's default betas"),
-    "train.beta2": (0.999, "AdamW's default betas"),
-    "train.eps": (1e-8, "AdamW's default eps"),
-    "train.weight_decay": (0.01, "AdamW's default weight_decay"),
+    "schedule.lr": (5e-4, "learning_rate = 5e-4"),
+    "optim.grad_clip": (1.0, "grad_clip = 1.0"),
+    "schedule.schedule": ("linear", "lr_schedule: linear decay to 0"),
+    "schedule.min_lr": (0.0, "max(0.0, (total_steps - step) / ...)"),
+    "optim.optimizer": ("adamw", "torch.optim.AdamW(model.parameters(), lr=learning_rate)"),
+    "optim.beta1": (0.9, "AdamW's default betas"),
+    "optim.beta2": (0.999, "AdamW's default betas"),
+    "optim.eps": (1e-8, "AdamW's default eps"),
+    "optim.weight_decay": (0.01, "AdamW's default weight_decay"),
     "train.grad_accum": (1, "one optimizer step per batch"),
-    "train.report_every": (5, "report_steps = 5"),
-    "train.checkpoint_every": (50, "checkpoint_steps = 50"),
-    "train.patience": (5, "patience = 5"),
-    "train.end_on_best": (False, "torch.save(model.state_dict(), final_checkpoint): the last weights"),
+    "report.report_every": (5, "report_steps = 5"),
+    "checkpoint.checkpoint_every": (50, "checkpoint_steps = 50"),
+    "eval.patience": (5, "patience = 5"),
+    "eval.end_on_best": (False, "torch.save(model.state_dict(), final_checkpoint): the last weights"),
 }
 
 # where cairn departs from the tutorial on purpose (docs/tutorial.md): name -> (cairn's, the tutorial's)
 DELIBERATE = {
-    "train.warmup_frac": (0.05, "warmup_steps = len(train_loader): a warm-up as long as the run, which never decays"),
-    "train.warmup_steps": (-1, "(cairn: the fraction above decides)"),
+    "schedule.warmup_frac": (0.05, "warmup_steps = len(train_loader): a warm-up as long as the run, which never decays"),
+    "schedule.warmup_steps": (-1, "(cairn: the fraction above decides)"),
 }
 
 
@@ -85,7 +85,7 @@ def test_the_tutorials_100_stories_give_three_steps_of_32_32_and_16_and_every_st
     # the data, the split, the batches and the plan are the preset's; only the model is shrunk, so the
     # three steps take a second (the model decides nothing about which rows go into which step)
     cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers, cfg.model.d_mlp = 32, 2, 1, 64
-    cfg.train.end_stories, cfg.train.checkpoint_every = 0, 0
+    cfg.eval.end_stories, cfg.checkpoint.checkpoint_every = 0, 0
     cfg.data.cache_dir = str(tmp_path / "cache")
     with caplog.at_level(logging.INFO, logger="cairn"):
         done = train(cfg, tmp_path / "run")

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cairn.config.sections import ModelConfig, TrainConfig
+from cairn.config.sections import ModelConfig, OptimConfig
 from cairn.config.presets import preset
 from cairn.util.errors import CairnError
 from cairn.util.host import cpu_description
@@ -252,7 +252,7 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
         def cairn(compiled, p):
             m = Transformer(mc).to(device)
             # cairn's own optimizer set-up: decay on matrices only, fused AdamW
-            opt = make_optimizer(m, TrainConfig(lr=1e-4), device)
+            opt = make_optimizer(m, OptimConfig(), 1e-4, device)
             f = torch.compile(m) if compiled else m
             return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), ctx_of(p)), batch * seq, \
                 batch * seq, m.flops_per_token(seq) * batch * seq

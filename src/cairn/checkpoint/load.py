@@ -13,7 +13,8 @@ import torch
 
 from cairn.checkpoint import store as ckpt
 from cairn.data import run_tokenizer
-from cairn.config.sections import RunConfig, from_dict, validate
+from cairn.config.sections import RunConfig, validate
+from cairn.config.io import from_dict
 from cairn.util.errors import CairnError
 from cairn.model.transformer import Transformer, build_model
 from cairn.runtime.device import pick_device
@@ -39,7 +40,7 @@ def load(path: str | Path, device: str = "auto", merge: bool = False) -> Loaded:
     tokenizer = run_tokenizer.for_checkpoint(c.path, cfg.tokenizer, c.meta.get("tokenizer"))
     dev = pick_device(device)
     model = build_model(cfg.model, torch.device("cpu"))
-    t = cfg.train
+    t = cfg.lora
     if t.lora_rank:
         from cairn.model import lora
 

@@ -1,5 +1,6 @@
-"""Checking a checkpoint before anything of it is loaded: state.json field by field, and the
-weights' names, shapes and dtypes against the model they must fit.
+"""Checking a checkpoint before anything of it is loaded: state.json field by field (the checks
+`schema` declares with each saved field), the weights' names, shapes and dtypes against the model
+they must fit, the optimizer's state against its parameters, and the random generators' states.
 
 A damaged checkpoint must be refused with a line that says which field is wrong, never half-loaded
 or turned into a traceback (or, worse, accepted: a negative step would name its next checkpoint
@@ -10,42 +11,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
-BIG = 10**15  # no counter of a real run comes near it
+from cairn.checkpoint.schema import Check, Plan, TrainState, checks, whole
+
+STATE, _ = checks(TrainState)
+PLAN, PLAN_OPTIONAL = checks(Plan)
 
 
-def _whole(lo: int = 0, hi: int = BIG) -> Callable[[Any], Optional[str]]:
-    def check(v: Any) -> Optional[str]:
-        if not isinstance(v, int) or isinstance(v, bool):
-            return "must be a whole number"
-        return None if lo <= v <= hi else f"must be from {lo} to {hi:.0e}"
-    return check
-
-
-def _number(allow_none: bool = False) -> Callable[[Any], Optional[str]]:
-    def check(v: Any) -> Optional[str]:
-        if v is None and allow_none:
-            return None
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            return "must be a finite number" + (" or null" if allow_none else "")
-        return None
-    return check
-
-
-STATE = {"step": _whole(), "epoch": _whole(), "batch_in_epoch": _whole(), "best_val_loss": _number(allow_none=True),
-         "bad_evals": _whole(), "tokens_seen": _whole(), "last_eval_step": _whole(-1), "skipped_steps": _whole(),
-         "window_loss_sum": _number(), "window_tokens": _whole(), "epoch_loss_sum": _number(),
-         "epoch_tokens": _whole()}
-PLAN = {"micro_batches_per_epoch": _whole(1), "steps_per_epoch": _whole(1), "total_steps": _whole(),
-        "warmup_steps": _whole(), "epochs": _whole(1), "budget_s": _number(), "step_s": _number()}
-# fields a checkpoint may lack (those written before they existed), with their checks
-PLAN_OPTIONAL = {"relaid_at": _whole(), "relaid_progress": _number()}
-
-
-def _fields(table: dict, spec: dict, where: str, optional: Optional[dict] = None) -> Optional[str]:
+def _fields(table: Any, spec: dict[str, Check], where: str,
+            optional: Optional[dict[str, Check]] = None) -> Optional[str]:
     if not isinstance(table, dict):
         return f"{where} must be a table"
     optional = optional or {}
@@ -92,7 +69,7 @@ def state_problem(meta: dict) -> Optional[str]:
     if not (isinstance(tok, dict) and isinstance(tok.get("name"), str)):
         return "tokenizer must be a table with a name"
     world = meta.get("world_size", 1)
-    if _whole(1, 1 << 20)(world):
+    if whole(1, 1 << 20)(world):
         return f"world_size must be a whole number from 1, got {world!r}"
     if meta["state"]["batch_in_epoch"] > meta["plan"]["micro_batches_per_epoch"]:
         return (f"state.batch_in_epoch ({meta['state']['batch_in_epoch']}) is past the epoch's "
@@ -137,4 +114,28 @@ def optimizer_problem(optimizer_state: Any, params: dict[str, torch.Tensor]) -> 
             if param is not None and isinstance(value, torch.Tensor) and value.numel() > 1 \
                     and tuple(value.shape) != tuple(param.shape):
                 return f"{name}.{key} has shape {list(value.shape)}, the parameter {list(param.shape)}"
+    return None
+
+
+def _generator_state(v: Any) -> bool:
+    """A CPU generator's state as torch saves it: a 1-D uint8 tensor of the size this torch uses."""
+    size = torch.get_rng_state().numel()
+    return isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() == 1 and v.numel() == size
+
+
+def torch_rng_problem(state: Any) -> Optional[str]:
+    """Whether a trainer.pt holds valid torch random-generator states (the process's, or every rank's)."""
+    if not isinstance(state, dict):
+        return "it is not a table"
+    ranks = state.get("rank_rng")
+    if ranks is not None:
+        if not (isinstance(ranks, list) and ranks and all(isinstance(r, dict) and _generator_state(r.get("torch"))
+                                                           for r in ranks)):
+            return "rank_rng is not a list of every rank's generator state"
+        return None
+    if not _generator_state(state.get("torch_rng")):
+        return "torch_rng is not a generator state"
+    cuda = state.get("cuda_rng")
+    if cuda is not None and not (isinstance(cuda, list) and all(isinstance(c, torch.Tensor) for c in cuda)):
+        return "cuda_rng is not a list of generator states"
     return None

@@ -8,10 +8,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from cairn.util.errors import CairnError, SharedError
 from cairn.util.log import setup as setup_logging
+
+if TYPE_CHECKING:
+    from cairn.config.sections import RunConfig
 
 
 class Parser(argparse.ArgumentParser):
@@ -29,7 +32,7 @@ CFG = "cfg:"  # argparse dest prefix of the generated config options
 def _add_config_options(p) -> None:
     """Every config field as `--name VALUE` (also `--name_with_underscores` and `--section.name`);
     a lone `--flag` means true. Values stay text here: the config coerces and checks them."""
-    from cairn.config.sections import field_index
+    from cairn.config.io import field_index
 
     taken = set(p._option_string_actions)  # the command's own options (--max-steps) win
     for key, (section, name, _) in field_index().items():
@@ -46,7 +49,7 @@ def _add_device(p) -> None:
 
 
 def _add_train(sub) -> None:
-    from cairn.config.sections import describe_options
+    from cairn.config.io import describe_options
     from cairn.config.presets import PRESETS
 
     p = sub.add_parser(
@@ -293,43 +296,32 @@ def _config_overrides(args, extra: list[str]) -> dict[str, str]:
     return {k[len(CFG):]: v for k, v in vars(args).items() if k.startswith(CFG)}
 
 
-def train_config(args, overrides: dict[str, str]) -> tuple[object, Path, bool]:
+def train_config(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[RunConfig, Path, bool]:
     """(config, run directory, resume?) from the preset, config file, saved run and overrides."""
-    from cairn.config.sections import RunConfig, apply_overrides, validate
-    from cairn.config.presets import config_file, preset
+    from cairn.training.resolve import resolve_config
     from cairn.training.resume import run_config
 
-    resume = False
     saved = args.restart or (args.resume if args.resume != "auto" else None)
     if args.restart and args.resume:
         raise CairnError("--resume and --restart exclude each other: give one of them")
+    if args.data is not None:
+        overrides["source"] = args.data
+    if args.max_steps is not None:
+        overrides["max_steps"] = args.max_steps
     if saved:
         flag = "--restart" if args.restart else "--resume"
         run = Path(saved)
         if args.out and Path(args.out) != run:
             raise CairnError(f"{flag} RUN_DIR and --out name different directories: give one of them")
-        cfg = run_config(run)
         if args.preset or args.config:
             raise CairnError(f"{flag} RUN_DIR uses the run's saved config: drop --preset/--config "
                              "(overrides like --max-steps are allowed)")
-        out, resume = run, not args.restart
-    else:
-        base = preset(args.preset) if args.preset else None
-        # without --preset, a `preset = "..."` line in the file picks the base
-        cfg = config_file(args.config, base) if args.config else (base or RunConfig())
-        out = Path(args.out) if args.out else Path("runs") / cfg.name
-        resume = args.resume == "auto"
+        _check_out(run)
+        return resolve_config(base=run_config(run), overrides=overrides, continuing=True), run, not args.restart
+    cfg = resolve_config(args.preset, args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / cfg.name
     _check_out(out)
-    if args.data is not None:
-        overrides["source"] = args.data
-    if args.max_steps is not None:
-        overrides["max_steps"] = args.max_steps
-    cfg = apply_overrides(cfg, overrides)
-    if cfg.init_from and not saved:  # the architecture and tokenizer of the run it starts from
-        from cairn.training.init_from import apply as start_from
-
-        cfg = start_from(cfg, overrides)
-    return validate(cfg), out, resume
+    return cfg, out, args.resume == "auto"
 
 
 def cmd_train(args, extra: list[str], started: float) -> int:
@@ -347,22 +339,19 @@ def cmd_train(args, extra: list[str], started: float) -> int:
     return 0
 
 
-def _prepare_config(args):
+def _prepare_config(args: argparse.Namespace) -> RunConfig:
     """The run config whose data settings `cairn prepare` uses: preset, then config file, then flags."""
-    from cairn.config.sections import RunConfig, apply_overrides, validate
-    from cairn.config.presets import config_file, preset
+    from cairn.training.resolve import resolve_config
 
     _not_empty(args, "prepare", "data", "preset", "config", "tokenizer", "cache_dir")
     if args.workers < 0:
         raise CairnError(f"--workers must be 0 (every usable core) or more, got {args.workers}")
-    base = preset(args.preset) if args.preset else None
-    cfg = config_file(args.config, base) if args.config else (base or RunConfig())
     overrides = {key: getattr(args, key) for key in ("seed", "tokenizer", "n_samples", "train_frac", "val_frac",
                                                      "text_field", "txt_separator", "hub_split", "cache_dir")
                  if getattr(args, key) is not None}
     if args.data is not None:
         overrides["source"] = args.data
-    return validate(apply_overrides(cfg, overrides))
+    return resolve_config(args.preset, args.config, overrides, continuing=True)
 
 
 def cmd_prepare(args) -> int:
@@ -378,7 +367,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from cairn.eval.evaluate import evaluate_run
+    from cairn.eval.run import evaluate_run
     from cairn.runtime.device import set_threads
 
     _not_empty(args, "eval", "data")
@@ -446,7 +435,7 @@ def cmd_generate(args) -> int:
     stream_out = not (args.json or args.no_stream)
     first = True
     # an instruction-tuned run answers each prompt as an instruction, through its chat template
-    template = ChatTemplate.from_config(loaded.config.data) \
+    template = ChatTemplate.from_config(loaded.config.chat) \
         if loaded.config.data.format == "sft" and not args.no_template else None
     for prompt in prompts:
         ids = None
@@ -509,7 +498,7 @@ def cmd_chat(args) -> int:
     if loaded.config.data.format != "sft":
         print(f"({loaded.path} was not instruction-tuned (data.format {loaded.config.data.format!r}): its answers "
               "continue the template's text)", file=sys.stderr)
-    session = ChatSession(loaded.model, loaded.tokenizer, ChatTemplate.from_config(loaded.config.data), s)
+    session = ChatSession(loaded.model, loaded.tokenizer, ChatTemplate.from_config(loaded.config.chat), s)
     run_chat(session, sys.stdin, sys.stdout, sys.stderr, interactive=sys.stdin.isatty())
     return 0
 

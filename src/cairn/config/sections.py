@@ -1,105 +1,26 @@
-"""Typed run configuration: the model, data and training sections, TOML files and overrides.
+"""A run's typed configuration, in sections by concern.
 
-A run is described by one `RunConfig`, built as: preset (or defaults) -> config file -> `--key value`
-overrides, then validated. Every field carries its help text, which `cairn train --help` prints, so this
-file is also the reference for every option. A field with a fixed set of values is typed `Literal[...]`:
-the allowed values are read from the type, when a value is set and when a config is validated.
+A run is one `RunConfig`: a few top-level fields and a section per concern (the model, the data and
+its chat template, how much to train, the optimizer, the learning-rate schedule, evaluation,
+checkpoints, the time budget, LoRA, the system it runs on, reporting). Each section checks its own
+fields (`check`); `RunConfig.check` holds the rules that span sections. Every field carries its
+help text, which `cairn train --help` prints, so this file is also the reference for every option.
+A field with a fixed set of values is typed `Literal[...]`: the allowed values are read from the
+type when a value is set and when a config is validated. Field names are unique across sections,
+so `--key value` and the flat keys of older config files name one field each (`config.io`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import sys
-import typing
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, Literal, Optional
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
-import tomli_w
-
-from cairn.util.errors import CairnError
+from cairn.config.rules import below_one, budget_seconds, check_choices, opt, positive
 from cairn.tokenizer.base import parse_bpe_spec
+from cairn.util.errors import CairnError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on 3.10 only
-    import tomli as tomllib
-
-
-def opt(default: Any, help: str) -> Any:
-    """A config field and its `--help` text."""
-    return field(default=default, metadata={"help": help})
-
-
-# ---------------------------------------------------------------- the rules every section uses
-
-def _qual(section: Optional[str], name: str) -> str:
-    return f"{section}.{name}" if section else name
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-@functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in fields(cls)}
-
-
-def _choices(tp: Any) -> Optional[tuple]:
-    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
-
-
-def check_choice(qual: str, value: Any, choices: tuple) -> None:
-    """The one check of a Literal field's value, for values being set and configs being validated alike."""
-    if value not in choices:
-        allowed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
-        raise CairnError(f"{qual} must be {allowed}, got {value!r}: set {_flag(qual.split('.')[-1])} to one of them")
-
-
-def check_choices(obj: Any, section: Optional[str]) -> None:
-    """Every Literal-typed field of a section holds one of its values."""
-    for name, tp in _field_types(type(obj)).items():
-        choices = _choices(tp)
-        if choices is not None:
-            check_choice(_qual(section, name), getattr(obj, name), choices)
-
-
-def positive(obj: Any, section: Optional[str], names: str, zero_ok: bool = False) -> None:
-    """Each of the space-separated fields is > 0 (>= 0 with zero_ok)."""
-    for name in names.split():
-        value = getattr(obj, name)
-        if value < 0 or (value == 0 and not zero_ok):
-            need, hint = ("zero or more", "0 or more") if zero_ok else ("positive", "a positive value")
-            raise CairnError(f"{_qual(section, name)} must be {need}, got {value}: set {_flag(name)} to {hint}")
-
-
-def below_one(obj: Any, section: str, names: str) -> None:
-    """Each of the space-separated fields is in [0, 1)."""
-    for name in names.split():
-        if not 0 <= getattr(obj, name) < 1:
-            raise CairnError(f"{section}.{name} must be in [0, 1), got {getattr(obj, name)}: change {_flag(name)}")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "600", "600s", "10m", "1.5h" (CairnError otherwise)."""
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    raw = text.strip().lower()
-    scale = units.get(raw[-1:], None)
-    number = raw[:-1] if scale is not None else raw
-    try:
-        seconds = float(number) * (scale or 1.0)
-    except ValueError:
-        seconds = math.nan
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise CairnError(f"train.time_budget {text!r} is not a duration: give e.g. 600s, 10m or 1.5h")
-    return seconds
-
-
-# ---------------------------------------------------------------- the sections
 
 @dataclass
 class ModelConfig:
@@ -163,11 +84,6 @@ class DataConfig:
     prompt_field: str = opt("prompt", "sft: field holding the instruction")
     response_field: str = opt("response", "sft: field holding the answer")
     messages_field: str = opt("messages", 'sft: field holding a conversation, a list of {"role", "content"}')
-    template_system: str = opt("{content}\n", "chat template: a system turn ({content} is its text)")
-    template_user: str = opt("User: {content}\n", "chat template: a user turn")
-    template_assistant: str = opt("Assistant: {content}", "chat template: an assistant turn (the text before "
-                                                          "{content} ends every prompt)")
-    template_separator: str = opt("\n", "chat template: written after an assistant turn that is not the last")
 
     def check(self) -> None:
         check_choices(self, "data")
@@ -188,9 +104,6 @@ class DataConfig:
         if not self.source:
             raise CairnError("data.source is empty: pass --data PATH_OR_HUB_ID")
         if self.format == "sft":
-            from cairn.tokenizer.chat_template import ChatTemplate
-
-            ChatTemplate.from_config(self)
             if self.batching == "pack" and not self.story_mask:
                 raise CairnError("data.format sft packs whole examples into rows, which must not attend to each "
                                  "other: add --story-mask true, or use --batching pad")
@@ -199,63 +112,148 @@ class DataConfig:
                                  "use --pack-shift false")
 
 
+class Section(Protocol):
+    def check(self) -> None: ...
+
+
+@dataclass
+class ChatConfig:
+    """The chat template that renders conversations into text, for training, chat and serving alike."""
+    template_system: str = opt("{content}\n", "chat template: a system turn ({content} is its text)")
+    template_user: str = opt("User: {content}\n", "chat template: a user turn")
+    template_assistant: str = opt("Assistant: {content}", "chat template: an assistant turn (the text before "
+                                                          "{content} ends every prompt)")
+    template_separator: str = opt("\n", "chat template: written after an assistant turn that is not the last")
+
+    def check(self) -> None:
+        from cairn.tokenizer.chat_template import ChatTemplate
+
+        ChatTemplate.from_config(self)
+
+
 @dataclass
 class TrainConfig:
+    """How much to train, and in what batches."""
     batch_size: int = opt(32, "rows per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     epochs: int = opt(1, "passes over the training split")
     max_steps: int = opt(
         0, "cap on optimizer steps (0 = as many as the epochs give); the schedule is planned for it")
+
+    def check(self) -> None:
+        positive(self, "train", "batch_size grad_accum epochs")
+        positive(self, "train", "max_steps", zero_ok=True)
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and what guards its steps."""
     optimizer: Literal["adamw", "muon"] = opt(
         "adamw", '"adamw", or "muon": Muon for the blocks\' weight matrices, AdamW for embeddings, head, norms and '
                  "biases (one lr)")
     muon_momentum: float = opt(0.95, "Muon's (Nesterov) momentum")
-    lr: float = opt(5e-4, "peak learning rate")
-    min_lr: float = opt(0.0, "learning rate at the end of the decay")
     embed_lr_scale: float = opt(1.0, "the token embedding's learning rate as a multiple of lr (and min_lr)")
-    schedule: Literal["linear", "cosine", "constant"] = opt(
-        "linear", 'after warm-up: "linear" decay (the tutorial\'s), "cosine", or "constant"')
-    warmup_steps: int = opt(-1, "warm-up length in optimizer steps (-1 = use warmup_frac)")
-    warmup_frac: float = opt(0.05, "warm-up as a fraction of all steps (1.0 = the whole run, the tutorial's)")
     weight_decay: float = opt(0.01, "AdamW weight decay, applied to matrices only (not biases, norms)")
     embed_weight_decay: float = opt(-1.0, "the token embedding's weight decay (-1 = weight_decay)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.999, "AdamW beta2")
     eps: float = opt(1e-8, "AdamW epsilon")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
-    report_every: int = opt(5, "log train loss every N steps")
+    skip_nonfinite: int = opt(0, "skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)")
+
+    def check(self) -> None:
+        check_choices(self, "optim")
+        positive(self, "optim", "eps")
+        positive(self, "optim", "weight_decay grad_clip skip_nonfinite", zero_ok=True)
+        below_one(self, "optim", "beta1 beta2 muon_momentum")
+        if not (math.isfinite(self.embed_lr_scale) and self.embed_lr_scale > 0):
+            raise CairnError(f"optim.embed_lr_scale must be a positive number, got {self.embed_lr_scale}: "
+                             "change --embed-lr-scale (1 = the same lr as everything else)")
+        wd = self.embed_weight_decay
+        if not (wd == -1 or (math.isfinite(wd) and wd >= 0)):
+            raise CairnError(f"optim.embed_weight_decay must be >= 0 (or -1 for weight_decay's), got "
+                             f"{wd}: change --embed-weight-decay")
+
+
+@dataclass
+class ScheduleConfig:
+    """The learning rate over the run: warm-up, peak, decay."""
+    lr: float = opt(5e-4, "peak learning rate")
+    min_lr: float = opt(0.0, "learning rate at the end of the decay")
+    schedule: Literal["linear", "cosine", "constant"] = opt(
+        "linear", 'after warm-up: "linear" decay (the tutorial\'s), "cosine", or "constant"')
+    warmup_steps: int = opt(-1, "warm-up length in optimizer steps (-1 = use warmup_frac)")
+    warmup_frac: float = opt(0.05, "warm-up as a fraction of all steps (1.0 = the whole run, the tutorial's)")
+
+    def check(self) -> None:
+        check_choices(self, "schedule")
+        positive(self, "schedule", "lr")
+        positive(self, "schedule", "min_lr", zero_ok=True)
+        if self.min_lr > self.lr:
+            raise CairnError(f"schedule.min_lr ({self.min_lr}) is above schedule.lr ({self.lr}): "
+                             "lower --min-lr or raise --lr")
+        if self.warmup_steps < -1:
+            raise CairnError(f"schedule.warmup_steps must be -1 (use warmup_frac) or zero or more, "
+                             f"got {self.warmup_steps}: change --warmup-steps")
+        if not 0 <= self.warmup_frac <= 1:
+            raise CairnError(f"schedule.warmup_frac must be in [0, 1], got {self.warmup_frac}: change --warmup-frac")
+
+
+@dataclass
+class EvalConfig:
+    """Validation during the run, early stopping, and what the run's end scores and writes."""
     eval_every: int = opt(0, "validate every N steps (0 = only at each epoch end)")
     eval_batches: int = opt(0, "validation batches in the periodic evaluations (0 = all); epoch ends use all "
                                'unless epoch_val = "sample"')
     epoch_val: Literal["full", "sample"] = opt(
         "full", 'validation at each epoch\'s end: "full" split, or "sample" (eval_batches, as eval_every\'s)')
     patience: int = opt(5, "stop after this many evaluations without a better validation loss (0 = never)")
-    checkpoint_every: int = opt(50, "save a step checkpoint every N steps (0 = none)")
-    keep_checkpoints: int = opt(0, "keep only the newest K step checkpoints (0 = keep all)")
-    device: str = opt("auto", '"auto" (cuda, then mps, then cpu), or a torch device string')
-    precision: Literal["auto", "fp32", "bf16"] = opt(
-        "auto", '"auto" (bf16 autocast on GPUs that have it, and on CPUs with native bf16 where the run\'s matmuls '
-                'measure faster in it: docs/precision.md), "fp32" or "bf16"')
-    compile: bool = opt(False, "torch.compile the model")
-    num_threads: int = opt(0, "CPU threads for torch (0 = one per core)")
-    num_workers: int = opt(0, "DataLoader worker processes")
     test_at_end: bool = opt(True, "evaluate the test split at the end of training")
     end_on_best: bool = opt(True, "when the best validated weights of the run validate better on the whole split "
                                   "than the last ones, end on them (the last state stays resumable)")
-    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')")
-    skip_nonfinite: int = opt(0, "skip up to N updates whose loss or gradient is NaN/inf (0 = stop at the first)")
-    time_budget: str = opt("", 'e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run '
-                               "(evaluations and stories included) ends within it; epochs is then ignored, "
-                               'max_steps still caps; "" = off')
-    grow_to_epochs: float = opt(
-        0.0, "under a time budget: when more than this many epochs of the training split would fit, train a wider "
-             "model that takes about this many instead (0 = never; docs/training.md)")
     end_stories: int = opt(3, "stories generated from fixed prompts and seeds at the end, printed and saved to "
                               "RUN/stories.md")
     end_story_tokens: int = opt(200, "longest end-of-run story in tokens")
-    parallel: Literal["ddp", "fsdp"] = opt(
-        "ddp", 'under torchrun: "ddp" (a copy per process) or "fsdp" (parameters and optimizer state sharded)')
-    dist_timeout_s: int = opt(600, "under torchrun: seconds to wait for the other ranks before the job fails")
+
+    def check(self) -> None:
+        check_choices(self, "eval")
+        positive(self, "eval", "end_story_tokens")
+        positive(self, "eval", "eval_every eval_batches patience end_stories", zero_ok=True)
+
+
+@dataclass
+class CheckpointConfig:
+    """When a run saves, and how many step checkpoints it keeps."""
+    checkpoint_every: int = opt(50, "save a step checkpoint every N steps (0 = none)")
+    keep_checkpoints: int = opt(0, "keep only the newest K step checkpoints (0 = keep all)")
+
+    def check(self) -> None:
+        positive(self, "checkpoint", "checkpoint_every keep_checkpoints", zero_ok=True)
+
+
+@dataclass
+class BudgetConfig:
+    """A wall-clock budget for the whole command, and what spare compute buys."""
+    time_budget: str = opt("", 'e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run '
+                               "(evaluations and stories included) ends within it; epochs is then ignored, "
+                               'max_steps still caps; "", 0 or off = no budget')
+    grow_to_epochs: float = opt(
+        0.0, "under a time budget: when more than this many epochs of the training split would fit, train a wider "
+             "model that takes about this many instead (0 = never; docs/training.md)")
+
+    @property
+    def seconds(self) -> float | None:
+        """The budget in seconds, None when there is none."""
+        return budget_seconds(self.time_budget)
+
+    def check(self) -> None:
+        positive(self, "budget", "grow_to_epochs", zero_ok=True)
+        budget_seconds(self.time_budget)
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (peft) instead of training every weight."""
     lora_rank: int = opt(0, "LoRA (peft): train rank-R adapters on --lora-targets, the model frozen (0 = off: "
                             "train every weight)")
     lora_alpha: float = opt(16.0, "LoRA scale: the adapters' update is multiplied by lora_alpha / lora_rank")
@@ -263,31 +261,38 @@ class TrainConfig:
                                 "proj, fc, gate, up, lm_head) or full path (\"\" = every linear of the blocks)")
 
     def check(self) -> None:
-        check_choices(self, "train")
-        positive(self, "train", "batch_size grad_accum epochs lr eps end_story_tokens dist_timeout_s")
-        positive(self, "train", "max_steps min_lr weight_decay grad_clip report_every eval_every eval_batches "
-                 "patience checkpoint_every keep_checkpoints num_threads num_workers skip_nonfinite end_stories "
-                 "grow_to_epochs", zero_ok=True)
-        below_one(self, "train", "beta1 beta2 muon_momentum")
-        if self.min_lr > self.lr:
-            raise CairnError(f"train.min_lr ({self.min_lr}) is above train.lr ({self.lr}): "
-                             "lower --min-lr or raise --lr")
-        if self.warmup_steps < -1:
-            raise CairnError(f"train.warmup_steps must be -1 (use warmup_frac) or zero or more, "
-                             f"got {self.warmup_steps}: change --warmup-steps")
-        if not 0 <= self.warmup_frac <= 1:
-            raise CairnError(f"train.warmup_frac must be in [0, 1], got {self.warmup_frac}: change --warmup-frac")
-        if not (math.isfinite(self.embed_lr_scale) and self.embed_lr_scale > 0):
-            raise CairnError(f"train.embed_lr_scale must be a positive number, got {self.embed_lr_scale}: "
-                             "change --embed-lr-scale (1 = the same lr as everything else)")
-        wd = self.embed_weight_decay
-        if not (wd == -1 or (math.isfinite(wd) and wd >= 0)):
-            raise CairnError(f"train.embed_weight_decay must be >= 0 (or -1 for weight_decay's), got "
-                             f"{wd}: change --embed-weight-decay")
-        if self.time_budget:
-            parse_duration(self.time_budget)
-        positive(self, "train", "lora_rank", zero_ok=True)
-        positive(self, "train", "lora_alpha")
+        positive(self, "lora", "lora_rank", zero_ok=True)
+        positive(self, "lora", "lora_alpha")
+
+
+@dataclass
+class SystemConfig:
+    """Where and how the run computes: device, precision, threads, compilation, processes."""
+    device: str = opt("auto", '"auto" (cuda, then mps, then cpu), or a torch device string')
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", '"auto" (bf16 autocast on GPUs that have it, and on CPUs with native bf16 where the run\'s matmuls '
+                'measure faster in it: docs/precision.md), "fp32" or "bf16"')
+    compile: bool = opt(False, "torch.compile the model")
+    num_threads: int = opt(0, "CPU threads for torch (0 = one per core)")
+    num_workers: int = opt(0, "DataLoader worker processes")
+    parallel: Literal["ddp", "fsdp"] = opt(
+        "ddp", 'under torchrun: "ddp" (a copy per process) or "fsdp" (parameters and optimizer state sharded)')
+    dist_timeout_s: int = opt(600, "under torchrun: seconds to wait for the other ranks before the job fails")
+
+    def check(self) -> None:
+        check_choices(self, "system")
+        positive(self, "system", "dist_timeout_s")
+        positive(self, "system", "num_threads num_workers", zero_ok=True)
+
+
+@dataclass
+class ReportConfig:
+    """What a run reports while it trains, and where."""
+    report_every: int = opt(5, "log train loss every N steps")
+    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')")
+
+    def check(self) -> None:
+        positive(self, "report", "report_every", zero_ok=True)
 
 
 MAX_NAME_BYTES = 200  # a checkpoint is <name>_checkpoint_step0000000, written as .<that>.tmp-PID
@@ -303,10 +308,22 @@ class RunConfig:
                              "and a fresh optimizer and schedule (\"\" = random weights)")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def sections(self) -> list[tuple[str, Section]]:
+        return [(name, getattr(self, name)) for name in SECTIONS]
 
     def check(self) -> None:
         """The top-level fields and the rules that span sections."""
@@ -327,192 +344,21 @@ class RunConfig:
         if self.data.seq_len > self.model.context_len:
             raise CairnError(f"data.seq_len ({self.data.seq_len}) is longer than model.context_len "
                              f"({self.model.context_len}): lower seq_len or raise context_len")
-        if self.train.lora_rank and self.train.parallel == "fsdp":
-            raise CairnError("LoRA (train.lora_rank) is not supported with FSDP: use --parallel ddp (the frozen "
+        if self.lora.lora_rank and self.system.parallel == "fsdp":
+            raise CairnError("LoRA (lora.lora_rank) is not supported with FSDP: use --parallel ddp (the frozen "
                              "model is small next to full training), or --lora-rank 0")
-        if self.train.optimizer == "muon" and self.train.parallel == "fsdp":
-            raise CairnError("train.optimizer muon needs whole weight matrices, which FSDP shards: "
+        if self.optim.optimizer == "muon" and self.system.parallel == "fsdp":
+            raise CairnError("optim.optimizer muon needs whole weight matrices, which FSDP shards: "
                              "use --parallel ddp, or --optimizer adamw with FSDP")
 
 
-SECTIONS = ("model", "data", "train")
+SECTIONS = ("model", "data", "chat", "train", "optim", "schedule", "eval", "checkpoint", "budget", "lora", "system",
+            "report")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every value; raise CairnError naming the field and what to do. Reads nothing from disk."""
-    for section in SECTIONS:
-        getattr(cfg, section).check()
+    for _, section in cfg.sections():
+        section.check()
     cfg.check()
     return cfg
-
-
-# ---------------------------------------------------------------- setting values by name
-
-def field_index() -> dict[str, tuple[Optional[str], str, Any]]:
-    """Every settable key -> (section or None, field name, type). Short names are unique by design."""
-    index: dict[str, tuple[Optional[str], str, Any]] = {}
-    top = _field_types(RunConfig)
-    for name, tp in top.items():
-        if name not in SECTIONS:
-            index[name] = (None, name, tp)
-    for section in SECTIONS:
-        for name, tp in _field_types(top[section]).items():
-            assert name not in index, f"field name {name} is not unique"
-            index[name] = index[f"{section}.{name}"] = (section, name, tp)
-    return index
-
-
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = value.lower() if isinstance(value, str) else None
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ValueError
-
-
-def _to_int(value: Any) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise ValueError
-    if isinstance(value, str):
-        value = value.replace("_", "")
-        if "e" in value.lower() and float(value).is_integer():  # 1e3, as people write step counts
-            return int(float(value))
-    return int(value)
-
-
-def _to_float(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError
-    out = float(value)
-    if not math.isfinite(out):
-        raise ValueError
-    return out
-
-
-def _to_str(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError
-    return value
-
-
-_PARSERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
-_EXAMPLES = {int: "a whole number, e.g. 32", float: "a finite number, e.g. 0.001", bool: "true or false",
-             str: "text"}
-
-
-def _coerce(key: str, value: Any, tp: Any, qual: str) -> Any:
-    """`value` (CLI text or a TOML value) as the field's type; `key` is the name as the user gave it."""
-    choices = _choices(tp)
-    if choices is not None:
-        check_choice(qual, value, choices)
-        return value
-    try:
-        return _PARSERS[tp](value)
-    except (ValueError, TypeError, OverflowError):
-        pass
-    article = "an" if tp is int else "a"
-    raise CairnError(f"{key} must be {article} {tp.__name__}, got {value!r}: give {_EXAMPLES[tp]}")
-
-
-def set_value(cfg: RunConfig, key: str, value: Any) -> None:
-    index = field_index()
-    norm = key.replace("-", "_")
-    if norm not in index:
-        raise CairnError(f"unknown option {key!r}: run `cairn train --help` to see every option")
-    section, name, tp = index[norm]
-    target = cfg if section is None else getattr(cfg, section)
-    setattr(target, name, _coerce(key, value, tp, _qual(section, name)))
-
-
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    for key, value in overrides.items():
-        set_value(cfg, key, value)
-    return cfg
-
-
-def from_dict(d: dict) -> RunConfig:
-    cfg = RunConfig()
-    flat = {k: v for k, v in d.items() if k not in SECTIONS}
-    for section in SECTIONS:
-        flat.update({f"{section}.{k}": v for k, v in d.get(section, {}).items()})
-    return apply_overrides(cfg, flat)
-
-
-# ---------------------------------------------------------------- TOML files
-
-def to_toml(cfg: RunConfig) -> str:
-    return tomli_w.dumps(cfg.to_dict())
-
-
-def _read_toml(path: Path) -> dict:
-    where = f"config file {str(path)!r}"
-    if path.is_dir():
-        raise CairnError(f"{where} is a directory: pass the path of a .toml file")
-    if not path.is_file():
-        raise CairnError(f"{where} does not exist: check the path")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CairnError(f"{where} is not UTF-8 text: save it as UTF-8") from None
-    except tomllib.TOMLDecodeError as e:
-        raise CairnError(f"{where} is not valid TOML ({_one_line(e)}): fix the file") from None
-    except OSError as e:
-        raise CairnError(f"cannot read {where} ({e.strerror or e}): check its permissions") from None
-
-
-def _flatten(raw: dict) -> dict[str, Any]:
-    """A TOML file's settings as `key` / `section.key` overrides, every key checked to exist."""
-    index = field_index()
-    flat: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise CairnError(f"[{key}] must be a table: put its settings under a [{key}] header")
-            for sub, v in value.items():
-                if f"{key}.{sub}" not in index:
-                    raise CairnError(f"unknown key {key}.{sub}: see `cairn train --help`")
-                flat[f"{key}.{sub}"] = v
-        elif isinstance(value, dict):
-            raise CairnError(f"unknown section [{key}]: use [model], [data] or [train]")
-        elif key not in index or index[key][0] is not None:
-            raise CairnError(f"unknown top-level key {key!r}: see `cairn train --help`")
-        else:
-            flat[key] = value
-    return flat
-
-
-def read_toml(path: str | Path) -> dict:
-    """A TOML config file's raw table (one-line errors for a missing, unreadable or invalid file)."""
-    return _read_toml(Path(path))
-
-
-def load_toml(path: str | Path, cfg: Optional[RunConfig] = None) -> RunConfig:
-    """Apply a TOML file (sections [model], [data], [train]; top-level name/seed/tokenizer) over
-    `cfg` (default: the defaults). A `preset = "..."` line is read by `presets.config_file`."""
-    path = Path(path)
-    raw = _read_toml(path)
-    raw.pop("preset", None)
-    try:
-        return apply_overrides(cfg if cfg is not None else RunConfig(), _flatten(raw))
-    except CairnError as e:
-        raise CairnError(f"config file {str(path)!r}: {e}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    """An exception's text on one line (the CLI prints every error as one line)."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def describe_options() -> str:
-    """Every option with its help text and default, for --help."""
-    out = []
-    top = _field_types(RunConfig)
-    for section, cls in ((None, RunConfig), *((s, top[s]) for s in SECTIONS)):
-        if section:
-            out.append(f"\n  [{section}]")
-        out += [f"  {_flag(f.name):<20} {f.metadata['help']} (default {f.default!r})"
-                for f in fields(cls) if "help" in f.metadata]
-    return "\n".join(out)

@@ -82,7 +82,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
         settings = ServeSettings(model_name=name, api_key=api_key, max_concurrency=max_concurrency,
                                  max_batch=max_batch, max_body=max_body, max_tokens=max_tokens,
                                  created=int((loaded.path / "state.json").stat().st_mtime),
-                                 template=ChatTemplate.from_config(loaded.config.data))
+                                 template=ChatTemplate.from_config(loaded.config.chat))
         app = create_app(loaded.model, loaded.tokenizer, settings)
     except BaseException:
         sock.close()

@@ -58,7 +58,7 @@ def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", s
     """One story per prompt of `data` from the model at `run`; the fraction that use all their words."""
     prompts = read_word_prompts(data)[:limit or None]
     loaded = load(run, device, merge=True)
-    template = ChatTemplate.from_config(loaded.config.data)
+    template = ChatTemplate.from_config(loaded.config.chat)
     samples, honoured, started = [], 0, time.perf_counter()
     for i, p in enumerate(prompts):
         s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i)
@@ -112,7 +112,7 @@ def prompt_gain(loaded, records: list[dict], limit: int = 0) -> dict:
 
     from cairn.tokenizer.chat_template import encode_conversation
 
-    template = ChatTemplate.from_config(loaded.config.data)
+    template = ChatTemplate.from_config(loaded.config.chat)
     recs = [r for r in records if isinstance(r.get("response"), str)][:limit or None]
     if len(recs) < 2:
         raise CairnError("prompt gain needs at least 2 records with the story ('response') they were made from")

@@ -35,7 +35,7 @@ class ChatTemplate:
 
     @classmethod
     def from_config(cls, data_cfg: Any) -> "ChatTemplate":
-        """The template a run's [data] section holds (template_system, _user, _assistant, _separator)."""
+        """The template a run's [chat] section holds (template_system, _user, _assistant, _separator)."""
         return cls(data_cfg.template_system, data_cfg.template_user, data_cfg.template_assistant,
                    data_cfg.template_separator).check()
 
@@ -43,7 +43,7 @@ class ChatTemplate:
         for role in ROLES:
             text = getattr(self, role)
             if text.count(SLOT) != 1:
-                raise CairnError(f"data.template_{role} {text!r} must hold {SLOT} exactly once: "
+                raise CairnError(f"chat.template_{role} {text!r} must hold {SLOT} exactly once: "
                                  f"change --template-{role}")
         if "<|endoftext|>" in "".join((self.system, self.user, self.assistant, self.separator)):
             raise CairnError("the chat template must not hold <|endoftext|>: it ends every conversation "

@@ -1,6 +1,7 @@
-"""Training: `build.py` prepares a run (all its I/O), `loop.py` trains it."""
+"""Training: `resolve.py` resolves a run's config, `build.py` builds its parts (all its I/O),
+`loop.py` trains it."""
 
+from cairn.checkpoint.schema import TrainState
 from cairn.training.build import train
-from cairn.training.state import TrainState
 
 __all__ = ["train", "TrainState"]

@@ -1,43 +1,63 @@
 """Everything a run needs before its first step: the I/O half of training (the loop is loop.py).
 
 In order: threads, device and precision; the run directory (new, or the checkpoint to resume);
-the run's tokenizer; the tokenized data and its batches; the step plan; the model (and its
-resumed weights); wrapping for DDP/FSDP, the optimizer (and its resumed state), torch.compile;
-the time budget's measured plan; the run files.
+the run's tokenizer; its data, as its format reads it; the step plan; the model (and its initial
+weights); wrapping for DDP/FSDP, the optimizer, the parts a checkpoint restores; torch.compile;
+the time budget's measured plan; the run files. Each part is built from its own config section
+and handed what it needs.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from cairn.model import lora
+from cairn.checkpoint.schema import Stateful, TrainState
+from cairn.config.io import from_dict, to_toml
+from cairn.config.sections import RunConfig
 from cairn.data import run_tokenizer
-from cairn.config.sections import RunConfig, parse_duration, to_toml, validate
-from cairn.data import PackedDataset, PaddedDataset, StoryWindows, num_batches, prepare_data
-from cairn.data.sft import SFTRows, prepare_sft
+from cairn.data.batching import num_batches
+from cairn.data.formats import RunDatasets, get_format
+from cairn.model import lora
+from cairn.model.transformer import Transformer, build_model
+from cairn.runtime.device import cpu_compiler, keep_freed_memory, seed_everything, set_threads
+from cairn.runtime.precision import Choice, peak_flops
+from cairn.runtime.precision import for_run as precision_for_run
+from cairn.tokenizer.base import Tokenizer
+from cairn.training import init_from, resume
+from cairn.training.batches import RunBatches, Scorer
+from cairn.training.budget import calibrate, growth
+from cairn.training.budget.budget import Budget, initial_plan
+from cairn.training.budget.plan import Workload
+from cairn.training.checkpointing import Checkpointer, ModelWeights, OptimizerState, PythonRng, TorchRng, seed_rank
+from cairn.training.distributed import Dist, session
+from cairn.training.loop import Compute, Trainer
+from cairn.training.optim import make_optimizer
+from cairn.training.report import Reporter
+from cairn.training.resolve import prepare_config
+from cairn.training.rundir import CONFIG, RunDir, RunLock
+from cairn.training.step import Stepper
+from cairn.training.validator import Validator
 from cairn.util.errors import CairnError
 from cairn.util.log import ensure_setup, only_main_speaks
-from cairn.model.transformer import build_model
-from cairn.runtime.precision import for_run as precision_for_run
-from cairn.runtime.device import cpu_compiler, keep_freed_memory, seed_everything, set_threads
-from cairn.runtime.precision import peak_flops
-from cairn.training import budget, growth, init_from, resume
-from cairn.training.calibrate import measure
-from cairn.training.checkpointer import Checkpointer
-from cairn.training.distributed import Dist, session
-from cairn.training.loop import Trainer
-from cairn.training.optim import make_optimizer, warmup_steps
-from cairn.training.rundir import CONFIG, RunDir, RunLock
-from cairn.training.state import Plan
 
 log = logging.getLogger(__name__)
+
+
+class RunInputs:
+    """What every model a run may try (the configured one, a wider one) shares: the run directory,
+    the tokenizer, the data, the precision, where the run starts from."""
+
+    def __init__(self, cfg: RunConfig, dist: Dist, run: RunDir, checkpointer: Checkpointer, tokenizer: Tokenizer,
+                 data: RunDatasets, choice: Choice, threads: int, start_from: Optional[Path], started: float):
+        self.cfg, self.dist, self.run, self.checkpointer = cfg, dist, run, checkpointer
+        self.tokenizer, self.data, self.choice, self.threads = tokenizer, data, choice, threads
+        self.start_from, self.started = start_from, started
 
 
 def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool = False, restart: bool = False,
@@ -46,56 +66,44 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     asked (or started over with the old contents moved aside: `restart`). Call it holding the
     run's lock. The caller's `cfg` is not changed."""
     cfg = copy.deepcopy(cfg)
-    t, main = cfg.train, dist.is_main
-    if t.tensorboard:  # fail before the data is prepared, not after
+    main = dist.is_main
+    if cfg.report.tensorboard:  # fail before the data is prepared, not after
         from cairn.trackers.tensorboard import require_tensorboard
         require_tensorboard()
-    threads = set_threads(dist.cpu_threads(t.num_threads))
+    threads = set_threads(dist.cpu_threads(cfg.system.num_threads))
     if dist.device.type == "cpu":
         keep_freed_memory()  # a CPU step's large tensors would otherwise be page-faulted in anew each step
     run = RunDir(out_dir, writer=main)
-    checkpointer = Checkpointer(run, dist, cfg.name, t.keep_checkpoints)
+    checkpointer = Checkpointer(run, dist, cfg.name, cfg.checkpoint.keep_checkpoints)
     start_from = dist.on_main(lambda: resume.starting_point(run, checkpointer, resume_run, restart))
     # rank 0 learns a bpe:N tokenizer and tokenizes a new source into the (shared) cache; the others then read them
     tokenizer = dist.main_first(lambda: run_tokenizer.for_training(cfg, run.path, start_from is not None))
     cfg.model.vocab_size = tokenizer.vocab_size
     seed_everything(cfg.seed)
-    d = cfg.data
-    if d.format == "sft":  # whole instruction examples, the loss on their answers (data/sft.py)
-        data = prepare_sft(d, cfg.seed, tokenizer)
-        train_ds = SFTRows(data.train, d.seq_len, pack=d.batching == "pack")
-        val_ds, test_ds = (SFTRows(split, d.seq_len, pack=False) or None for split in (data.val, data.test))
-    else:
-        data = dist.main_first(lambda: prepare_data(cfg.data, cfg.seed, tokenizer))
-        train_ds = PackedDataset(data.train, d.seq_len) if d.batching == "pack" else PaddedDataset(data.train,
-                                                                                                   d.seq_len)
-        # held-out stories are scored one at a time from their own beginning, however training cuts
-        # them (a sliding window past seq_len); an empty split is absent (no evaluation on it)
-        val_ds, test_ds = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
+    data = get_format(cfg.data.format).prepare(cfg, tokenizer, dist.main_first)
     # the same initial weights on every rank; training holds float32 weights, gradients and AdamW's two moments
     initial_rng = torch.get_rng_state()
     model = build_model(cfg.model, dist.device, bytes_per_param=16)
-    plan = initial_plan(cfg, len(train_ds), dist)
-    # measured for this model's matmuls on CPUs (precision.py); rank 0 decides for all ranks
+    # measured for this model's matmuls on CPUs (runtime/precision.py); rank 0 decides for all ranks
     resumed = run.path / "run.json" if start_from is not None else None
-    choice = dist.on_main(lambda: precision_for_run(t.precision, dist.device, cfg.model,
-                                                    t.batch_size * cfg.data.seq_len, resumed))
+    choice = dist.on_main(lambda: precision_for_run(cfg.system.precision, dist.device, cfg.model,
+                                                    cfg.train.batch_size * cfg.data.seq_len, resumed))
     log.info(choice.describe())
-    parts = dict(cfg=cfg, dist=dist, run=run, tokenizer=tokenizer, data=data, datasets=(train_ds, val_ds, test_ds),
-                 precision=choice, threads=threads, checkpointer=checkpointer, start_from=start_from,
-                 progress=progress and main, stop_after=stop_after,
-                 started=time.monotonic() if started is None else started)
-    trainer = _assemble(model, plan, **parts)
+    inputs = RunInputs(cfg, dist, run, checkpointer, tokenizer, data, choice, threads, start_from,
+                       time.monotonic() if started is None else started)
+    trainer = assemble(model, inputs, stop_after=stop_after, progress=progress and main)
+    b = cfg.budget
     # a fine-tune keeps its base's shape: only a run from scratch grows
-    if t.time_budget and t.grow_to_epochs and start_from is None and not cfg.init_from:
-        shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.plan, t.grow_to_epochs)
+    if trainer.budget.active and b.grow_to_epochs and start_from is None and not cfg.init_from:
+        shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.budget.plan, b.grow_to_epochs)
         if shape is not None:
             cfg.model = shape
             torch.set_rng_state(initial_rng)  # the wider model starts from the same seeded state
-            trainer = _assemble(build_model(shape, dist.device, bytes_per_param=16), plan, **parts)
-            growth.report(trainer.plan, t.grow_to_epochs)
-    dist.on_main(lambda: _write_run_files(trainer))
-    if t.tensorboard and main:
+            trainer = assemble(build_model(shape, dist.device, bytes_per_param=16), inputs, stop_after=stop_after,
+                               progress=progress and main)
+            growth.report(trainer.budget.plan, b.grow_to_epochs)
+    dist.on_main(lambda: write_run_files(trainer))
+    if cfg.report.tensorboard and main:
         from cairn.trackers.tensorboard import TensorBoardLogger
         # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
         trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
@@ -103,50 +111,81 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     return trainer
 
 
-def _assemble(model, plan: Plan, *, cfg: RunConfig, dist: Dist, run: RunDir, tokenizer, data, datasets, precision,
-              threads: int, checkpointer: Checkpointer, start_from, progress: bool, stop_after: int,
-              started: float) -> Trainer:
+def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress: bool) -> Trainer:
     """The trainer of `model`: its initial or resumed weights and state, the wrapped and compiled
     model, the optimizer, and under a time budget the measured plan."""
-    t = cfg.train
-    if cfg.init_from and start_from is None:
-        init_from.load_initial_weights(model, cfg, tokenizer)
-    if t.lora_rank:
-        model = lora.add_adapters(model, t.lora_rank, t.lora_alpha, t.lora_targets)
-        n_train, n_all = lora.trainable(model)
-        where = t.lora_targets or "every linear of the blocks"
-        log.info(f"LoRA rank {t.lora_rank}, alpha {t.lora_alpha:g} on {where}: {n_train:,} trainable parameters "
-                 f"of {n_all:,} ({100 * n_train / n_all:.2f}%)")
-    peak, peak_source = peak_flops(dist.device, precision.precision)
-    trainer = Trainer(cfg, dist, run, tokenizer, data, *datasets, copy.deepcopy(plan), model, precision.precision,
-                      threads, checkpointer, peak, peak_source, progress, stop_after, started,
-                      precision_reason=precision.reason)
-    saved = resume.load_weights_and_state(trainer, start_from) if start_from is not None else None
-    trainer.wrapped = dist.wrap(model, trainer.precision)
-    trainer.optimizer = make_optimizer(model, t, dist.device)
+    cfg, dist, data = inputs.cfg, inputs.dist, inputs.data
+    if cfg.init_from and inputs.start_from is None:
+        init_from.load_initial_weights(model, cfg, inputs.tokenizer)
+    if cfg.lora.lora_rank:
+        model = add_lora(model, cfg)
+    precision = inputs.choice.precision
+    wrapped = dist.wrap(model, precision)
+    optimizer = make_optimizer(model, cfg.optim, cfg.schedule.lr, dist.device)
     if dist.enabled:
-        resume.seed_rank(trainer, 0)
-    if saved is not None:
-        resume.restore_optimizer_and_rng(trainer, *saved)
-    trainer.forward = torch.compile(trainer.wrapped) if _can_compile(t.compile, dist.device) else trainer.wrapped
-    if t.time_budget and not trainer.plan_restored:
-        plan_for_budget(trainer)  # before the run directory is written: a budget too short leaves nothing
+        seed_rank(cfg.seed, 0, dist.rank)
+    plan = initial_plan(len(data.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.epochs,
+                        cfg.train.max_steps, dist.world, cfg.schedule)
+    if plan is None:
+        raise CairnError(f"the train split has {len(data.train)} {data.unit} of up to {cfg.data.seq_len} tokens, "
+                         "too few for one step: lower --seq-len or add data")
+    budget = Budget(plan, cfg.budget.seconds, inputs.started, dist, cfg.schedule, cfg.train.max_steps)
+    state = TrainState()
+    torch_rng = TorchRng(dist, cfg.seed, lambda: state.step)
+    parts: dict[str, Stateful] = {"model": ModelWeights(model, dist),
+                                  "optimizer": OptimizerState(model, optimizer, dist), "torch_rng": torch_rng,
+                                  "counters": state, "plan": budget, "python_rng": PythonRng()}
+    if inputs.start_from is not None:
+        restore(inputs, model, parts, state, torch_rng)
+    forward = torch.compile(wrapped) if _can_compile(cfg.system.compile, dist.device) else wrapped
+    story_start = inputs.tokenizer.eot_id if cfg.data.story_mask else None
+    stepper = Stepper(model, wrapped, forward, optimizer, dist, precision, cfg.optim, story_start,
+                      inputs.checkpointer.newest)
+    batches = RunBatches(data.train, cfg.train.batch_size, cfg.data, cfg.seed, cfg.system.num_workers,
+                         inputs.tokenizer.eot_id, dist)
+    score = Scorer(model, batches, precision, inputs.tokenizer.token_bytes, dist)
+    peak, peak_source = peak_flops(dist.device, precision)
+    trainer = Trainer(
+        cfg=cfg, dist=dist, rundir=inputs.run, tokenizer=inputs.tokenizer, data=data, model=model, batches=batches,
+        stepper=stepper, score=score, checkpointer=inputs.checkpointer,
+        validator=Validator(score, data.val, cfg.eval.eval_batches, cfg.eval.patience, inputs.run.metrics,
+                            on_best=lambda: trainer.save("best", "best", resumable=False)),
+        reporter=Reporter(cfg.report.report_every, inputs.run.metrics, peak,
+                          model.flops_per_token(cfg.data.seq_len), dist.world),
+        budget=budget, state=state, parts=parts,
+        compute=Compute(precision, inputs.choice.reason, inputs.threads, peak, peak_source),
+        started=inputs.started, stop_after=stop_after, progress=progress)
+    if budget.active:  # before the run directory is written: a budget too short leaves nothing
+        fit_budget(trainer)
     return trainer
 
 
-def initial_plan(cfg: RunConfig, n_items: int, dist: Dist) -> Plan:
-    """The steps the config asks for: its epochs of the training split, capped by max_steps."""
-    t = cfg.train
-    # the last, short batch is kept: the loss is a mean over real tokens, so its rows weigh what
-    # every other row weighs, and every training row is seen in every epoch
-    micro = num_batches(n_items, t.batch_size * dist.world, drop_last=False)
-    steps_per_epoch = -(-micro // t.grad_accum)
-    if steps_per_epoch == 0:
-        unit = "windows" if cfg.data.batching == "pack" else "rows"
-        raise CairnError(f"the train split has {n_items} {unit} of up to {cfg.data.seq_len} tokens, "
-                         "too few for one step: lower --seq-len or add data")
-    total = min(steps_per_epoch * t.epochs, t.max_steps or math.inf)
-    return Plan(micro, steps_per_epoch, total, warmup_steps(t, total), t.epochs)
+def add_lora(model: Transformer, cfg: RunConfig) -> Transformer:
+    c = cfg.lora
+    model = lora.add_adapters(model, c.lora_rank, c.lora_alpha, c.lora_targets)
+    n_train, n_all = lora.trainable(model)
+    where = c.lora_targets or "every linear of the blocks"
+    log.info(f"LoRA rank {c.lora_rank}, alpha {c.lora_alpha:g} on {where}: {n_train:,} trainable parameters "
+             f"of {n_all:,} ({100 * n_train / n_all:.2f}%)")
+    return model
+
+
+def restore(inputs: RunInputs, model: Transformer, parts: dict[str, Stateful], state: TrainState,
+            torch_rng: TorchRng) -> None:
+    """Every part of the run as the checkpoint it resumes from holds it, the place in the epoch
+    carried over to this run's batches."""
+    assert inputs.start_from is not None
+    cfg, dist = inputs.cfg, inputs.dist
+    c, contents = inputs.checkpointer.read(inputs.start_from, model,
+                                           lambda c: resume.check_compatible(cfg, inputs.tokenizer, c))
+    saved = from_dict(c.meta["config"])
+    inputs.checkpointer.restore(parts, contents)
+    if torch_rng.changed_world and cfg.model.dropout > 0:
+        log.info("resume: the number of processes changed, so dropout continues from new per-rank seeds "
+                 "(equal in distribution, not bitwise, to the run that never stopped)")
+    resume.carry_position(state, cfg.train, dist.world, c.path, saved, c.meta.get("world_size", 1))
+    inputs.run.metrics.truncate_after(state.step)
+    log.info(f"resumed from {c.path} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch_in_epoch})")
 
 
 def _can_compile(asked: bool, device: torch.device) -> bool:
@@ -157,63 +196,60 @@ def _can_compile(asked: bool, device: torch.device) -> bool:
     return asked
 
 
-def plan_for_budget(trainer: Trainer) -> None:
-    """Measure, then plan the steps that fit in the time budget (see budget.py)."""
-    t, dist, p = trainer.cfg.train, trainer.dist, trainer.plan
-    budget_s = parse_duration(t.time_budget)
-    costs = measure(trainer)
-    elapsed = dist.sum([time.monotonic() - trainer.started])[0] / dist.world
-    b = budget.plan(budget_s, elapsed, costs, _workload(trainer))
-    trainer.plan = Plan(p.micro_batches_per_epoch, p.steps_per_epoch, b.steps, warmup_steps(t, b.steps),
-                        math.ceil(b.steps / p.steps_per_epoch), budget_s=budget_s, step_s=costs.step_s)
-    # the deadline keeps the plan's margin, so that re-plans (which fit the steps to the time left
-    # before it) never spend the margin meant for a machine that slows down
-    trainer.deadline = trainer.started + budget_s - b.reserve_s - budget.margin_s(budget_s)
-    trainer.overhead_s, trainer.epoch_end_s = b.overhead_s, b.epoch_end_s
-    log.info(f"time budget {budget_s:.0f}s: {elapsed:.1f}s used by set-up and measuring; {costs.step_s:.3f}s per "
-             f"step, {costs.eval_batch_s:.3f}s per evaluation batch, {costs.checkpoint_s:.2f}s per checkpoint, "
-             f"{b.reserve_s:.0f}s kept for the end of the run -> {b.steps} steps "
-             f"({b.steps / p.steps_per_epoch:.2f} epochs)")
+def fit_budget(trainer: Trainer) -> None:
+    """Measure the run's costs, then plan the steps that fit in the time budget."""
+    cfg, dist, data = trainer.cfg, trainer.dist, trainer.data
+    held_out = data.val or data.test
+    costs = calibrate.measure(
+        step=lambda micro: trainer.stepper(micro, trainer.budget.lr(trainer.state.step), trainer.state),
+        train_batches=lambda: trainer.batches.epoch(0), accum=cfg.train.grad_accum, score=trainer.score,
+        held_out=held_out, held_out_batches=trainer.batches.global_batches(held_out) if held_out is not None else 0,
+        weights=lambda: dist.full_weights(trainer.model),
+        optimizer_state=lambda: dist.optimizer_state(trainer.model, trainer.stepper.optimizer),
+        model=trainer.model, story_start=trainer.tokenizer.eot_id, story_tokens=cfg.eval.end_stories > 0,
+        snapshot=calibrate.Snapshot(trainer.model, trainer.stepper.optimizer, trainer.state), dist=dist)
+    trainer.budget.fit(costs, workload(cfg, trainer.budget.plan.steps_per_epoch, data))
 
 
-def _workload(trainer: Trainer) -> budget.Workload:
-    t = trainer.cfg.train
+def workload(cfg: RunConfig, steps_per_epoch: int, data: RunDatasets) -> Workload:
+    """What the run does besides its steps, in evaluation batches, checkpoints and tokens."""
+    e, size = cfg.eval, cfg.train.batch_size
 
-    def batches(ds) -> int:
-        return num_batches(len(ds), t.batch_size, drop_last=False) if ds is not None else 0
+    def batches(rows: Any) -> int:
+        return num_batches(len(rows), size, drop_last=False) if rows is not None else 0
 
-    val = batches(trainer.val_ds)
-    return budget.Workload(
-        steps_per_epoch=trainer.plan.steps_per_epoch, val_batches=val,
-        test_batches=batches(trainer.test_ds) if t.test_at_end else 0,
-        eval_every=t.eval_every, eval_sample_batches=min(t.eval_batches, val) if t.eval_batches else val,
-        epoch_val_batches=min(val, t.eval_batches) if t.epoch_val == "sample" and t.eval_batches else val,
-        checkpoint_every=t.checkpoint_every, story_tokens=t.end_stories * t.end_story_tokens, max_steps=t.max_steps,
-        best_val_batches=val if t.end_on_best else 0)
+    val = batches(data.val)
+    return Workload(
+        steps_per_epoch=steps_per_epoch, val_batches=val, test_batches=batches(data.test) if e.test_at_end else 0,
+        eval_every=e.eval_every, eval_sample_batches=min(e.eval_batches, val) if e.eval_batches else val,
+        epoch_val_batches=min(val, e.eval_batches) if e.epoch_val == "sample" and e.eval_batches else val,
+        checkpoint_every=cfg.checkpoint.checkpoint_every, story_tokens=e.end_stories * e.end_story_tokens,
+        max_steps=cfg.train.max_steps, best_val_batches=val if e.end_on_best else 0)
 
 
-def _write_run_files(trainer: Trainer) -> None:
+def write_run_files(trainer: Trainer) -> None:
     run_tokenizer.save_copy(trainer.tokenizer, trainer.rundir.path)
     trainer.rundir.write(CONFIG, to_toml(trainer.cfg))
     trainer.write_run_info()
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, restart: bool = False, stop_after: int = 0,
-          progress: bool = False, started: Optional[float] = None) -> dict:
+          progress: bool = False, started: Optional[float] = None) -> dict[str, Any]:
     """Train a model as `cfg` says, writing everything into `out_dir`. Returns a summary.
     `resume` continues the run in `out_dir` from its newest valid checkpoint; `restart` starts it
     over, its old contents moved aside. `started` (time.monotonic()) is when the command began:
-    a time budget counts from there.
+    a time budget counts from there. A config with `init_from` set starts from that run's
+    weights, architecture and tokenizer, as `cairn train --init-from` does.
 
     Under torchrun every process calls this; they train one model together (see distributed.py),
     and rank 0 holds the run's lock."""
     started = time.monotonic() if started is None else started
-    validate(cfg)
-    if cfg.data.format == "sft" and run_tokenizer.parse_bpe_spec(cfg.tokenizer) is not None:
-        raise CairnError(f"data.format sft cannot learn a tokenizer ({cfg.tokenizer}) on instruction records: "
+    cfg = prepare_config(cfg, continuing=resume or restart)
+    if not get_format(cfg.data.format).learns_tokenizer and run_tokenizer.parse_bpe_spec(cfg.tokenizer) is not None:
+        raise CairnError(f"data.format {cfg.data.format} cannot learn a tokenizer ({cfg.tokenizer}) on its records: "
                          "use --init-from RUN (its tokenizer), --tokenizer gpt2 or a tokenizer directory")
     ensure_setup()
-    with session(cfg.train) as dist:
+    with session(cfg.system) as dist:
         only_main_speaks(dist.rank)
         lock = RunLock(Path(out_dir))
         dist.on_main(lock.acquire, share_result=False)

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cairn.config.sections import TrainConfig
+from cairn.config.sections import SystemConfig
 from cairn.util.errors import CairnError, SharedError
 from cairn.util.host import usable_cores
 from cairn.runtime.device import pick_device
@@ -274,7 +274,7 @@ class Dist:
         if _lost_contact(e):
             error = CairnError(f"{where} stopped: it lost contact with the other ranks ({_first_line(e)}); another "
                                "rank failed or was killed (see its message), or hung past "
-                               f"train.dist_timeout_s = {self.timeout_s}s")
+                               f"system.dist_timeout_s = {self.timeout_s}s")
         else:
             traceback.print_exception(e, file=sys.stderr)  # a bug: its traceback is worth seeing
             error = CairnError(f"{where} failed: {type(e).__name__}: {_first_line(e)}")
@@ -330,7 +330,7 @@ def _named_optimizer_state(state: dict, model: nn.Module, optimizer: torch.optim
 
 
 @contextlib.contextmanager
-def session(t: TrainConfig) -> Iterator[Dist]:
+def session(t: SystemConfig) -> Iterator[Dist]:
     """The process group for one training run, when torchrun started several processes.
 
     Every collective waits at most `t.dist_timeout_s` for the other ranks, so a rank that hangs

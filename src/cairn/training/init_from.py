@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Iterable
 
 from cairn.checkpoint import store as ckpt
-from cairn.config.sections import RunConfig, field_index
+from cairn.config.sections import RunConfig
+from cairn.config.io import field_index
 from cairn.util.errors import CairnError
 from cairn.checkpoint.load import saved_config
 from cairn.data.run_tokenizer import RUN_COPY, check_same
+from cairn.model.transformer import Transformer
 from cairn.tokenizer.base import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,13 +67,14 @@ def apply(cfg: RunConfig, given: Iterable[str] = ()) -> RunConfig:
                          f"({base.tokenizer!r}): its weights only read its own tokens; drop --tokenizer")
     cfg.model = base.model
     cfg.tokenizer = _tokenizer_spec(c, base)
-    if base.train.lora_rank and cfg.train.lora_rank:
+    resolved = str(c.path.resolve())
+    if base.lora.lora_rank and cfg.lora.lora_rank and cfg.init_from != resolved:
         log.info(f"--init-from {c.path}: its LoRA adapters are merged into its weights, new adapters are trained")
-    cfg.init_from = str(c.path.resolve())
+    cfg.init_from = resolved
     return cfg
 
 
-def load_initial_weights(model, cfg: RunConfig, tokenizer: Tokenizer) -> None:
+def load_initial_weights(model: Transformer, cfg: RunConfig, tokenizer: Tokenizer) -> None:
     """Put the weights of `cfg.init_from` into `model` (a run's LoRA adapters merged first)."""
     from cairn.checkpoint.load import load
 

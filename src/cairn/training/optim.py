@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from cairn.config.sections import TrainConfig
+from cairn.config.sections import OptimConfig, ScheduleConfig
 
 
 class Float32Muon(torch.optim.Optimizer):
@@ -84,16 +84,20 @@ class MuonWithAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-def _adamw(groups: list[dict], t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+# what `make_optimizer` gives: one of torch's optimizers, or Muon and AdamW stepped as one
+Optimizer = torch.optim.Optimizer | MuonWithAdamW
+
+
+def _adamw(groups: list[dict], t: OptimConfig, lr: float, device: torch.device) -> torch.optim.AdamW:
     # The fused kernel updates every tensor in one call instead of a dozen elementwise passes per
     # tensor. It exists for GPUs and CPUs; on a 2-core AMD EPYC (torch 2.13.0) it took AdamW's step
     # over the float32 master weights from 31 to 2.4 ms at cpu-10min's shape and from 985 to 140 ms
     # for a d256 GPT-2-vocabulary model (one thread each), to within float rounding of the same update.
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+    return torch.optim.AdamW(groups, lr=lr, betas=(t.beta1, t.beta2), eps=t.eps,
                              fused=device.type in ("cuda", "cpu"))
 
 
-def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device):
+def make_optimizer(model: torch.nn.Module, t: OptimConfig, lr: float, device: torch.device) -> Optimizer:
     """Decay every parameter with two or more dimensions (linear weights, embeddings); not biases
     or LayerNorm gains, which decay would only pull towards zero for no regularising benefit."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -103,15 +107,15 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
         hidden = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
         rest = [(n, p) for n, p in named if not (n.startswith("blocks.") and p.dim() == 2)]
         if device.type == "cuda":
-            muon = torch.optim.Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, momentum=t.muon_momentum,
+            muon = torch.optim.Muon(hidden, lr=lr, weight_decay=t.weight_decay, momentum=t.muon_momentum,
                                     nesterov=True, adjust_lr_fn="match_rms_adamw")
         else:
-            muon = Float32Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, momentum=t.muon_momentum)
-        return MuonWithAdamW(muon, _adamw(_adamw_groups(rest, t), t, device))
-    return _adamw(_adamw_groups(named, t), t, device)
+            muon = Float32Muon(hidden, lr=lr, weight_decay=t.weight_decay, momentum=t.muon_momentum)
+        return MuonWithAdamW(muon, _adamw(_adamw_groups(rest, t), t, lr, device))
+    return _adamw(_adamw_groups(named, t), t, lr, device)
 
 
-def _adamw_groups(named: list[tuple[str, torch.nn.Parameter]], t: TrainConfig) -> list[dict]:
+def _adamw_groups(named: list[tuple[str, torch.nn.Parameter]], t: OptimConfig) -> list[dict]:
     embed_wd = t.weight_decay if t.embed_weight_decay < 0 else t.embed_weight_decay
     own_group = t.embed_lr_scale != 1.0 or embed_wd != t.weight_decay
     embed = [p for n, p in named if n == "wte.weight"] if own_group else []
@@ -127,13 +131,13 @@ def _adamw_groups(named: list[tuple[str, torch.nn.Parameter]], t: TrainConfig) -
     return groups
 
 
-def warmup_steps(t: TrainConfig, total_steps: int) -> int:
+def warmup_steps(t: ScheduleConfig, total_steps: int) -> int:
     if t.warmup_steps >= 0:
         return min(t.warmup_steps, total_steps)
     return int(round(t.warmup_frac * total_steps))
 
 
-def lr_at(step: int, t: TrainConfig, total_steps: int, warmup: int | None = None,
+def lr_at(step: int, t: ScheduleConfig, total_steps: int, warmup: int | None = None,
           relaid: tuple[int, float] = (0, 0.0)) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up from 0 to lr over the
     warm-up steps (`warmup`, by default as the config sets it for `total_steps`), then "linear"

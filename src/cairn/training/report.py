@@ -5,12 +5,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Optional
+from typing import Any, Optional, Protocol
 
 from cairn.training.rundir import MetricsLog
-from cairn.training.state import TrainState
+from cairn.checkpoint.schema import TrainState
 
 log = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """What a report updates of a progress bar (tqdm's)."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None: ...
 
 
 class Reporter:
@@ -36,7 +42,7 @@ class Reporter:
     def due(self, step: int, total: int) -> bool:
         return step % self.every == 0 or step == total
 
-    def report(self, s: TrainState, total: int, lr: float, grad_norm: float, bar) -> None:
+    def report(self, s: TrainState, total: int, lr: float, grad_norm: float, bar: Progress) -> None:
         tps = self.timed_tokens / max(time.perf_counter() - self.window_start, 1e-9)
         mean = s.window_loss_sum / max(s.window_tokens, 1)
         mfu = tps * self.flops_per_token / self.peak if self.peak else None

@@ -5,21 +5,23 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
+from cairn.data.formats import Rows
+
 from cairn.training.rundir import MetricsLog
-from cairn.training.state import TrainState
+from cairn.checkpoint.schema import TrainState
 
 log = logging.getLogger(__name__)
 
 
 class Validator:
-    def __init__(self, evaluate: Callable[[object, int], dict], val_ds, eval_batches: int, patience: int,
-                 metrics: MetricsLog, on_best: Callable[[], None]):
+    def __init__(self, evaluate: Callable[[Rows, int], dict[str, float]], val_ds: Optional[Rows], eval_batches: int,
+                 patience: int, metrics: MetricsLog, on_best: Callable[[], object]):
         self.evaluate, self.val_ds, self.eval_batches = evaluate, val_ds, eval_batches
         self.patience, self.metrics, self.on_best = patience, metrics, on_best
         self.last_full_step = -1
-        self.last_full: Optional[dict] = None  # the result of that whole-split validation
+        self.last_full: Optional[dict[str, float]] = None  # the result of that whole-split validation
 
-    def __call__(self, s: TrainState, full: bool) -> Optional[dict]:
+    def __call__(self, s: TrainState, full: bool) -> Optional[dict[str, float]]:
         """Validate the whole split (`full`) or the fixed sample of `eval_batches`; save the best model."""
         if self.val_ds is None:
             return None

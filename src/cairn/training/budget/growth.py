@@ -7,7 +7,7 @@ epochs the compute can buy more as parameters than as repetitions. When the meas
 configured model has more than `grow_to_epochs` epochs, the planner picks a wider shape (more
 heads of the same size, the MLP in proportion, rounded to 64) whose estimated epochs, at a step
 time scaled by its FLOPs per token, stay within `grow_to_epochs`; the build then measures that
-model and plans it as any other (`build.py`). A small model's step costs more than its FLOPs say
+model and plans it as any other (`training/build.py`). A small model's step costs more than its FLOPs say
 (per-operator overheads), so the estimate errs towards a narrower model and more epochs, never
 towards one that fits fewer steps than planned.
 """
@@ -22,7 +22,7 @@ import torch
 
 from cairn.config.sections import ModelConfig
 from cairn.model.transformer import Transformer
-from cairn.training.state import Plan
+from cairn.checkpoint.schema import Plan
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Supervised fine-tuning data (`--format sft`): instruction records, the loss on the answers only.
 
 Each JSONL record is a `prompt` and a `response` (field names configurable) or a `messages` list
-(`role` / `content`, roles system, user, assistant). The run's chat template (chat_template.py)
+(`role` / `content`, roles system, user, assistant). The run's chat template (tokenizer/chat_template.py)
 turns it into one token sequence starting and ending with <|endoftext|>; only answer tokens (and
 the <|endoftext|> that ends the example) are targets, every other label is IGNORE_INDEX.
 
@@ -21,15 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
 from cairn.util import jsonl
 from cairn.tokenizer.chat_template import ChatTemplate, check_messages, encode_conversation
-from cairn.config.sections import DataConfig
+from cairn.config.sections import ChatConfig, DataConfig, RunConfig
+from cairn.data.formats.base import MainFirst, Rows, RunDatasets
 from cairn.util.errors import CairnError
+
+if TYPE_CHECKING:
+    import torch
 from cairn.tokenizer.base import Tokenizer
 from cairn.data.sources import resolve_files
 from cairn.data.splits import SPLITS, split_assignment
@@ -127,8 +131,8 @@ class SFTData:
         return getattr(self, name)
 
 
-def prepare_sft(d: DataConfig, seed: int, tokenizer: Tokenizer) -> SFTData:
-    template = ChatTemplate.from_config(d)
+def prepare_sft(d: DataConfig, chat: ChatConfig, seed: int, tokenizer: Tokenizer) -> SFTData:
+    template = ChatTemplate.from_config(chat)
     conversations = read_records(d)
     assign = split_assignment(len(conversations), seed, d.n_samples, d.train_frac, d.val_frac)
     splits, cut = {}, 0
@@ -187,7 +191,7 @@ class SFTRows:
         target = np.concatenate([parts[0].target] + [p.target[1:] for p in parts[1:]])
         return ids, target
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         import torch
 
         if not 0 <= i < len(self.rows):
@@ -201,3 +205,34 @@ def sample_conversations(data: SFTData, n: int) -> list[list[dict]]:
     """Up to `n` held-out conversations without their last answer: prompts to show a tuned model's answers."""
     pool: Optional[SFTSplit] = next((s for s in (data.val, data.test, data.train) if s.examples), None)
     return [c[:-1] for c in pool.conversations[:n]] if pool else []
+
+
+class SFTFormat:
+    """Instruction records: whole examples per row, the loss on the answers only."""
+    name = "sft"
+    learns_tokenizer = False  # a tokenizer learned on a few instructions would not read stories
+    chat = True
+
+    def prepare(self, cfg: RunConfig, tokenizer: Tokenizer, main_first: MainFirst) -> RunDatasets:
+        d = cfg.data
+        data = prepare_sft(d, cfg.chat, cfg.seed, tokenizer)
+        train = SFTRows(data.train, d.seq_len, pack=d.batching == "pack")
+        val, test = (SFTRows(split, d.seq_len, pack=False) or None for split in (data.val, data.test))
+        return RunDatasets(train, val, test, data.cache_dir, dict(data.meta), "rows",
+                           conversations=sample_conversations(data, cfg.eval.end_stories))
+
+    def held_out(self, cfg: RunConfig, tokenizer: Tokenizer, data: Optional[str], split: str) -> tuple[Rows, str]:
+        prepared = prepare_sft(replace(cfg.data, source=data) if data is not None else cfg.data, cfg.chat, cfg.seed,
+                               tokenizer)
+        if data is not None:
+            examples = SFTSplit([e for name in SPLITS for e in prepared.split(name).examples], [])
+            what = f"{data} ({len(examples.examples)} examples)"
+        else:
+            examples = prepared.split(split)
+            what = f"{split} split ({len(examples.examples)} examples)"
+        if not examples.examples:
+            raise CairnError(f"the run's {split} split is empty: score the val split, or other data")
+        return SFTRows(examples, cfg.data.seq_len, pack=False), what
+
+
+SFT_FORMAT = SFTFormat()

@@ -1,0 +1,30 @@
+"""`cairn eval`: score a trained run on held-out data, each record read as its format reads it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from cairn.checkpoint.load import load
+from cairn.data.batching import make_loader
+from cairn.data.formats import get_format
+from cairn.eval.metrics import evaluate
+from cairn.runtime.precision import for_checkpoint
+from cairn.util.errors import CairnError
+
+
+def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "test", batch_size: int = 0,
+                 device: str = "auto") -> dict[str, Any]:
+    """Score a trained model on every story of `data`, or on its run's `split`: each story from
+    its own beginning, as training's evaluations read them. Returns the metrics, with what was
+    scored ("what") and the checkpoint ("checkpoint")."""
+    if batch_size < 0:
+        raise CairnError(f"--batch-size must be positive (or 0 for the run's), got {batch_size}")
+    loaded = load(path, device)
+    cfg, tok = loaded.config, loaded.tokenizer
+    ds, what = get_format(cfg.data.format).held_out(cfg, tok, data, split)
+    loader = make_loader(ds, batch_size or cfg.train.batch_size, shuffle=False,
+                         seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
+    r = evaluate(loaded.model, loader, loaded.device, for_checkpoint(cfg.system.precision, loaded.device, loaded.path),
+                 tok.token_bytes)
+    return {**r, "what": what, "checkpoint": str(loaded.path)}
