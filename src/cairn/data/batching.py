@@ -15,7 +15,8 @@ restarted with `start_batch=k` sees exactly the batches it would have seen.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sized
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -227,6 +228,8 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, 
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside the world of {world} processes")
+    if not isinstance(dataset, Sized):  # torch's Dataset does not promise a length; batches index rows
+        raise TypeError(f"make_loader needs a dataset with a length, not {type(dataset).__name__}")
     n = len(dataset)
     size = batch_size * world
     total = num_batches(n, size, drop_last)
@@ -235,6 +238,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, 
     order = epoch_order(n, seed, epoch, shuffle)
     shares = (np.array_split(order[b * size:(b + 1) * size], world)[rank] for b in range(start_batch, total))
     batches = [share.tolist() for share in shares if len(share)]
+    collate: Callable[[Sequence[dict]], dict[str, torch.Tensor]]
     if isinstance(dataset, PaddedDataset) or getattr(dataset, "ragged", False):  # rows of their own lengths
         collate = functools.partial(collate_padded, pad_id=pad_id)
     else:

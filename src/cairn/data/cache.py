@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, NoReturn, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -33,9 +33,14 @@ from cairn.util.errors import CairnError
 from cairn.tokenizer.base import Tokenizer
 from cairn.util.host import usable_cores
 from cairn.data.parallel import ChunkPool, encode_chunk, scan_chunk
-from cairn.data.sources import (CHUNK_BYTES, ChunkProblem, LineCounter, TextsChunk, source_bytes, source_chunks,
-                      source_fingerprint)
+from cairn.data.sources import (CHUNK_BYTES, Chunk, ChunkProblem, LineCounter, TextsChunk, source_bytes,
+                                source_chunks, source_fingerprint)
 from cairn.data.splits import SPLITS, split_assignment
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +140,8 @@ def _map_tokens(path: Path, dtype: np.dtype, n_tokens: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,))
 
 
-def _encode(texts: Sequence[str], tokenizer: Tokenizer, progress: bool, desc: str):
+def _encode(texts: Sequence[str], tokenizer: Tokenizer, progress: bool,
+            desc: str) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
     """Yield (tokens, end offsets within the batch, utf-8 bytes) per batch of stories."""
     from tqdm.auto import tqdm
 
@@ -223,8 +229,8 @@ def _read_valid_meta(directory: Path) -> Optional[dict]:
 
 
 def _load_cached(directory: Path, key: str, meta: dict) -> PreparedData:
-    splits = {s: SplitTokens.load(directory, s, meta) for s in SPLITS}
-    return PreparedData(cache_dir=directory, key=key, meta=meta, **splits)
+    return PreparedData(train=SplitTokens.load(directory, "train", meta), val=SplitTokens.load(directory, "val", meta),
+                        test=SplitTokens.load(directory, "test", meta), cache_dir=directory, key=key, meta=meta)
 
 
 def _verify(directory: Path, meta: dict, vocab_size: int) -> Optional[str]:
@@ -295,7 +301,7 @@ class _Scan:
     """Pass 1: what the source holds, counted chunk by chunk without keeping any text."""
 
     stories: int = 0  # as read, empty ones included
-    kept: list = field(default_factory=list)  # non-empty stories per chunk
+    kept: list[int] = field(default_factory=list)  # non-empty stories per chunk
     n_bytes: int = 0  # bytes read (file bytes; Arrow buffer bytes for parquet/hub data)
 
     @property
@@ -303,7 +309,7 @@ class _Scan:
         return int(sum(self.kept))
 
 
-def _in_order(results: Iterator, lines: LineCounter) -> Iterator:
+def _in_order(results: Iterator[T], lines: LineCounter) -> Iterator[T]:
     """`ChunkPool.map`'s results, with a chunk's bad data reported at its line in the file."""
     while True:
         try:
@@ -315,12 +321,12 @@ def _in_order(results: Iterator, lines: LineCounter) -> Iterator:
         yield item
 
 
-def _chunks(data_cfg: DataConfig, chunk_bytes: int) -> Iterator:
+def _chunks(data_cfg: DataConfig, chunk_bytes: int) -> Iterator[Chunk]:
     return source_chunks(data_cfg.source, data_cfg.text_field, data_cfg.txt_separator, data_cfg.hub_split,
                          chunk_bytes)
 
 
-def _bar(total: Optional[int], desc: str, progress: bool):
+def _bar(total: Optional[int], desc: str, progress: bool) -> tqdm[NoReturn]:
     from tqdm.auto import tqdm
 
     # disable=None turns the bar off when stderr is not a terminal (logs, tests).
@@ -393,8 +399,8 @@ def _write_splits(directory: Path, data_cfg: DataConfig, pool: ChunkPool, chunk_
             raise _changed(p.path, "pass 1 read it without this problem") from None
     counts = {}
     for i, s in enumerate(SPLITS):
-        offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(np.concatenate(lengths[i] or [[]]),
-                                                                           dtype=np.int64)])
+        story_lengths = np.concatenate(lengths[i] or [np.zeros(0, dtype=np.int64)])
+        offsets = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(story_lengths, dtype=np.int64)])
         np.save(directory / f"{s}.offsets.npy", offsets)
         counts[s] = {"stories": len(offsets) - 1, "tokens": int(offsets[-1]), "bytes": n_bytes[i]}
     return counts

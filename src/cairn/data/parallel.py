@@ -16,7 +16,7 @@ import threading
 import time
 from array import array
 from collections import deque
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -24,7 +24,10 @@ from cairn.util.errors import CairnError
 from cairn.tokenizer.base import Tokenizer
 from cairn.data.sources import Chunk, clean_texts, read_chunk
 
-_WORKER_TOKENIZER = None  # a worker process's tokenizer, built once by _init_worker
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
+
+_WORKER_TOKENIZER: Optional[Tokenizer] = None  # a worker process's tokenizer, built once by _init_worker
 
 
 def tokenizer_spec(tokenizer: Tokenizer) -> Optional[str]:
@@ -62,7 +65,7 @@ def _init_worker(spec: str, name: str, parent: int) -> None:
 
 # ---------------------------------------------------------------- what one task does
 
-def scan_chunk(chunk: Chunk, tokenizer=None) -> tuple[int, int, int]:
+def scan_chunk(chunk: Chunk, tokenizer: Optional[Tokenizer] = None) -> tuple[int, int, int]:
     """(stories, non-empty stories, newlines) of a chunk: pass 1 of `prepare_data`."""
     stories, n_lines = read_chunk(chunk)
     return len(stories), len(clean_texts(stories)), n_lines
@@ -90,10 +93,12 @@ def encode_stories(texts: list[str], tokenizer: Tokenizer, dtype: np.dtype) -> t
 
 
 def encode_chunk(chunk: Chunk, assign: np.ndarray, dtype: np.dtype, n_splits: int,
-                 tokenizer=None) -> list[tuple[np.ndarray, np.ndarray, int]]:
+                 tokenizer: Optional[Tokenizer] = None) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Pass 2 of `prepare_data`: the chunk's non-empty stories, `assign[i]` saying which split
     story i goes to (-1: none), tokenized; one (stream, lengths, bytes) per split."""
     tok = tokenizer if tokenizer is not None else _WORKER_TOKENIZER
+    if tok is None:
+        raise RuntimeError("encode_chunk without a tokenizer outside a ChunkPool worker")
     stories = clean_texts(read_chunk(chunk)[0])
     if len(stories) != len(assign):
         where = getattr(chunk, "path", "the data")
@@ -117,12 +122,12 @@ class ChunkPool:
         self.spec = tokenizer_spec(tokenizer)
         if self.spec is None:
             self.workers = 1  # a tokenizer not made by get_tokenizer cannot be rebuilt in a worker
-        self._executor = None
+        self._executor: Optional[ProcessPoolExecutor] = None
 
     def __enter__(self) -> "ChunkPool":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -131,7 +136,7 @@ class ChunkPool:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
 
-    def _start(self):
+    def _start(self) -> ProcessPoolExecutor:
         if self._executor is None:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -141,7 +146,7 @@ class ChunkPool:
                 # data at import time would start workers of its own, without end.
                 raise CairnError("prepare_data ran while a worker process was starting: put the script's code "
                                  "under `if __name__ == \"__main__\":`")
-
+            assert self.spec is not None  # more than one worker only for a tokenizer a worker can rebuild
             self._executor = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
                 initargs=(self.spec, self.tokenizer.name, os.getpid()))

@@ -19,10 +19,13 @@ import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
 from cairn.util.errors import CairnError
+
+if TYPE_CHECKING:
+    import datasets
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 _EXT_LIST = ".txt, .jsonl, .parquet or a directory"
@@ -85,7 +88,7 @@ def resolve_files(source: str) -> Optional[tuple[Path, list[Path]]]:
         raise CairnError(f"data path {source!r} is not a regular file (a pipe or a device?): pass a data file or "
                          "a directory of them")
     if _GLOB_CHARS.search(source):
-        files: list[Path] = []
+        files = []
         for match in sorted(glob.glob(os.path.expanduser(source), recursive=True)):
             p = Path(match)
             if p.is_dir():
@@ -133,7 +136,7 @@ class FileChunk:
 class TextsChunk:
     """Stories already read (from parquet or a hub dataset), None meaning an empty story."""
 
-    texts: list
+    texts: list[Optional[str]]
     n_bytes: int  # their size as stored (Arrow buffers), for throughput figures
 
 
@@ -186,7 +189,7 @@ def _is_separator(line: bytes, separator: str) -> bool:
     return not text.strip() if separator == "blank" else text.strip() == separator.strip()
 
 
-def _story_end(f, pos: int, size: int, kind: str, option: str) -> int:
+def _story_end(f: BinaryIO, pos: int, size: int, kind: str, option: str) -> int:
     """The first place at or after `pos` where a chunk may end: after a line (jsonl), or after a
     separator line (txt, where a story spans lines)."""
     if pos >= size:
@@ -220,9 +223,10 @@ def _file_chunks(path: Path, kind: str, option: str, chunk_bytes: int) -> Iterat
             start = end
 
 
-def _arrow_chunks(columns: Iterable, where: str, field: str, chunk_bytes: int) -> Iterator[TextsChunk]:
-    """Group Arrow string/binary arrays into chunks of about `chunk_bytes`; binary must be UTF-8."""
-    texts: list = []
+def _arrow_chunks(columns: Iterable[Any], where: str, field: str, chunk_bytes: int) -> Iterator[TextsChunk]:
+    """Group Arrow string/binary arrays (pyarrow has no types) into chunks of about `chunk_bytes`;
+    binary must be UTF-8."""
+    texts: list[Optional[str]] = []
     n_bytes = row = 0
     for column in columns:
         values = column.to_pylist()
@@ -260,7 +264,7 @@ def _parquet_chunks(path: Path, field: str, chunk_bytes: int) -> Iterator[TextsC
         raise CairnError(f"{path}: column {field!r} holds {kind}, not text: "
                          "set --text-field to the column that holds the text")
 
-    def columns() -> Iterator:
+    def columns() -> Iterator[Any]:
         # Record batches, so memory holds one batch (and Arrow's read buffers), never the file.
         try:
             with pq.ParquetFile(path) as pf:
@@ -285,11 +289,12 @@ def _decode_chunk(raw: bytes, chunk: FileChunk) -> str:
 def _parse_txt(text: str, separator: str) -> list[str]:
     # Windows line ends are normalised so a file tokenizes the same whichever OS wrote it.
     text = text.replace("\r\n", "\n")
-    stories, current = [], []
+    stories: list[str] = []
+    current: list[str] = []
     blank_mode = separator == "blank"
     sep = separator.strip()
 
-    def flush():
+    def flush() -> None:
         # Whitespace around a story is part of the file layout, not the story.
         story = "\n".join(current).strip()
         if story:
@@ -309,7 +314,7 @@ _JSON = json.JSONDecoder()
 _JSON_SPACE = " \t\r\n"
 
 
-def _json_line(line: str):
+def _json_line(line: str) -> Any:
     """json.loads(line), about twice as fast on good lines: raw_decode skips loads' wrapper."""
     try:
         record, end = _JSON.raw_decode(line)
@@ -349,7 +354,7 @@ def _parse_jsonl(text: str, chunk: FileChunk) -> list[Optional[str]]:
     return out
 
 
-def read_chunk(chunk: Chunk) -> tuple[list[Optional[str]], int]:
+def read_chunk(chunk: Chunk) -> tuple[Sequence[Optional[str]], int]:
     """(the chunk's stories in order, None for a null one; its newline count). Raises ChunkProblem
     for bad data (to be located with a LineCounter) and CairnError when the file cannot be read."""
     if isinstance(chunk, TextsChunk):
@@ -361,7 +366,8 @@ def read_chunk(chunk: Chunk) -> tuple[list[Optional[str]], int]:
     except OSError as e:
         raise _cannot_read(chunk.path, e) from None
     text = _decode_chunk(raw, chunk)
-    stories = _parse_jsonl(text, chunk) if chunk.kind == "jsonl" else _parse_txt(text, chunk.option)
+    stories: Sequence[Optional[str]] = _parse_jsonl(text, chunk) if chunk.kind == "jsonl" \
+        else _parse_txt(text, chunk.option)
     return stories, raw.count(b"\n")
 
 
@@ -386,7 +392,7 @@ def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
     port = url.port or (443 if url.scheme == "https" else 80)
     result = {"ok": False}
 
-    def probe():
+    def probe() -> None:
         try:
             with socket.create_connection((host, port), timeout=timeout):
                 result["ok"] = True
@@ -420,7 +426,7 @@ def _cached_snapshot(source: str) -> Optional[str]:
         return None
 
 
-def _load_hub_dataset(source: str, path: str, hub_split: str):
+def _load_hub_dataset(source: str, path: str, hub_split: str) -> datasets.Dataset:
     """`datasets.load_dataset` on a hub id or on its cached snapshot's folder: the same files give
     the same splits and columns; every failure becomes one line naming the id and the split."""
     import datasets
@@ -435,7 +441,7 @@ def _load_hub_dataset(source: str, path: str, hub_split: str):
                          f"check the id and --hub-split, or pass local files with --data PATH ({_EXT_LIST})") from None
 
 
-def _hub_dataset(source: str, text_field: str, hub_split: str):
+def _hub_dataset(source: str, text_field: str, hub_split: str) -> datasets.Dataset:
     """The hub dataset, as `datasets` keeps it: Arrow files on disk, memory-mapped, not in RAM.
 
     Online, `datasets.load_dataset(source)` downloads it (into the hub cache) as the tutorial does.
@@ -458,7 +464,7 @@ def _hub_dataset(source: str, text_field: str, hub_split: str):
     return ds
 
 
-def _dataset_chunks(ds, where: str, text_field: str, chunk_bytes: int) -> Iterator[TextsChunk]:
+def _dataset_chunks(ds: datasets.Dataset, where: str, text_field: str, chunk_bytes: int) -> Iterator[TextsChunk]:
     """A `datasets.Dataset`'s text column in chunks, read batch by batch from its Arrow files."""
     table = ds.select_columns([text_field]).with_format("arrow")
     columns = (batch.column(0) for batch in table.iter(batch_size=_ARROW_BATCH_ROWS))

@@ -65,4 +65,4 @@ def split_stories(texts: Sequence[str], seed: int, n_samples: int = 0, train_fra
     These are exactly the stories, in the same order, that `prepare_data` tokenizes into its cache.
     """
     assign = split_assignment(len(texts), seed, n_samples, train_frac, val_frac)
-    return {name: [texts[i] for i in np.flatnonzero(assign == k)] for k, name in enumerate(SPLITS)}
+    return {name: [texts[int(i)] for i in np.flatnonzero(assign == k)] for k, name in enumerate(SPLITS)}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,12 +32,17 @@ from cairn.util import files
 from cairn.util.errors import CairnError
 from cairn.tokenizer.base import EOT, TOKENIZER_FILE, BPETokenizer, TiktokenTokenizer, Tokenizer
 
+if TYPE_CHECKING:
+    from cairn.checkpoint.load import Loaded
+    from cairn.config.sections import RunConfig
+    from cairn.model.transformer import Transformer
+
 
 GPT2_BLOCK = {"positions": "sinusoidal", "norm": "layernorm", "mlp": "gelu", "bias": True}
 LLAMA_BLOCK = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 
 
-def hf_architecture(cfg) -> str:
+def hf_architecture(cfg: RunConfig) -> str:
     """'gpt2' or 'llama': the Hugging Face class that computes exactly this model; else refuse."""
     m = cfg.model
     if all(getattr(m, k) == v for k, v in GPT2_BLOCK.items()):
@@ -54,7 +60,7 @@ def hf_architecture(cfg) -> str:
                      "it cannot be exported; use it with cairn, or train one of the two blocks")
 
 
-def _source_weights(model) -> dict[str, torch.Tensor]:
+def _source_weights(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights as float32 on the CPU, each once (a tied head is the embedding: both
     formats tie lm_head to the embedding themselves)."""
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
@@ -63,13 +69,13 @@ def _source_weights(model) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _all_used(sd: dict, fmt: str) -> None:
+def _all_used(sd: dict[str, torch.Tensor], fmt: str) -> None:
     if sd:
         raise CairnError(f"the model has weights {fmt}'s format has no place for ({', '.join(sorted(sd)[:3])}): "
                          "it cannot be exported to --format hf")
 
 
-def llama_state_dict(model) -> dict[str, torch.Tensor]:
+def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """cairn weights -> LlamaForCausalLM weights. cairn's rotary form is Llama's (rotate_half), so
     q and k need no permutation; the fused q/k/v projection is cut into q_proj, k_proj, v_proj."""
     sd = _source_weights(model)
@@ -97,7 +103,7 @@ def llama_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def llama_config(cfg, eot_id: int) -> dict:
+def llama_config(cfg: RunConfig, eot_id: int) -> dict[str, Any]:
     m = cfg.model
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -126,7 +132,7 @@ def llama_config(cfg, eot_id: int) -> dict:
     }
 
 
-def gpt2_state_dict(model) -> dict[str, torch.Tensor]:
+def gpt2_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """cairn weights -> GPT2LMHeadModel weights (Conv1D ones transposed), every weight used once."""
     sd = _source_weights(model)
     tied = model.cfg.tie_embeddings
@@ -139,6 +145,8 @@ def gpt2_state_dict(model) -> dict[str, torch.Tensor]:
         out[dst] = (t.t() if transpose else t).contiguous().clone()
 
     take("wte.weight", "transformer.wte.weight")
+    if model.pos_table is None:
+        raise CairnError("the model has no position table (rotary positions): GPT-2's format cannot express it")
     out["transformer.wpe.weight"] = model.pos_table.detach().to("cpu", torch.float32).contiguous().clone()
     for i in range(model.cfg.n_layers):
         b, h = f"blocks.{i}.", f"transformer.h.{i}."
@@ -157,7 +165,7 @@ def gpt2_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def gpt2_config(cfg, eot_id: int) -> dict:
+def gpt2_config(cfg: RunConfig, eot_id: int) -> dict[str, Any]:
     m = cfg.model
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -186,7 +194,7 @@ def gpt2_config(cfg, eot_id: int) -> dict:
     }
 
 
-def _tokenizer_config(tokenizer_class: str, context_len: int) -> dict:
+def _tokenizer_config(tokenizer_class: str, context_len: int) -> dict[str, Any]:
     return {
         "tokenizer_class": tokenizer_class,
         "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
@@ -260,7 +268,7 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def _card(loaded, tok, arch: str) -> str:
+def _card(loaded: Loaded, tok: Tokenizer, arch: str) -> str:
     m = loaded.config.model
     step = (loaded.meta.get("state") or {}).get("step")
     if arch == "gpt2":

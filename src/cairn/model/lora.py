@@ -11,6 +11,8 @@ plain linears (W + alpha/r * B A): the model is then a plain `Transformer` that 
 from __future__ import annotations
 
 import logging
+from types import ModuleType
+from typing import TypeVar
 
 import torch.nn as nn
 
@@ -18,8 +20,10 @@ from cairn.util.errors import CairnError
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=nn.Module)  # adapters go in and out in place: the model keeps its class
 
-def _peft():
+
+def _peft() -> ModuleType:
     try:
         import peft
     except ImportError:
@@ -36,7 +40,7 @@ def targets(spec: str) -> list[str]:
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def add_adapters(model: nn.Module, rank: int, alpha: float, target_spec: str) -> nn.Module:
+def add_adapters(model: M, rank: int, alpha: float, target_spec: str) -> M:
     """Put rank-`rank` adapters on the named linears of `model` (in place) and freeze the rest;
     a target that matches no layer is refused, listing the layers' names."""
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -64,7 +68,7 @@ def trainable(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def merge(model: nn.Module) -> nn.Module:
+def merge(model: M) -> M:
     """The adapters folded into their linears, which become plain nn.Linear again (in place)."""
     from peft.tuners.lora import LoraLayer
 

@@ -11,15 +11,18 @@ Liger-Kernel's fused linear cross-entropy does; when no gradient is needed nothi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 IGNORE_INDEX = -100  # a label with this value is no target: padding, context-only tokens (torch's convention)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    # ctx is Any as in torch's own signatures: needs_input_grad and saved_tensors come from C++
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype):
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
         n = h.shape[0]
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         w = weight.to(compute_dtype)
@@ -40,6 +43,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = logp.gather(1, safe)
             loss -= (target * valid).sum()
             if need_grad:
+                assert grad_h is not None and grad_w is not None
                 # d(sum loss)/d(logits) = softmax - onehot, in place. Padding rows are masked on the
                 # narrow side (their h rows and their gradient rows, [c, d]), not over [c, V]; no
                 # data-dependent branch, so torch.compile traces it whole
@@ -53,11 +57,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     grad_w += (g.t() @ (hc * mask)).to(acc)
         if need_grad:
+            assert grad_h is not None and grad_w is not None
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None, None, None]:
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_loss, grad_w * grad_loss, None, None, None
 

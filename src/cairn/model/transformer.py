@@ -16,7 +16,7 @@ RMSNorm, a SwiGLU MLP, bias-free linears, and tied input/output embeddings.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, overload
 
 import torch
 import torch.nn as nn
@@ -69,13 +69,13 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 class KVCache:
     """Keys and values of the tokens seen so far, one preallocated buffer per layer."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype):
         shape = (batch_size, cfg.n_heads, cfg.context_len, cfg.d_model // cfg.n_heads)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.length = 0  # tokens already in the cache
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         start, end = self.length, self.length + k.size(2)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
@@ -88,7 +88,7 @@ class RowKVCache:
     and attend only to that row's tokens. A forward pass over B rows uses rows 0..B-1; `row(i)`
     fills one row on its own (a prompt's prefill) and `move` keeps the rows in use at the front."""
 
-    def __init__(self, cfg: ModelConfig, rows: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, rows: int, device: torch.device | str, dtype: torch.dtype):
         shape = (rows, cfg.n_heads, cfg.context_len, cfg.d_model // cfg.n_heads)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -99,7 +99,7 @@ class RowKVCache:
         """[B, T]: the positions of the next T tokens of rows 0..B-1."""
         return self.lengths[:B, None] + torch.arange(T, device=self.lengths.device)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write k, v ([B, H, T, hd]) after each row's tokens; return the keys and values up to the
         longest row, and the mask [B, 1, T, L] of what each new token may see."""
         B, _, T, _ = k.shape
@@ -219,6 +219,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    # buffers (registered below): declared so that they read as tensors, not as nn.Module's Tensor | Module
+    pos_table: Optional[torch.Tensor]
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -254,13 +259,14 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.Linear) and module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
+                if isinstance(module, nn.LayerNorm) and module.bias is not None:
                     nn.init.zeros_(module.bias)
         for block in self.blocks:
+            assert isinstance(block, Block)
             for proj in (block.attn.proj, block.mlp.proj):
                 if self.cfg.zero_init:
                     nn.init.zeros_(proj.weight)
@@ -271,8 +277,17 @@ class Transformer(nn.Module):
             # distribution instead of undoing a random head (modded-nanogpt's initialisation)
             nn.init.zeros_(self.lm_head.weight)
 
+    @overload
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache | RowKVCache] = None,
-                labels: Optional[torch.Tensor] = None, stories: Optional[torch.Tensor] = None):
+                labels: None = None, stories: Optional[torch.Tensor] = None) -> torch.Tensor: ...
+
+    @overload
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache | RowKVCache] = None, *,
+                labels: torch.Tensor, stories: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache | RowKVCache] = None,
+                labels: Optional[torch.Tensor] = None,
+                stories: Optional[torch.Tensor] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Token ids [B, T] -> logits [B, T, vocab]. With a cache, idx holds only the new tokens;
         with a RowKVCache, row b continues from its own length (rows 0..B-1 of the cache).
 
@@ -284,8 +299,12 @@ class Transformer(nn.Module):
         positions restart at each story's first token, so each story is read as if it began the
         row (rotary attention depends only on distances, so it needs no restart)."""
         B, T = idx.shape
-        rows = cache.positions(B, T) if isinstance(cache, RowKVCache) else None  # [B, T] per-row positions
-        start = 0 if cache is None else cache.length if rows is None else int(rows[:, 0].max())
+        rows: Optional[torch.Tensor] = None  # [B, T] per-row positions
+        if isinstance(cache, RowKVCache):
+            rows = cache.positions(B, T)
+            start = int(rows[:, 0].max())
+        else:
+            start = 0 if cache is None else cache.length
         if start + T > self.cfg.context_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.context_len})")
         if stories is not None and cache is not None:

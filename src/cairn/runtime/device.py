@@ -8,7 +8,7 @@ import os
 import random
 import shutil
 import sys
-from typing import Optional
+from typing import ContextManager, Optional
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str) -> ContextManager[None]:
     """Autocast context for the forward pass; master weights stay float32."""
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

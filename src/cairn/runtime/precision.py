@@ -13,13 +13,14 @@ matmul peaks seen on the machine, which MFU is reported against.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import torch
 
@@ -54,7 +55,7 @@ class Choice:
     """A run's precision and why: `reason` is what the log says after "precision: <precision>"."""
     precision: str
     reason: str
-    measured: Optional[dict] = None  # {"fp32": FLOP/s, "bf16": FLOP/s} of the run's matmuls, when timed
+    measured: Optional[dict[str, float]] = None  # {"fp32": FLOP/s, "bf16": FLOP/s} of the run's matmuls, when timed
 
     def describe(self) -> str:
         return f"precision: {self.precision} ({self.reason})"
@@ -82,7 +83,21 @@ def native_bf16(flags: Optional[set[str]] = None) -> bool:
 Shape = tuple[int, int, int]  # (m, k, n): an [m, k] @ [k, n] product
 
 
-def run_matmuls(model_cfg, tokens: int) -> list[Shape]:
+class LinearSizes(Protocol):
+    """The model config's sizes that decide its linears' shapes (config.sections.ModelConfig is one;
+    the runtime layer sits below config and cannot name it)."""
+
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def d_mlp(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def mlp(self) -> str: ...
+
+
+def run_matmuls(model_cfg: LinearSizes, tokens: int) -> list[Shape]:
     """The forward matmuls of one micro-batch of `tokens` tokens through `model_cfg`'s linears
     (one of each shape; the backward's are the same sizes transposed)."""
     d, mlp, vocab = model_cfg.d_model, model_cfg.d_mlp, model_cfg.vocab_size
@@ -133,11 +148,12 @@ def cached_flops(what: str, measure: Callable[[], float], path: Optional[Path] =
     path = path or cache_file()
     key = machine_key()
     try:
-        cache = json.loads(path.read_text(encoding="utf-8"))
+        loaded: Any = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        cache = {}
-    cache = cache if isinstance(cache, dict) else {}
-    entry = cache.get(key) if isinstance(cache.get(key), dict) else {}
+        loaded = {}
+    cache: dict[str, Any] = loaded if isinstance(loaded, dict) else {}
+    stored = cache.get(key)
+    entry: dict[str, Any] = stored if isinstance(stored, dict) else {}
     value = entry.get(what)
     seen = float(value) if isinstance(value, (int, float)) and value > 0 else None
     if seen is not None and not best:
@@ -162,7 +178,7 @@ def shapes_key(shapes: Sequence[Shape]) -> str:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_alternating(shapes: Sequence[Shape], rounds: int = 5) -> dict:
+def time_alternating(shapes: Sequence[Shape], rounds: int = 5) -> dict[str, float]:
     """{"fp32": FLOP/s, "bf16": FLOP/s} of `shapes`, the best of `rounds` timings of each taken in
     turn, so that other work on a shared CPU slows both alike instead of whichever ran second."""
     best = dict.fromkeys(DTYPES, 0.0)
@@ -172,20 +188,21 @@ def time_alternating(shapes: Sequence[Shape], rounds: int = 5) -> dict:
     return best
 
 
-def measured_pair(shapes: Sequence[Shape]) -> dict:
+def measured_pair(shapes: Sequence[Shape]) -> dict[str, float]:
     """{"fp32": FLOP/s, "bf16": FLOP/s} of `shapes`, cached."""
-    key, timed = shapes_key(shapes), {}
+    key = shapes_key(shapes)
+    timed: dict[str, float] = {}
 
     def measure(name: str) -> float:
         if not timed:
             timed.update(time_alternating(shapes))
         return timed[name]
-    return {name: cached_flops(f"{name} {key}", lambda n=name: measure(n)) for name in DTYPES}
+    return {name: cached_flops(f"{name} {key}", functools.partial(measure, name)) for name in DTYPES}
 
 
 # ---------------------------------------------------------------- the choice
 
-def choose_cpu(native: bool, measure: Callable[[], dict], margin: float = BF16_MARGIN) -> Choice:
+def choose_cpu(native: bool, measure: Callable[[], dict[str, float]], margin: float = BF16_MARGIN) -> Choice:
     """bf16 where the CPU has it natively and its matmuls are `margin` times float32's; `measure`
     (only called on such a CPU) gives {"fp32": FLOP/s, "bf16": FLOP/s}."""
     if not native:
@@ -199,7 +216,7 @@ def choose_cpu(native: bool, measure: Callable[[], dict], margin: float = BF16_M
     return Choice("fp32", f"measured {figures}, below the {margin:g}x bf16 must gain", m)
 
 
-def resolve(precision: str, device: torch.device, model_cfg=None, tokens: int = 0) -> Choice:
+def resolve(precision: str, device: torch.device, model_cfg: Optional[LinearSizes] = None, tokens: int = 0) -> Choice:
     """The precision a run uses. "fp32" and "bf16" are taken as given (bf16 refused on GPUs
     without it). "auto": bf16 on GPUs that support it; on CPUs, measured for the run's matmuls
     (`model_cfg`, `tokens` per micro-batch) where given, else float32."""
@@ -276,7 +293,7 @@ def _measured(precision: str, path: Optional[Path] = None) -> list[float]:
             and (k.startswith(f"{precision} ") or k.startswith(f"peak {precision} "))]
 
 
-def for_run(precision: str, device: torch.device, model_cfg, tokens: int,
+def for_run(precision: str, device: torch.device, model_cfg: LinearSizes, tokens: int,
             resumed_run_json: Optional[Path] = None) -> Choice:
     """A training run's precision: a resumed run keeps the one its run.json holds when the config
     leaves it to "auto" (a resume continues the same computation, whatever a new measurement says)."""

@@ -17,12 +17,16 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, Optional, Protocol
+from typing import TYPE_CHECKING, Iterable, Optional, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from cairn.util import files
 from cairn.util.errors import CairnError
+
+if TYPE_CHECKING:
+    import tiktoken
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 257  # an own BPE holds the 256 bytes and <|endoftext|>
@@ -45,9 +49,12 @@ class Tokenizer(Protocol):
     def decode_bytes(self, ids: Iterable[int]) -> bytes: ...
     def save(self, directory: str | Path) -> Optional[Path]: ...  # copy into a run (None: built in)
 
+    @property
+    def token_bytes(self) -> NDArray[np.int64]: ...  # UTF-8 bytes per token id (0 for special tokens)
+
 
 class TiktokenTokenizer:
-    def __init__(self, encoding, name: str, eot_id: int):
+    def __init__(self, encoding: tiktoken.Encoding, name: str, eot_id: int):
         self.enc = encoding
         self.name = name
         self.vocab_size = encoding.n_vocab
@@ -66,7 +73,7 @@ class TiktokenTokenizer:
         return self.enc.decode_bytes(list(ids))
 
     @functools.cached_property
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self) -> NDArray[np.int64]:
         """UTF-8 bytes each token stands for (0 for <|endoftext|>): for bits per byte."""
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for i in range(self.vocab_size):
@@ -164,9 +171,10 @@ class BPETokenizer:
         except Exception as e:  # tokenizers raises a plain Exception for bad files
             raise CairnError(f"{path} is not a valid tokenizer file ({str(e).splitlines()[0][:100]}): "
                              "train the tokenizer again") from None
-        self.eot_id = self.tok.token_to_id(EOT)
-        if self.eot_id is None:
+        eot_id = self.tok.token_to_id(EOT)
+        if eot_id is None:
             raise CairnError(f"{path} has no {EOT} token: make the tokenizer with `cairn tokenizer train`")
+        self.eot_id: int = eot_id
         info_path = directory / INFO_FILE
         if info_path.is_file():
             try:
@@ -211,11 +219,11 @@ class BPETokenizer:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     @functools.cached_property
-    def token_bytes(self) -> np.ndarray:
+    def token_bytes(self) -> NDArray[np.int64]:
         """UTF-8 bytes each token stands for (0 for special tokens such as <|endoftext|>)."""
         return np.array([0 if i in self._special else len(b) for i, b in enumerate(self._bytes)], dtype=np.int64)
 
-    def info(self) -> dict:
+    def info(self) -> dict[str, str | int]:
         return {"name": self.name, "kind": "byte-level-bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
                 "eot": EOT}
 
@@ -240,7 +248,7 @@ def _bpe(directory: str, mtime_ns: int, size: int) -> BPETokenizer:
     return BPETokenizer(directory)
 
 
-def get_tokenizer(spec: str = "gpt2"):
+def get_tokenizer(spec: str = "gpt2") -> Tokenizer:
     """'gpt2', or a directory holding a byte-level BPE tokenizer.json (`cairn tokenizer train`)."""
     if spec == "gpt2":
         return gpt2()

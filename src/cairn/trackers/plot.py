@@ -14,9 +14,19 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from cairn.util.errors import CairnError
+
+if TYPE_CHECKING:  # matplotlib is optional: imported on use
+    from types import ModuleType
+
+    import numpy as np
+    from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.typing import ColorType
 
 INSTALL_HINT = "plotting needs matplotlib: pip install 'cairn-lm[plot]'"
 
@@ -113,7 +123,7 @@ def tokens_at(train: list[dict], steps: Sequence[float]) -> list[Optional[float]
     return out
 
 
-def _import_matplotlib():
+def _import_matplotlib() -> tuple[type[Figure], type[FigureCanvasAgg], type[Line2D], ModuleType]:
     try:
         import matplotlib  # noqa: F401
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -125,7 +135,8 @@ def _import_matplotlib():
     return Figure, FigureCanvasAgg, Line2D, ticker
 
 
-def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, title: Optional[str] = None):
+def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *,
+              title: Optional[str] = None) -> Figure:
     """Draw the runs' curves on one figure and, if `out` is given, save it there (PNG, or whatever
     format the suffix names: .svg, .pdf). Returns the matplotlib Figure.
 
@@ -142,7 +153,7 @@ def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, 
     fig = Figure(figsize=(13, 8.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
-    colours = [f"C{i % 10}" for i in range(len(runs))]
+    colours: list[ColorType] = [f"C{i % 10}" for i in range(len(runs))]
     if len(runs) > 10:
         import matplotlib
 
@@ -159,7 +170,7 @@ def plot_runs(paths: Sequence[str | Path], out: Optional[str | Path] = None, *, 
     return fig
 
 
-def _draw_curves(axes, runs, colours) -> list[float]:
+def _draw_curves(axes: Iterable[Axes], runs: Sequence[RunMetrics], colours: Sequence[ColorType]) -> list[float]:
     """Each run's loss, learning-rate and throughput lines; returns every loss drawn."""
     ax_step, ax_tok, ax_lr, ax_tps = axes
     losses: list[float] = []
@@ -196,8 +207,8 @@ def _draw_curves(axes, runs, colours) -> list[float]:
     return losses
 
 
-def _format_axes(axes, losses: list[float], ticker) -> None:
-    """Labels, scales and titles of the four panels."""
+def _format_axes(axes: np.ndarray, losses: list[float], ticker: ModuleType) -> None:
+    """Labels, scales and titles of the four panels (`axes`: the 2 x 2 array of Figure.subplots)."""
     ax_step, ax_tok, ax_lr, ax_tps = axes.flat
     # a log scale for the loss when it spans a wide range (as from-scratch runs do: ~10 down to ~2-5),
     # so the slow late progress is not squashed under the steep start
@@ -233,7 +244,7 @@ def _format_axes(axes, losses: list[float], ticker) -> None:
 
 
 
-def _legend(fig, runs, colours, Line2D) -> None:
+def _legend(fig: Figure, runs: Sequence[RunMetrics], colours: Sequence[ColorType], Line2D: type[Line2D]) -> None:
     # one legend for the whole figure: a colour per run, a line style per series
     handles = []
     for run, colour in zip(runs, colours):
@@ -255,7 +266,7 @@ def _legend(fig, runs, colours, Line2D) -> None:
                frameon=False)
 
 
-def save(fig, out: str | Path) -> Path:
+def save(fig: Figure, out: str | Path) -> Path:
     out = Path(out)
     if out.is_dir():
         raise CairnError(f"--out {str(out)!r} is a directory: give a file name such as {out / 'plot.png'}")

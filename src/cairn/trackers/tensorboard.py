@@ -93,5 +93,5 @@ class TensorBoardLogger:
     def __enter__(self) -> "TensorBoardLogger":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

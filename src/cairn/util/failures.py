@@ -12,7 +12,7 @@ import errno
 import os
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,13 @@ _BY_TEXT = [(re.compile(pattern, re.I), code) for pattern, code in (
 )]
 
 
-def _chain(e: BaseException):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    link: Optional[BaseException] = e
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 # what torch's zip writer says when a write failed, without the OS's reason
@@ -89,9 +90,9 @@ def storage_problem(e: BaseException, directory: Optional[str] = None) -> Option
                 if pattern.search(str(err)):
                     return StorageProblem(*_BY_ERRNO[code])
     if any(_WRITE_FAILED.search(str(err)) for err in _chain(e)):
-        code = _filesystem_state(directory) if directory else None
-        if code is not None:
-            return StorageProblem(*_BY_ERRNO[code], directory)
+        state = _filesystem_state(directory) if directory else None
+        if state is not None:
+            return StorageProblem(*_BY_ERRNO[state], directory)
         return StorageProblem("a write failed", "check that the disk has space and is writable", directory)
     return None
 

@@ -19,7 +19,8 @@ def usable_cores() -> int:
 def cpu_info() -> tuple[str, set[str]]:
     """(model name, feature flags) from /proc/cpuinfo; the platform's name and no flags where it
     cannot be read."""
-    model, flags = "", set()
+    model = ""
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
