@@ -18,6 +18,8 @@ from conftest import REPO
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 README_MAX_BYTES = 8 * 1024
+SCRIPTS = REPO / "benchmarks" / "scripts"
+RECORDS = REPO / "benchmarks" / "records"
 
 # Words about the making of the project rather than the product. Each pattern is written so that
 # this file's own text does not match it.
@@ -98,21 +100,21 @@ def test_a_presets_result_is_the_one_its_record_holds(row):
 
 def test_the_experiments_tables_are_the_ones_the_ablation_record_gives():
     text = (REPO / "docs" / "experiments.md").read_text(encoding="utf-8")
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation_tables.py")], capture_output=True,
+    out = subprocess.run([sys.executable, str(SCRIPTS / "ablation_tables.py")], capture_output=True,
                          text=True, check=True).stdout
-    assert out.strip() and out in text, "docs/experiments.md: rerun python benchmarks/ablation_tables.py"
+    assert out.strip() and out in text, "docs/experiments.md: rerun python benchmarks/scripts/ablation_tables.py"
 
 
 def test_the_words_task_rows_are_the_ones_its_record_gives():
-    record = json.loads((REPO / "benchmarks" / "instruct-words.json").read_text(encoding="utf-8"))
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "instruct_words.py"), "--json",
-                          str(REPO / "benchmarks" / "instruct-words.json"), "--table", ",".join(record["runs"])],
+    record = json.loads((RECORDS / "instruct-words.json").read_text(encoding="utf-8"))
+    out = subprocess.run([sys.executable, str(SCRIPTS / "instruct_words.py"), "--json",
+                          str(RECORDS / "instruct-words.json"), "--table", ",".join(record["runs"])],
                          capture_output=True, text=True, check=True).stdout
     want = {line for line in out.splitlines() if line.startswith("| `")}
     text = (REPO / "docs" / "fine-tuning.md").read_text(encoding="utf-8")
     shown = {line for line in text.splitlines() if line.startswith("| `runs/")}
     assert len(want) == len(record["runs"]) and shown == want, \
-        "docs/fine-tuning.md: paste the rows python benchmarks/instruct_words.py --table prints"
+        "docs/fine-tuning.md: paste the rows python benchmarks/scripts/instruct_words.py --table prints"
     for entry in record["runs"].values():  # each figure from a run evaluated on 100 prompts, with its gain
         assert entry["prompts"] == 100 and entry["words_asked"] == 300 and entry["prompt_gain_tokens"] > 0
 
@@ -138,7 +140,7 @@ def test_nothing_speaks_of_how_the_project_was_made():
 
 
 def _record(name: str) -> dict:
-    return json.loads((REPO / "benchmarks" / name).read_text())
+    return json.loads((RECORDS / name).read_text())
 
 
 def test_the_tutorial_page_quotes_the_tutorial_differences_record():

@@ -10,7 +10,7 @@ spells one of the record's words (cairn.tasks.words.word_token_positions), or wi
 this size can learn in the budget when the gradient goes to the words; it is an experiment, not a
 training mode of cairn.
 
-    python benchmarks/words_focus.py --keep 0.1 -- train --preset cpu-instruct \
+    python benchmarks/scripts/words_focus.py --keep 0.1 -- train --preset cpu-instruct \
         --init-from runs/base --data runs/words-train.jsonl --out runs/inst-focus10
 """
 

@@ -2,8 +2,8 @@
 timed in the same process in alternating rounds (a shared machine slows every variant alike).
 
     git clone https://github.com/karpathy/nanoGPT /tmp/nanoGPT      # not part of cairn; only timed
-    PYTHONPATH=src python benchmarks/nanogpt_step.py --nanogpt /tmp/nanoGPT/model.py --rounds 5 \\
-        --json benchmarks/nanogpt-step-cpu.json
+    PYTHONPATH=src python benchmarks/scripts/nanogpt_step.py --nanogpt /tmp/nanoGPT/model.py --rounds 5 \\
+        --json benchmarks/records/nanogpt-step-cpu.json
 
 Shape: d256 / 4 layers / 8 heads / GPT-2 vocabulary (50257) / 256 tokens / batch 8, tied heads on
 both sides, no dropout. Variants (each a whole step: forward, backward, clipping at 1.0, AdamW):

@@ -2,7 +2,8 @@
 once per precision, one after the other; prints the validation-loss curves side by side and the
 final held-out figures, and writes them as JSON.
 
-    python benchmarks/precision.py --data ../shared/data/tinystories --json benchmarks/precision-cpu.json \
+    python benchmarks/scripts/precision.py --data ../shared/data/tinystories \
+        --json benchmarks/records/precision-cpu.json \
         -- --preset cpu-10min --max-steps 300 --time-budget "" --eval-every 50 --compile false --end-stories 0
 
 With the same seed and data both runs see the same batches in the same order. The validation

@@ -1,6 +1,7 @@
 """Load test of `cairn serve` on loopback: 1, 4 and 16 concurrent streaming clients.
 
-    python benchmarks/serve.py [--run RUN] [--requests 4] [--max-tokens 64] [--json benchmarks/serve.json]
+    python benchmarks/scripts/serve.py [--run RUN] [--requests 4] [--max-tokens 64] \
+        [--json benchmarks/records/serve.json]
 
 Without --run it first trains the model it serves, in a temporary folder: the cpu-10min preset's
 architecture (a Llama block of 1.65M parameters on its own 4096-token BPE, context 256) for 30
@@ -37,7 +38,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))  # cairn from this checkout, as the servers it starts
 from cairn.util.host import cpu_info  # noqa: E402
 SAMPLE = Path(os.environ.get("CAIRN_TINYSTORIES", REPO.parent / "shared" / "data" / "tinystories"))
@@ -185,7 +186,7 @@ def main() -> None:
     ap.add_argument("--run", help="run (or checkpoint) to serve (default: train the small model described above)")
     ap.add_argument("--requests", type=int, default=4, help="requests per client (default 4)")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
-    ap.add_argument("--json", default=str(REPO / "benchmarks" / "serve.json"))
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "records" / "serve.json"))
     a = ap.parse_args()
 
     import torch
@@ -202,7 +203,7 @@ def main() -> None:
         del loaded
         record = {"what": "cairn serve under load on loopback: concurrent streaming clients, each sending "
                           f"{a.requests} completions of {a.max_tokens} tokens one after the other",
-                  "command": "python benchmarks/serve.py",
+                  "command": "python benchmarks/scripts/serve.py",
                   "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                   "host": {"cpu": cpu_info()[0], "usable_cores": len(os.sched_getaffinity(0)),
                            "torch": torch.__version__, "python": platform.python_version()},

@@ -1,7 +1,7 @@
 """Ablations at equal wall time: each variant of a preset trains under the same --time-budget,
 one after another in one run, and is scored on the held-out validation split (bits per byte).
 
-    python benchmarks/ablate.py --data ../shared/data/tinystories --budget 150s \
+    python benchmarks/scripts/ablate.py --data ../shared/data/tinystories --budget 150s \
         --variant base --variant "gpt2 vocab: --tokenizer gpt2" --variant "lr 6e-3: --lr 6e-3"
 
 A variant is "NAME: --flag value ..." (overrides on top of the preset and of --flags, which every

@@ -1,7 +1,7 @@
 """What cairn's deliberate departures from the tutorial's model and optimizer do early in training.
 
-    python benchmarks/tutorial_differences.py --data ../shared/data/tinystories \
-        --json benchmarks/tutorial-differences.json
+    python benchmarks/scripts/tutorial_differences.py --data ../shared/data/tinystories \
+        --json benchmarks/records/tutorial-differences.json
 
 The tutorial's block (sinusoidal positions, LayerNorm, GELU, biases) at d128 / 2 layers, with a
 2048-token BPE, trains for 80 steps of 8 rows of 64 tokens on the same stories, seed and batches in
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 import cairn  # noqa: E402
 import cairn.model.transformer  # noqa: E402
@@ -134,8 +134,8 @@ def main() -> int:
                   f"train loss (last 10 steps) {rows[-1]['train_loss_last_report']:.3f}", flush=True)
     result = {"what": "the tutorial's block at d128/L2, 80 steps of 8 x 64 tokens, one departure from cairn "
                       "per variant",
-              "command": "python benchmarks/tutorial_differences.py --data ../shared/data/tinystories "
-                         "--json benchmarks/tutorial-differences.json",
+              "command": "python benchmarks/scripts/tutorial_differences.py --data ../shared/data/tinystories "
+                         "--json benchmarks/records/tutorial-differences.json",
               "settings": SETTINGS, "data": a.data, "torch": torch.__version__, "results": rows}
     if a.json and Path(a.json).is_file():
         kept = [r for r in json.loads(Path(a.json).read_text())["results"] if r["variant"] not in names]

@@ -1,8 +1,8 @@
 """The stage tables of docs/experiments.md, written from benchmarks/ablation-cpu-10min.json.
 
-    python benchmarks/ablation_tables.py
+    python benchmarks/scripts/ablation_tables.py
 
-Each stage gets the command that reruns it on today's code (`benchmarks/ablate.py`, with the stage's
+Each stage gets the command that reruns it on today's code (`benchmarks/scripts/ablate.py`, with the stage's
 base given as flags over today's `cpu-10min` preset) and a table of its recorded results. The docs
 hold this output verbatim; tests/test_docs.py checks that they still do.
 """
@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-RECORD = Path(__file__).resolve().parent / "ablation-cpu-10min.json"
+RECORD = Path(__file__).resolve().parents[1] / "records" / "ablation-cpu-10min.json"
 
 # What stages 1-13 had that the preset no longer has: eager steps, no story mask, whole-split
 # validation at every epoch end.
@@ -64,7 +64,7 @@ def tables(record: dict) -> str:
         out.append(f"### Stage {stage}: {title} ({budget} each)\n")
         variants = " ".join(f'--variant "{r["variant"]}: {r["flags"]}"' if r["flags"] else f'--variant "{r["variant"]}"'
                             for r in mine)
-        out.append("```bash\npython benchmarks/ablate.py --data ../shared/data/tinystories "
+        out.append("```bash\npython benchmarks/scripts/ablate.py --data ../shared/data/tinystories "
                    f"--budget {budget} \\\n    --flags \"{base}\" \\\n    {variants}\n```\n")
         out.append(f"| variant | flags | val bits/byte | vs {ref_name} | steps | tokens/s |")
         out.append("| --- | --- | --- | --- | --- | --- |")

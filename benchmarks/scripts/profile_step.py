@@ -1,9 +1,10 @@
 """Where a cairn training step spends its time: torch.profiler over a few steps of `cairn bench`'s
 cairn step (forward under autocast, backward, clipping, AdamW), the operators by self CPU time.
 
-    PYTHONPATH=src python benchmarks/profile_step.py --precision bf16 --out benchmarks/profile-d256-bf16.txt
-    PYTHONPATH=src python benchmarks/profile_step.py --preset cpu-10min --precision bf16 \\
-        --out benchmarks/profile-cpu-10min-bf16.txt
+    PYTHONPATH=src python benchmarks/scripts/profile_step.py --precision bf16 \\
+        --out benchmarks/records/profile-d256-bf16.txt
+    PYTHONPATH=src python benchmarks/scripts/profile_step.py --preset cpu-10min --precision bf16 \\
+        --out benchmarks/records/profile-cpu-10min-bf16.txt
 
 Shape flags as `cairn bench` (default d256 / 4 layers / 8 heads / GPT-2 vocabulary / 256 tokens /
 batch 8). Also prints the share of the step in matmuls (aten::mm, addmm, bmm, linear's kernels).

@@ -1,6 +1,6 @@
 """Data preparation at scale: one core against every core, on a generated JSONL of >= 500 MB.
 
-    python benchmarks/prepare.py [--mb 512] [--sample DIR] [--json benchmarks/prepare.json]
+    python benchmarks/scripts/prepare.py [--mb 512] [--sample DIR] [--json benchmarks/records/prepare.json]
 
 Builds the file from the shared TinyStories sample repeated (in a temporary folder, deleted at the
 end), then runs `cairn prepare` on it in a fresh process per setting (--workers 1, then every
@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLE = Path(os.environ.get("CAIRN_TINYSTORIES", REPO.parent / "shared" / "data" / "tinystories"))
 
 

@@ -11,7 +11,7 @@ sample trains on (its train split: the same seed and fractions) become training 
 (--train-out); the others, never seen by the base model or the fine-tuning, give the evaluation
 prompts (--eval-out, --eval-n of them, a seeded sample).
 
-    python benchmarks/words_data.py --data /work/shared/data/tinystories \
+    python benchmarks/scripts/words_data.py --data /work/shared/data/tinystories \
         --train-out runs/words-train.jsonl --eval-out runs/words-eval.jsonl
 """
 

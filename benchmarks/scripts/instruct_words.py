@@ -1,6 +1,6 @@
 """The words task, base vs instruction-tuned runs: how many held-out prompts each one honours.
 
-One story per prompt of --eval (made by benchmarks/words_data.py from stories no run trained on),
+One story per prompt of --eval (made by benchmarks/scripts/words_data.py from stories no run trained on),
 sampled with the same seeds for every run (prompt i: seed i, temperature 0.8, top-k 50, at most
 300 tokens, through the run's chat template). A story honours its prompt when it contains all three
 words, as whole words, case-insensitively (cairn.tasks.words). `prompt_gain` is the log-probability
@@ -9,9 +9,10 @@ from, against another prompt (cairn.tasks.words.prompt_gain; --eval holds the st
 words_data.py writes them): how far a run has learned to take the words from its prompt, while the
 rate is still 0. Runs given again replace their entry in --json, so the runs can be scored one at a time.
 
-    python benchmarks/instruct_words.py --eval runs/words-eval.jsonl --json benchmarks/instruct-words.json \
+    python benchmarks/scripts/instruct_words.py --eval runs/words-eval.jsonl \
+        --json benchmarks/records/instruct-words.json \
         --run base=runs/base --what "base=the base run" --run full=runs/inst --run lora=runs/inst-lora
-    python benchmarks/instruct_words.py --json benchmarks/instruct-words.json --table base,full,lora
+    python benchmarks/scripts/instruct_words.py --json benchmarks/records/instruct-words.json --table base,full,lora
 """
 
 from __future__ import annotations

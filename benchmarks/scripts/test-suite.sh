@@ -3,7 +3,7 @@
 # after the other on the machine that runs it, as pytest reports them (install and lint excluded). Needs the
 # project's .venv (bash scripts/setup.sh). Prints pytest's summary lines.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 . .venv/bin/activate
 old=$(mktemp -d)
 git worktree add -q --detach "$old" 1a9b77c
