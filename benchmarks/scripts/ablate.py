@@ -8,14 +8,14 @@ A variant is "NAME: --flag value ..." (overrides on top of the preset and of --f
 variant gets first; "base" alone = the preset with --flags).
 Each variant first runs a one-step warm-up, so the tokenizer it learns and the token cache it
 fills are ready before its clock starts: the timed runs compare training, not one-off caching.
-Prints a table (markdown) and writes JSON next to --json.
+Prints a table (markdown) and, with --json, writes a benchmark record (cairn.bench.record) whose
+result holds the settings and one row per variant.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from cairn.bench import record
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="write the results here as JSON")
     p.add_argument("--keep", default="", help="keep the run directories under this folder")
     args = p.parse_args(argv)
+    recording = record.start()
     variants = [parse_variant(v) for v in (args.variant or ["base"])]
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="cairn-ablate-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -112,11 +115,9 @@ def main(argv=None) -> int:
         print(f"| {r['variant']} | `{r['flags'] or '(preset)'}` | {r['val_bits_per_byte']:.4f} | "
               f"{r['val_bits_per_byte'] - base_bpb:+.4f} | {r['steps_done']} | {r['tokens']:,} | "
               f"{r['tokens_per_s']:,.0f} | {r['parameters']:,} | {r['wall_s']} |")
-    if args.json:
-        meta = {"preset": args.preset, "flags": args.flags, "budget": args.budget, "data": args.data,
-                "cpu_count": os.cpu_count(),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+    if args.json:  # the runs are `cairn train` processes with their own threads: the record's are null
+        recording.write(args.json, {"preset": args.preset, "flags": args.flags, "budget": args.budget,
+                                    "data": args.data, "results": results}, threads=None)
     return 0
 
 

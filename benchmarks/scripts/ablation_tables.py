@@ -1,4 +1,5 @@
-"""The stage tables of docs/experiments.md, written from benchmarks/ablation-cpu-10min.json.
+"""The stage tables of docs/experiments.md, written from the record
+benchmarks/records/ablation-cpu-10min.json.
 
     python benchmarks/scripts/ablation_tables.py
 
@@ -51,8 +52,9 @@ def _score(r: dict) -> float | None:
     return r.get("val_bits_per_byte")
 
 
-def tables(record: dict) -> str:
-    rows = record["results"]
+def tables(result: dict) -> str:
+    """The tables of the record's result (its "results" rows, each with its stage)."""
+    rows = result["results"]
     by_key = {(r["stage"], r["variant"]): r for r in rows}
     out = []
     for stage in sorted({r["stage"] for r in rows}):
@@ -84,7 +86,7 @@ def tables(record: dict) -> str:
 
 
 def main() -> int:
-    print(tables(json.loads(RECORD.read_text())), end="")
+    print(tables(json.loads(RECORD.read_text(encoding="utf-8"))["result"]), end="")
     return 0
 
 

@@ -2,7 +2,8 @@
 # The GPU check, in one command of under 5 minutes on one H200 (or any CUDA GPU):
 # reference-105m's shape (d768, 4 layers, 12 heads, GPT-2 vocabulary, 32 rows of 1000 tokens) in
 # bf16 autocast, cairn against the nanoGPT-style reference, eager and torch.compile'd, alternating;
-# then KV-cache decoding against recomputation. Prints the table; writes JSON to $1.
+# then KV-cache decoding against recomputation. Prints the table; writes its record to $1 (and the
+# bf16-against-float32 training record beside it, where the TinyStories sample is found).
 #   bash benchmarks/scripts/gpu.sh [OUT.json]
 # MFU is against the GPU's dense bf16 peak from its data sheet (runtime.GPU_BF16_PEAKS).
 set -euo pipefail

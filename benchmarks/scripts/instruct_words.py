@@ -7,7 +7,8 @@ words, as whole words, case-insensitively (cairn.tasks.words). `prompt_gain` is 
 (nats per token) that a prompt adds to the tokens of its words in the held-out story it was made
 from, against another prompt (cairn.tasks.words.prompt_gain; --eval holds the stories, as
 words_data.py writes them): how far a run has learned to take the words from its prompt, while the
-rate is still 0. Runs given again replace their entry in --json, so the runs can be scored one at a time.
+rate is still 0. --json is a benchmark record (cairn.bench.record) whose result holds one entry per run
+under "runs"; runs given again replace their entry, so the runs can be scored one at a time.
 
     python benchmarks/scripts/instruct_words.py --eval runs/words-eval.jsonl \
         --json benchmarks/records/instruct-words.json \
@@ -26,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from cairn.util.host import cpu_description
+from cairn.bench import record
 from cairn.tasks.words import evaluate_words, words_found
+from cairn.util.host import cpu_description
 
 
 def run_facts(run: Path) -> dict:
@@ -71,12 +73,13 @@ def main(argv=None) -> int:
                                                           "thread generates several times faster than two)")
     a = p.parse_args(argv)
     out = Path(a.json)
-    table = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+    table = record.read_result(out) if out.is_file() else {"runs": {}}
     if a.table:
         sys.stdout.write(markdown(table, a.table.split(",")))
         return 0
     if not (a.eval and a.run):
         p.error("give --eval and at least one --run (or --table)")
+    recording = record.start()
     torch.set_num_threads(a.threads)
     what = dict(spec.split("=", 1) for spec in a.what)
     samples_path = Path(a.samples) if a.samples else out.with_name(out.stem + "-samples.jsonl")
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
         mine = [s for s in kept if s["run"] == name]
         entry["words_found"] = sum(words_found(s["story"], s["words"]) for s in mine)
         entry["words_asked"] = sum(len(s["words"]) for s in mine)
-    out.write_text(json.dumps(table, indent=1) + "\n")
+    recording.write(out, table, threads=a.threads)
     samples_path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in kept))
     return 0
 

@@ -12,30 +12,26 @@ CUDA), `nanogpt-bf16` (the same under bf16 autocast), `cairn` in float32 and in 
 (eager; with --compile also torch.compile'd), and two matmul rows, `peak-fp32` and `peak-bf16`:
 one 2048 x 2048 x 2048 product in each dtype. Every row reports its model FLOP/s (6 per weight of
 every matmul + attention, as nanoGPT counts), its speed against nanoGPT float32, and its share of
-the peak of the precision it computes in, the peak timed in the same rounds.
+the peak of the precision it computes in, the peak timed in the same rounds. --json writes a
+benchmark record (cairn.bench.record).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from cairn.bench.speed import make_step
+from cairn.bench import record
+from cairn.bench.speed import make_step, mean_loss
 from cairn.config.sections import ModelConfig, TrainConfig
-from cairn.util.host import usable_cores
 from cairn.model.transformer import Transformer
-from cairn.util.host import cpu_info
-from cairn.runtime.precision import NATIVE_BF16_FLAGS
 from cairn.runtime.device import autocast, keep_freed_memory, set_threads
 from cairn.training.optim import make_optimizer
+from cairn.util.host import cpu_info
 
 D, LAYERS, HEADS, VOCAB, SEQ, BATCH = 256, 4, 8, 50257, 256, 8
 PEAK_N = 2048
@@ -56,6 +52,7 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="also time cairn's step torch.compile'd")
     p.add_argument("--json")
     a = p.parse_args()
+    recording = record.start()
     threads = set_threads(a.threads)
     keep_freed_memory()
     cpu = torch.device("cpu")
@@ -78,7 +75,7 @@ def main() -> int:
         m = Transformer(mc)
         f = torch.compile(m) if compiled else m
         opt = make_optimizer(m, TrainConfig(lr=1e-4), cpu)
-        return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), lambda: autocast(cpu, precision))
+        return make_step(m, opt, lambda: mean_loss(f, x, y), lambda: autocast(cpu, precision))
 
     def matmul(dtype):
         ma, mb = torch.ones(PEAK_N, PEAK_N, dtype=dtype), torch.ones(PEAK_N, PEAK_N, dtype=dtype)
@@ -102,7 +99,7 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     peaks = {p: 2 * PEAK_N ** 3 / med[f"peak-{p}"] for p in ("fp32", "bf16")}
     base = med["nanogpt"]
-    model, flags = cpu_info()
+    model = cpu_info()[0]
     rows = []
     print(f"# d{D} L{LAYERS} H{HEADS} V{VOCAB} T{SEQ} B{BATCH}, tied; {model}; {threads} threads; torch "
           f"{torch.__version__}; matmul peaks: fp32 {peaks['fp32'] / 1e9:.0f}, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
@@ -122,16 +119,12 @@ def main() -> int:
               f"{row['vs_nanogpt_fp32']:10.2f}x {row['of_peak']:8.1%}  "
               f"{min(per_round):.2f}-{max(per_round):.2f}")
     if a.json:
-        Path(a.json).write_text(json.dumps({
+        recording.write(a.json, {
             "shape": {"d_model": D, "n_layers": LAYERS, "n_heads": HEADS, "vocab_size": VOCAB, "seq_len": SEQ,
                       "batch_size": BATCH, "tied": True},
-            "machine": {"cpu": model,
-                        "flags": sorted(f for f in flags if f in NATIVE_BF16_FLAGS or f.startswith("avx512")),
-                        "cores": usable_cores(), "threads": threads, "torch": torch.__version__,
-                        "load_average_at_end": os.getloadavg()},
-            "date": datetime.date.today().isoformat(), "rounds": a.rounds,
+            "rounds": a.rounds,
             "matmul_peaks": {"size": PEAK_N, **peaks, "steps": {p: times[f"peak-{p}"] for p in ("fp32", "bf16")}},
-            "model_flops_per_step": flops, "training": rows}, indent=1))
+            "model_flops_per_step": flops, "training": rows}, threads=threads)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Does bf16 autocast train as well as float32? The same run (preset, data, seed, steps) trained
 once per precision, one after the other; prints the validation-loss curves side by side and the
-final held-out figures, and writes them as JSON.
+final held-out figures, and writes them to --json as a benchmark record (cairn.bench.record).
 
     python benchmarks/scripts/precision.py --data ../shared/data/tinystories \
         --json benchmarks/records/precision-cpu.json \
@@ -18,14 +18,15 @@ without bf16 instructions the bf16 run is emulated and slow: there it checks num
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
+
+from cairn.bench import record
 
 
 def train(data: str, out: Path, precision: str, extra: list[str]) -> dict:
@@ -53,6 +54,7 @@ def main() -> int:
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then cairn train options for both runs")
     a = p.parse_args()
     extra = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
+    recording = record.start()
     with tempfile.TemporaryDirectory() as tmp:
         runs = {prec: train(a.data, Path(tmp) / prec, prec, extra) for prec in ("fp32", "bf16")}
     f, b = runs["fp32"], runs["bf16"]
@@ -72,33 +74,17 @@ def main() -> int:
     print(f"validation losses {'agree' if agree else 'DO NOT agree'} within {a.tolerance:.1%} at all {len(rows)} "
           f"evaluations (largest difference {worst:.3%})")
     if a.json:
-        model, flags = _cpu()
-        Path(a.json).write_text(json.dumps({
-            "args": extra, "data": a.data, "tolerance": a.tolerance, "agree": agree, "largest_relative": worst,
-            "validation": rows, "machine": {"cpu": model, "bf16_flags": flags, "cores": _cores(),
-                                            "torch": _torch_version(), "python": platform.python_version()},
-            "date": datetime.date.today().isoformat(), "runs": runs}, indent=1))
+        recording.write(a.json, {"args": extra, "data": a.data, "tolerance": a.tolerance, "agree": agree,
+                                 "largest_relative": worst, "validation": rows, "runs": runs},
+                        threads=threads_given(extra))
     return 0 if agree else 1
 
 
-def _cpu() -> tuple[str, list[str]]:
-    from cairn.util.host import cpu_info
-    from cairn.runtime.precision import NATIVE_BF16_FLAGS
-
-    model, flags = cpu_info()
-    return model, sorted(f for f in flags if f in NATIVE_BF16_FLAGS or f.startswith("avx512"))
-
-
-def _cores() -> int:
-    from cairn.util.host import usable_cores
-
-    return usable_cores()
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
+def threads_given(train_args: list[str]) -> Optional[int]:
+    """The --num-threads both runs were given; None when they chose their own."""
+    if "--num-threads" in train_args[:-1]:
+        return int(train_args[train_args.index("--num-threads") + 1])
+    return None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ tokens/s end to end (fingerprint, both passes, writing), elapsed seconds, the pe
 of the parent and of the largest worker (getrusage), and the peak of their sum (sampled from /proc
 every 0.1 s while it runs), and the CPU seconds it used over its elapsed time (the cores it really
 got: on a shared machine other jobs take some). Also the single-core tiktoken figure on the sample
-(encode only), which bounds what one worker can do.
+(encode only), which bounds what one worker can do. --json writes a benchmark record
+(cairn.bench.record); the usable cores are its cpu.cores.
 """
 
 from __future__ import annotations
@@ -124,10 +125,13 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="the parallel setting (default 0: every usable core)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    from cairn.bench import record
+
+    recording = record.start()
     if not list(args.sample.glob("*.jsonl")):
         raise SystemExit(f"no .jsonl files in {args.sample}: pass --sample or set CAIRN_TINYSTORIES")
 
-    from cairn.data.parallel import usable_cores
+    from cairn.util.host import usable_cores
 
     cores = usable_cores()
     tmp = Path(tempfile.mkdtemp(prefix="cairn-bench-prepare-"))
@@ -150,7 +154,7 @@ def main(argv=None) -> int:
 
     one, many = runs
     result = {
-        "file_mb": round(size / 1e6, 1), "stories": stories, "usable_cores": cores,
+        "file_mb": round(size / 1e6, 1), "stories": stories,
         "tiktoken_one_core_mb_per_s": round(baseline, 2),
         "runs": [{k: r[k] for k in ("workers", "seconds", "mb_per_s", "tokens_per_s", "tokens", "peak_rss_mb",
                                     "peak_rss_worker_mb", "peak_rss_total_mb_sampled", "cpu_seconds",
@@ -158,7 +162,6 @@ def main(argv=None) -> int:
         "speedup": round(one["seconds"] / many["seconds"], 2),
         "splits": one["splits"],
         "identical_splits": one["splits"] == many["splits"],
-        "machine": {"cpus": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
     print(f"\n{'workers':>7} {'seconds':>8} {'MB/s':>7} {'tokens/s':>11} {'parent MB':>10} {'worker MB':>10} "
           f"{'sum MB':>8} {'cores used':>10} {'load':>5}")
@@ -168,10 +171,9 @@ def main(argv=None) -> int:
               f"{r['cores_used']:>10.2f} {r['load_avg_before']:>5.1f}")
     print(f"speed-up {result['speedup']:.2f}x with {many['workers']} workers on {cores} usable cores "
           f"(file {result['file_mb']:,.0f} MB; tiktoken alone {baseline:.1f} MB/s on one core)")
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    print(json.dumps(result, indent=1))
+    if args.json:  # `cairn prepare` ran in processes of its own: no torch threads to name
+        recording.write(args.json, result, threads=None)
     return 0
 
 

@@ -16,7 +16,8 @@ number of clients, each client sends --requests streaming completions one after 
 level it records requests/s, generated tokens/s in total, time to first token and latency (p50,
 p99), the server's peak resident memory (sampled every 50 ms), the mean rows per decode step (from
 /health), and the count of 200 and 429 answers. A last level sends 32 clients to the batched server,
-twice its --max-concurrency: the excess is refused with 429, and memory stays bounded.
+twice its --max-concurrency: the excess is refused with 429, and memory stays bounded. --json
+(default benchmarks/records/serve.json) is a benchmark record (cairn.bench.record).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -40,7 +40,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))  # cairn from this checkout, as the servers it starts
-from cairn.util.host import cpu_info  # noqa: E402
+from cairn.bench import record  # noqa: E402
 SAMPLE = Path(os.environ.get("CAIRN_TINYSTORIES", REPO.parent / "shared" / "data" / "tinystories"))
 LEVELS = (1, 4, 16)
 MAX_CONCURRENCY = 16
@@ -188,9 +188,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "records" / "serve.json"))
     a = ap.parse_args()
-
-    import torch
-
+    recording = record.start()
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(a.run) if a.run else train_model(Path(tmp))
@@ -201,12 +199,8 @@ def main() -> None:
                  "parameters": loaded.model.num_params(), "context_len": loaded.model.cfg.context_len,
                  "tokenizer": loaded.tokenizer.name, "vocab_size": loaded.model.cfg.vocab_size}
         del loaded
-        record = {"what": "cairn serve under load on loopback: concurrent streaming clients, each sending "
+        result = {"what": "cairn serve under load on loopback: concurrent streaming clients, each sending "
                           f"{a.requests} completions of {a.max_tokens} tokens one after the other",
-                  "command": "python benchmarks/scripts/serve.py",
-                  "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                  "host": {"cpu": cpu_info()[0], "usable_cores": len(os.sched_getaffinity(0)),
-                           "torch": torch.__version__, "python": platform.python_version()},
                   "model": model,
                   "settings": {"requests_per_client": a.requests, "max_tokens": a.max_tokens, "temperature": 0.8,
                                "max_concurrency": MAX_CONCURRENCY, "prompt": "Once upon a time"}}
@@ -215,14 +209,14 @@ def main() -> None:
         servers = {"batched": Server(run), "unbatched": Server(run, "--max-batch", "1")}
         try:
             for name in servers:
-                record[name] = []
+                result[name] = []
             for clients in LEVELS:
                 for name, server in servers.items():
                     print(f"{name}:", end="", flush=True)
-                    record[name].append(level(server, clients, a.requests, a.max_tokens))
+                    result[name].append(level(server, clients, a.requests, a.max_tokens))
             print("batched, over the concurrency:", end="", flush=True)
-            record["overload"] = level(servers["batched"], 2 * MAX_CONCURRENCY, a.requests, a.max_tokens)
-            record["servers_crashed"] = [name for name, server in servers.items() if server.proc.poll() is not None]
+            result["overload"] = level(servers["batched"], 2 * MAX_CONCURRENCY, a.requests, a.max_tokens)
+            result["servers_crashed"] = [name for name, server in servers.items() if server.proc.poll() is not None]
         finally:
             for server in servers.values():
                 server.close()
@@ -230,15 +224,16 @@ def main() -> None:
     def growth(rows: list[dict]) -> float:
         return round(rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
 
-    record["tokens_per_s_growth_1_to_16_clients"] = {"batched": growth(record["batched"]),
-                                                     "unbatched": growth(record["unbatched"])}
-    record["batched_over_unbatched_at_16_clients"] = round(
-        record["batched"][-1]["tokens_per_s"] / record["unbatched"][-1]["tokens_per_s"], 2)
-    record["seconds_total"] = round(time.time() - started, 1)
-    Path(a.json).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
-    print(f"tokens/s from 1 to 16 clients: x{record['tokens_per_s_growth_1_to_16_clients']['batched']} batched, "
-          f"x{record['tokens_per_s_growth_1_to_16_clients']['unbatched']} unbatched; "
-          f"batched / unbatched at 16 clients: x{record['batched_over_unbatched_at_16_clients']}; wrote {a.json}")
+    result["tokens_per_s_growth_1_to_16_clients"] = {"batched": growth(result["batched"]),
+                                                     "unbatched": growth(result["unbatched"])}
+    result["batched_over_unbatched_at_16_clients"] = round(
+        result["batched"][-1]["tokens_per_s"] / result["unbatched"][-1]["tokens_per_s"], 2)
+    result["seconds_total"] = round(time.time() - started, 1)
+    # the servers are processes of their own, with their own torch threads: the record's are null
+    recording.write(a.json, result, threads=None)
+    print(f"tokens/s from 1 to 16 clients: x{result['tokens_per_s_growth_1_to_16_clients']['batched']} batched, "
+          f"x{result['tokens_per_s_growth_1_to_16_clients']['unbatched']} unbatched; "
+          f"batched / unbatched at 16 clients: x{result['batched_over_unbatched_at_16_clients']}; wrote {a.json}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,9 @@ every variant; only one thing differs from cairn:
 Each is scored by the validation split's loss after its 80 steps (nats per token, every held-out
 story scored on its own) and its training loss over the last 10 steps. The losses do not depend on
 the machine's speed: the same command gives the same figures on any CPU with the same torch.
-`--variants` runs some of them; their rows replace the same variants' rows in an existing --json.
+--json writes a benchmark record (cairn.bench.record); each row also names the CPU and date it was
+measured on. `--variants` runs some of them; their rows replace the same variants' rows in an
+existing --json.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 import cairn  # noqa: E402
 import cairn.model.transformer  # noqa: E402
 import cairn.training.optim as optim  # noqa: E402
+from cairn.bench import record  # noqa: E402
 from cairn.config.sections import apply_overrides  # noqa: E402
 from cairn.util.host import cpu_description  # noqa: E402
 
@@ -124,6 +127,7 @@ def main() -> int:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown or not names:
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
+    recording = record.start()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -134,14 +138,12 @@ def main() -> int:
                   f"train loss (last 10 steps) {rows[-1]['train_loss_last_report']:.3f}", flush=True)
     result = {"what": "the tutorial's block at d128/L2, 80 steps of 8 x 64 tokens, one departure from cairn "
                       "per variant",
-              "command": "python benchmarks/scripts/tutorial_differences.py --data ../shared/data/tinystories "
-                         "--json benchmarks/records/tutorial-differences.json",
-              "settings": SETTINGS, "data": a.data, "torch": torch.__version__, "results": rows}
+              "settings": SETTINGS, "data": a.data, "results": rows}
     if a.json and Path(a.json).is_file():
-        kept = [r for r in json.loads(Path(a.json).read_text())["results"] if r["variant"] not in names]
+        kept = [r for r in record.read_result(a.json)["results"] if r["variant"] not in names]
         result["results"] = sorted(kept + rows, key=lambda r: list(VARIANTS).index(r["variant"]))
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+        recording.write(a.json, result, threads=torch.get_num_threads())
     return 0
 
 
