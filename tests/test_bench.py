@@ -1,8 +1,10 @@
-import json
+import re
+import shlex
 
 import pytest
 import torch
 
+from cairn.bench import record
 from cairn.bench.speed import main
 
 
@@ -11,7 +13,12 @@ def test_bench_times_every_variant_and_checks_cached_decoding(tmp_path, capsys):
     assert main(["--d-model", "32", "--n-heads", "4", "--n-layers", "1", "--seq-len", "32", "--batch-size", "2",
                  "--vocab-size", "300", "--rounds", "2", "--generate", "12", "--variants", "nanogpt,cairn,tutorial",
                  "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    rec = record.read(out)  # the one record shape: what ran, on which code and machine, then the result
+    assert rec["command"].startswith("cairn bench --d-model 32 ")
+    assert rec["command"].endswith(f"--json {shlex.quote(str(out))}")
+    assert rec["threads"] == torch.get_num_threads() and rec["torch"] == torch.__version__
+    assert rec["cpu"]["cores"] >= 1 and set(rec["load"]) == {"start", "end"}
+    result = rec["result"]
     rows = {r["variant"]: r for r in result["training"]}
     assert set(rows) == {"nanogpt", "cairn", "tutorial"}
     assert all(len(r["steps"]) == 2 and r["tokens_per_s"] > 0 for r in rows.values())
@@ -28,7 +35,7 @@ def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
     assert main(["--preset", "tiny", "--vocab-size", "50000", "--seq-len", "32", "--batch-size", "2", "--rounds", "1",
                  "--generate", "0", "--variants", "cairn", "--device", "cpu", "--precision", "fp32",
                  "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = record.read_result(out)
     assert result["shape"]["model"]["d_model"] == 64 and result["shape"]["model"]["vocab_size"] == 50000
     assert result["shape"]["seq_len"] == 32 and result["precision"] == "fp32"
     (row,) = result["training"]
@@ -48,7 +55,7 @@ def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tm
     assert main(["--d-model", "32", "--n-heads", "4", "--n-layers", "1", "--seq-len", "32", "--batch-size", "2",
                  "--vocab-size", "300", "--rounds", "1", "--generate", "0", "--device", "cpu", "--precision", "bf16",
                  "--reference-precision", "bf16", "--variants", "nanogpt,cairn,cairn-fp32", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
+    result = record.read_result(out)
     rows = {r["variant"]: r for r in result["training"]}
     assert {k: r["precision"] for k, r in rows.items()} == {"nanogpt": "fp32", "nanogpt-bf16": "bf16", "cairn": "bf16",
                                                             "cairn-fp32": "fp32"}
@@ -64,3 +71,30 @@ def test_bench_rejects_unknown_variants_in_one_line(capsys):
     assert cli(["bench", "--variants", "nanogpt,fast"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --variants") and err.count("\n") == 1
+
+
+def test_a_record_names_the_command_commit_machine_and_load(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["benchmarks/scripts/example.py", "--json", "out.json"])
+    rec = record.start().write(tmp_path / "r.json", {"tokens_per_s": 1.5}, threads=3)
+    assert tuple(rec) == record.KEYS and record.read(tmp_path / "r.json") == rec
+    assert rec["command"] == "python benchmarks/scripts/example.py --json out.json"
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", rec["commit"])  # the tests run in a git checkout
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", rec["date"])
+    assert set(rec["cpu"]) == {"model", "flags", "cores"} and rec["threads"] == 3
+    assert rec["result"] == {"tokens_per_s": 1.5} and rec["python"].count(".") == 2
+    assert record.git_commit(tmp_path) is None  # outside a git checkout: unknown
+
+
+def test_every_record_under_benchmarks_is_in_the_one_shape():
+    from conftest import REPO
+
+    files = sorted((REPO / "benchmarks" / "records").iterdir())
+    records = [p for p in files if p.suffix == ".json"]
+    # beside the records only the stories the words-task record was scored on
+    assert [p.name for p in files if p not in records] == ["instruct-words-samples.jsonl"]
+    assert len(records) >= 19
+    for path in records:
+        rec = record.read(path)
+        assert isinstance(rec["result"], dict) and rec["result"], path.name
+        assert rec["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", rec["commit"]), path.name
+        assert set(rec["cpu"]) == {"model", "flags", "cores"} and set(rec["load"]) == {"start", "end"}, path.name

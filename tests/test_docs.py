@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from cairn.bench.record import read_result
 from cairn.config.presets import PRESETS
 from conftest import REPO
 
 README = REPO / "README.md"
 DOCS = sorted((REPO / "docs").glob("*.md"))
 README_MAX_BYTES = 8 * 1024
+SCRIPTS = REPO / "benchmarks" / "scripts"
+RECORDS = REPO / "benchmarks" / "records"
 
 # Words about the making of the project rather than the product. Each pattern is written so that
 # this file's own text does not match it.
@@ -98,21 +101,21 @@ def test_a_presets_result_is_the_one_its_record_holds(row):
 
 def test_the_experiments_tables_are_the_ones_the_ablation_record_gives():
     text = (REPO / "docs" / "experiments.md").read_text(encoding="utf-8")
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation_tables.py")], capture_output=True,
+    out = subprocess.run([sys.executable, str(SCRIPTS / "ablation_tables.py")], capture_output=True,
                          text=True, check=True).stdout
-    assert out.strip() and out in text, "docs/experiments.md: rerun python benchmarks/ablation_tables.py"
+    assert out.strip() and out in text, "docs/experiments.md: rerun python benchmarks/scripts/ablation_tables.py"
 
 
 def test_the_words_task_rows_are_the_ones_its_record_gives():
-    record = json.loads((REPO / "benchmarks" / "instruct-words.json").read_text(encoding="utf-8"))
-    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "instruct_words.py"), "--json",
-                          str(REPO / "benchmarks" / "instruct-words.json"), "--table", ",".join(record["runs"])],
+    record = _record("instruct-words.json")
+    out = subprocess.run([sys.executable, str(SCRIPTS / "instruct_words.py"), "--json",
+                          str(RECORDS / "instruct-words.json"), "--table", ",".join(record["runs"])],
                          capture_output=True, text=True, check=True).stdout
     want = {line for line in out.splitlines() if line.startswith("| `")}
     text = (REPO / "docs" / "fine-tuning.md").read_text(encoding="utf-8")
     shown = {line for line in text.splitlines() if line.startswith("| `runs/")}
     assert len(want) == len(record["runs"]) and shown == want, \
-        "docs/fine-tuning.md: paste the rows python benchmarks/instruct_words.py --table prints"
+        "docs/fine-tuning.md: paste the rows python benchmarks/scripts/instruct_words.py --table prints"
     for entry in record["runs"].values():  # each figure from a run evaluated on 100 prompts, with its gain
         assert entry["prompts"] == 100 and entry["words_asked"] == 300 and entry["prompt_gain_tokens"] > 0
 
@@ -138,7 +141,8 @@ def test_nothing_speaks_of_how_the_project_was_made():
 
 
 def _record(name: str) -> dict:
-    return json.loads((REPO / "benchmarks" / name).read_text())
+    """What a record under benchmarks/records/ measured: its "result" (cairn.bench.record's shape)."""
+    return read_result(RECORDS / name)
 
 
 def test_the_tutorial_page_quotes_the_tutorial_differences_record():
@@ -158,3 +162,39 @@ def test_the_speed_page_quotes_its_records():
     cairn, nanogpt = steps["cairn"], steps["nanogpt"]
     assert (f"{cairn['tokens_per_s']:.0f} against {nanogpt['tokens_per_s']:.0f} tokens/s "
             f"({cairn['tokens_per_s'] / nanogpt['tokens_per_s']:.2f}x)") in text
+
+
+def test_the_speed_page_quotes_its_compile_tutorial_and_prepare_records():
+    text = (REPO / "docs" / "speed.md").read_text(encoding="utf-8")
+    rows = {r["variant"]: r for r in _record("compile-cpu-10min.json")["training"]}
+    eager, compiled = rows["cairn"], rows["cairn+compile"]
+    assert (f"{compiled['s_per_step']:.3f} against {eager['s_per_step']:.3f} s per step "
+            f"({eager['s_per_step'] / compiled['s_per_step']:.2f}x), after a {compiled['first_step_s']:.0f} s first"
+            ) in text
+    rows = {r["variant"]: r for r in _record("train-d768-vs-tutorial.json")["training"]}
+    cairn, tutorial = rows["cairn"]["useful_tokens_per_s"], rows["tutorial"]["useful_tokens_per_s"]
+    assert f"{cairn:.0f} against {tutorial:.0f} ({cairn / tutorial:.1f}x)" in text
+    prepare = _record("prepare.json")
+    one, every = prepare["runs"]
+    assert f"| `--workers 1` | {one['seconds']:.1f} s | {one['mb_per_s']:.1f} | {one['peak_rss_mb']:.0f} MB |" in text
+    assert f"| `--workers 2` | {every['seconds']:.1f} s | {every['mb_per_s']:.1f} ({prepare['speedup']:.2f}x) |" in text
+    assert f"tiktoken alone encodes {prepare['tiktoken_one_core_mb_per_s']:.1f} MB/s" in text
+
+
+def test_the_precision_page_quotes_the_loss_at_equal_steps():
+    text = (REPO / "docs" / "precision.md").read_text(encoding="utf-8")
+    result = _record("precision-cpu.json")
+    for row in result["validation"]:
+        assert f"| {row['fp32']:.4f} | {row['bf16']:.4f} | {row['relative']:+.2%} |" in text, row
+    assert f"largest difference {result['largest_relative']:.2%}" in text
+
+
+def test_the_serving_page_quotes_the_load_record():
+    text = (REPO / "docs" / "serving.md").read_text(encoding="utf-8")
+    result = _record("serve.json")
+    for batched, alone in zip(result["batched"], result["unbatched"]):
+        assert (f"| {batched['clients']} | {batched['tokens_per_s']:.0f} | {alone['tokens_per_s']:.0f} | "
+                f"{batched['requests_per_s']:.1f} | {alone['requests_per_s']:.1f} |") in text, batched["clients"]
+    growth = result["tokens_per_s_growth_1_to_16_clients"]
+    assert f"{result['batched_over_unbatched_at_16_clients']:.2f}x the tokens/s of one sequence at a time" in text
+    assert f"grows {growth['batched']:.2f}x batched, {growth['unbatched']:.2f}x one at a time" in text

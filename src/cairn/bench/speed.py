@@ -2,7 +2,7 @@
 
 Every variant is timed in the same process, alternating rounds (A B C A B C ...), so that a noisy
 machine slows all of them alike; the table reports the median step of each and ratios to the
-first reference. Two references are written here in plain PyTorch:
+first reference. The two references are plain-PyTorch models (reference_models.py):
 
 - `nanogpt`: an eager float32 nanoGPT-style step (fused q/k/v, SDPA, tied embeddings, full
   float32 logits and F.cross_entropy), the usual baseline for a small GPT on one machine. It stays
@@ -13,125 +13,50 @@ first reference. Two references are written here in plain PyTorch:
   row, every row padded to 1000 tokens, in float32. Only the real story tokens are "useful".
 
 MFU is each row's against the matmul peak of the precision that row computes in (on CPUs the
-measured float32 or bf16 matmul peak, see precision.py).
+measured float32 or bf16 matmul peak, see precision.py). --json writes a benchmark record
+(record.py): the command, commit, machine and load, and this table under "result".
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import math
 import os
+import shlex
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from cairn.config.sections import ModelConfig, OptimConfig
+from cairn.bench import record
+from cairn.bench.reference_models import NanoGPT, Tutorial, linear_weights, story_lengths
 from cairn.config.presets import preset
-from cairn.util.errors import CairnError
-from cairn.util.host import cpu_description
-from cairn.model.transformer import Transformer, sinusoidal_table
-from cairn.runtime.precision import resolve as precision_choice
+from cairn.config.sections import ModelConfig, OptimConfig
+from cairn.model.transformer import Transformer
 from cairn.runtime.device import autocast, pick_device, set_threads
 from cairn.runtime.precision import peak_flops
+from cairn.runtime.precision import resolve as precision_choice
+from cairn.util.errors import CairnError
 
+Step = Callable[[], None]
+# what building a variant gives: its step, tokens per step, useful tokens per step, model FLOPs per step
+Built = tuple[Step, int, int, float]
+Peak = tuple[float, str] | tuple[None, str]  # a precision's matmul peak (FLOP/s, or None) and its source
 
-# ---------------------------------------------------------------- references
-
-class NanoGPTBlock(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.h = h
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.c_attn, self.c_proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(C, 2)
-        q, k, v = (t.view(B, T, self.h, C // self.h).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
-        x = x + self.c_proj(y)
-        return x + self.proj(F.gelu(self.fc(self.ln_2(x)), approximate="tanh"))
-
-
-class NanoGPT(nn.Module):
-    def __init__(self, vocab, d, layers, heads, ctx):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
-        self.blocks = nn.ModuleList(NanoGPTBlock(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as nanoGPT
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.size(1), device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-
-
-class TutorialHead(nn.Module):
-    def __init__(self, d, hd):
-        super().__init__()
-        self.q, self.k, self.v = nn.Linear(d, hd), nn.Linear(d, hd), nn.Linear(d, hd)
-
-    def forward(self, x):
-        q, k, v = self.q(x), self.k(x), self.v(x)
-        w = F.softmax(torch.bmm(q, k.transpose(1, 2)) / math.sqrt(q.size(-1)), dim=-1)
-        return torch.bmm(w, v)
-
-
-class TutorialBlock(nn.Module):
-    def __init__(self, d, h, mlp):
-        super().__init__()
-        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.heads = nn.ModuleList(TutorialHead(d, d // h) for _ in range(h))
-        self.out = nn.Linear(d, d)
-        self.fc, self.proj = nn.Linear(d, mlp), nn.Linear(mlp, d)
-
-    def forward(self, x):
-        a = self.ln_1(x)
-        x = x + self.out(torch.cat([h(a) for h in self.heads], dim=-1))
-        return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
-
-
-class Tutorial(nn.Module):
-    def __init__(self, vocab, d, layers, heads, mlp, ctx):
-        super().__init__()
-        self.wte = nn.Embedding(vocab, d)
-        self.register_buffer("pe", sinusoidal_table(ctx, d))
-        self.blocks = nn.ModuleList(TutorialBlock(d, heads, mlp) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
-
-    def forward(self, idx, targets):
-        x = self.wte(idx) + self.pe  # only works at exactly the padded length, as in the tutorial
-        for b in self.blocks:
-            x = b(x)
-        logits = self.lm_head(self.ln_f(x))
-        # the tutorial's loss: every position, padding included
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets[:, 1:].reshape(-1))
-
-
-# ---------------------------------------------------------------- timing
 
 @dataclass
 class Variant:
     name: str
-    step: Callable[[], None]
+    step: Step
     tokens: int  # tokens processed per step
     useful: int  # real (non-padding) target tokens per step
     flops: float  # model FLOPs per step (6N + attention), for MFU
-    times: list
+    times: list[float] = field(default_factory=list)
     peak_bytes: int = 0  # the variant's own peak memory: weights, gradients, optimizer state, activations
     first_step_s: float = 0.0  # the untimed first step (includes compiling, with --compile)
     precision: str = "fp32"  # what the step computes in: fp32, or bf16 autocast
@@ -143,17 +68,19 @@ class PeakMemory:
     lets a process reset by writing 5 to /proc/self/clear_refs (after glibc's malloc_trim). 0 where
     neither is available."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device) -> None:
         self.device, self.bytes = device, 0
+        self.base: Optional[int] = None
 
     @staticmethod
-    def _status(field: str) -> int:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+    def _status(key: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
         return 0
 
-    def __enter__(self):
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -173,19 +100,21 @@ class PeakMemory:
                 self.base = None
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
+        if self.base is None:
+            return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
-        elif self.base is not None:
+        else:
             self.bytes = max(0, self._status("VmHWM") - self.base)
-        return False
 
 
-def make_step(model, opt, loss_fn, ctx, clip: float = 1.0):
+def make_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor],
+              ctx: Callable[[], AbstractContextManager[Any]], clip: float = 1.0) -> Step:
     """One training step as a training loop takes it: forward under the autocast context,
     backward, global-norm clipping, optimizer step."""
-    def step():
+    def step() -> None:
         with ctx():
             loss = loss_fn()
         loss.backward()
@@ -195,21 +124,11 @@ def make_step(model, opt, loss_fn, ctx, clip: float = 1.0):
     return step
 
 
-def story_lengths(n: int, seed: int = 0) -> np.ndarray:
-    """GPT-2 token lengths of TinyStories stories: from the shared sample when present, else a
-    log-normal with the sample's mean (~206 tokens)."""
-    from pathlib import Path
-
-    sample = Path(__file__).resolve().parents[3] / "shared" / "data" / "tinystories" / "sample-train-v1.jsonl"
-    rng = np.random.default_rng(seed)
-    if sample.is_file():
-        from cairn.tokenizer.base import gpt2
-
-        tok = gpt2()
-        texts = [json.loads(line)["text"] for line in sample.read_text(encoding="utf-8").splitlines()[:400]]
-        lengths = np.array([len(t) + 1 for t in tok.encode_batch(texts)])
-        return rng.choice(lengths, n)
-    return np.clip(rng.lognormal(math.log(190), 0.4, n), 20, 999).astype(int)
+def mean_loss(model: Callable[..., Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """cairn's model with labels returns (summed loss, target count): their mean."""
+    total, count = model(x, labels=y)
+    loss: torch.Tensor = total / count
+    return loss
 
 
 @dataclass
@@ -219,7 +138,7 @@ class Shape:
     batch: int
 
 
-def _adamw(model: nn.Module, device: torch.device):
+def _adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
 
@@ -233,47 +152,54 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
 
     mc, seq, batch = shape.model, shape.seq, shape.batch
     d, layers, heads, vocab = mc.d_model, mc.n_layers, mc.n_heads, mc.vocab_size
-    def ctx_of(p):
+
+    def ctx_of(p: str) -> Callable[[], AbstractContextManager[Any]]:
         return lambda: autocast(device, p)
+
     torch.manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq), device=device)
     y = torch.randint(0, vocab, (batch, seq), device=device)
-    builders = []
+
+    def nanogpt(compiled: bool, p: str) -> Built:
+        m = NanoGPT(vocab, d, layers, heads, seq).to(device)
+        f: Callable[..., torch.Tensor] = torch.compile(m) if compiled else m
+        return make_step(m, _adamw(m, device), lambda: f(x, y), ctx_of(p)), batch * seq, batch * seq, \
+            (6 * linear_weights(m) + 12 * layers * d * seq) * batch * seq
+
+    def cairn(compiled: bool, p: str) -> Built:
+        m = Transformer(mc).to(device)
+        # cairn's own optimizer set-up: decay on matrices only, fused AdamW
+        opt = make_optimizer(m, OptimConfig(), 1e-4, device)
+        f: Callable[..., Any] = torch.compile(m) if compiled else m
+        return make_step(m, opt, lambda: mean_loss(f, x, y), ctx_of(p)), batch * seq, batch * seq, \
+            m.flops_per_token(seq) * batch * seq
+
+    def tutorial(compiled: bool, p: str) -> Built:
+        width = 1000
+        m = Tutorial(vocab, d, layers, heads, 4 * d, width).to(device)
+        lengths = story_lengths(tutorial_batch)
+        xt = torch.randint(0, vocab, (tutorial_batch, width))
+        for i, n_real in enumerate(lengths):
+            xt[i, n_real:] = 0
+        xt = xt.to(device)
+        return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx_of(p)), tutorial_batch * width, \
+            int((lengths - 1).sum()), (6 * linear_weights(m) + 12 * layers * d * width) * tutorial_batch * width
+
+    builders: list[tuple[str, Callable[[bool, str], Built], str]] = []
     if "nanogpt" in variants:
-        def nanogpt(compiled, p):
-            m = NanoGPT(vocab, d, layers, heads, seq).to(device)
-            n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-            f = torch.compile(m) if compiled else m
-            return make_step(m, _adamw(m, device), lambda: f(x, y), ctx_of(p)), batch * seq, batch * seq, \
-                (6 * n + 12 * layers * d * seq) * batch * seq
         for p in dict.fromkeys(reference_precisions):
             builders.append(("nanogpt" if p == "fp32" else f"nanogpt-{p}", nanogpt, p))
-    if "cairn" in variants or "cairn-fp32" in variants:
-        def cairn(compiled, p):
-            m = Transformer(mc).to(device)
-            # cairn's own optimizer set-up: decay on matrices only, fused AdamW
-            opt = make_optimizer(m, OptimConfig(), 1e-4, device)
-            f = torch.compile(m) if compiled else m
-            return make_step(m, opt, lambda: (lambda s: s[0] / s[1])(f(x, labels=y)), ctx_of(p)), batch * seq, \
-                batch * seq, m.flops_per_token(seq) * batch * seq
-        if "cairn" in variants:
-            builders.append(("cairn", cairn, precision))
+    if "cairn" in variants:
+        builders.append(("cairn", cairn, precision))
     if "cairn-fp32" in variants:  # cairn's own float32 step beside it: the gain of the precision alone
         builders.append(("cairn-fp32", cairn, "fp32"))
     if "tutorial" in variants:
-        def tutorial(compiled, p):
-            width = 1000
-            m = Tutorial(vocab, d, layers, heads, 4 * d, width).to(device)
-            lengths = story_lengths(tutorial_batch)
-            xt = torch.randint(0, vocab, (tutorial_batch, width))
-            for i, n_real in enumerate(lengths):
-                xt[i, n_real:] = 0
-            xt = xt.to(device)
-            n = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, nn.Linear))
-            return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx_of(p)), tutorial_batch * width, \
-                int((lengths - 1).sum()), (6 * n + 12 * layers * d * width) * tutorial_batch * width
         builders.append(("tutorial", tutorial, "fp32"))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     out = []
     for name, build, p in builders:
         for compiled in ((False, True) if compile_ and name != "tutorial" else (False,)):
@@ -282,8 +208,8 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
                 t = time.perf_counter()
                 step()
                 sync()
-            v = Variant(name + ("+compile" if compiled else ""), step, tokens, useful, flops, [],
-                        mem.bytes, time.perf_counter() - t, p)
+            v = Variant(name + ("+compile" if compiled else ""), step, tokens, useful, flops,
+                        peak_bytes=mem.bytes, first_step_s=time.perf_counter() - t, precision=p)
             if compiled:
                 for _ in range(2):  # compiled code may still recompile on its second call
                     step()
@@ -300,7 +226,9 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
 
 @torch.no_grad()
 def bench_generation(mc: ModelConfig, new_tokens: int, device: torch.device, precision: str,
-                     prompt_len: int = 16) -> dict:
+                     prompt_len: int = 16) -> dict[str, float]:
+    """Tokens/s of greedy decoding with the KV cache and with full recomputation (the best of two
+    alternating runs each); in float32 both must give the same tokens."""
     from cairn.inference.generate import SamplingConfig, generate_ids
 
     cfg = replace(mc, context_len=max(mc.context_len, prompt_len + new_tokens, 32))
@@ -308,8 +236,8 @@ def bench_generation(mc: ModelConfig, new_tokens: int, device: torch.device, pre
     m = Transformer(cfg).to(device).eval()
     s = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_at_eot=False)
     prompt = list(range(1, prompt_len + 1))
-    res = {}
-    outs = {}
+    res: dict[str, list[float]] = {}
+    outs: dict[str, list[int]] = {}
     for name, cache in (("kv_cache", True), ("recompute", False), ("kv_cache", True), ("recompute", False)):
         t = time.perf_counter()
         with autocast(device, precision):
@@ -320,7 +248,7 @@ def bench_generation(mc: ModelConfig, new_tokens: int, device: torch.device, pre
     return {k: new_tokens / min(v) for k, v in res.items()}
 
 
-def resolve_shape(a) -> Shape:
+def resolve_shape(a: argparse.Namespace) -> Shape:
     """The preset's model, sequence length and batch, with any shape flag given on top; without a
     preset, a GPT-2 block (d_mlp = 4 d) of the given shape."""
     if a.preset:
@@ -339,7 +267,7 @@ def resolve_shape(a) -> Shape:
     return Shape(mc, seq, a.batch_size or batch)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="cairn bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="take the model, sequence length and batch from this preset "
@@ -365,13 +293,15 @@ def main(argv=None) -> int:
     p.add_argument("--tutorial-batch", type=int, default=2, help="rows of 1000 tokens for the tutorial step")
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = p.parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - {"nanogpt", "cairn", "cairn-fp32", "tutorial"})
     if unknown or not variants:
         raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, cairn-fp32, tutorial")
     shape = resolve_shape(a)
-    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine slows every variant
+    # the command, commit and the machine's load at the start: other work on it slows every variant
+    recording = record.start(shlex.join(["cairn", "bench", *argv]))
     device = pick_device(a.device)
     rounds = a.rounds or (20 if device.type == "cuda" else 3)
     if device.type == "cpu":
@@ -379,7 +309,7 @@ def main(argv=None) -> int:
     choice = precision_choice(a.precision, device, shape.model, shape.batch * shape.seq)
     precision = choice.precision
     references = ("fp32",) if a.reference_precision == "fp32" else ("fp32", "bf16")
-    peaks = {p: peak_flops(device, p) for p in dict.fromkeys((precision, *references))}
+    peaks: dict[str, Peak] = {p: peak_flops(device, p) for p in dict.fromkeys((precision, *references))}
     mc = shape.model
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     peak_text = "; ".join(f"{p} peak {pk / 1e12:.3g} TFLOP/s ({src})" if pk else f"{p}: no peak: {src}"
@@ -388,17 +318,18 @@ def main(argv=None) -> int:
           f"{' (' + a.preset + ')' if a.preset else ''}; {where}; torch {torch.__version__}; "
           f"cairn {choice.describe()}; MFU against {peak_text}")
     runs = bench_training(shape, rounds, variants, a.tutorial_batch, device, precision, a.compile, references)
-    rows = []
-    base = None
+    rows: list[dict[str, Any]] = []
+    base: Optional[dict[str, Any]] = None
     print(f"{'variant':<16} {'prec':>5} {'s/step':>8} {'tok/s':>9} {'useful tok/s':>13} {'MFU':>6} {'peak MB':>8} "
           f"{'vs first':>9} {'useful vs first':>16} {'first step s':>13}")
     for v in runs:
         t = statistics.median(v.times)
         peak = peaks[v.precision][0]
-        r = {"variant": v.name, "precision": v.precision, "s_per_step": t, "tokens_per_s": v.tokens / t,
-             "useful_tokens_per_s": v.useful / t, "model_flops_per_s": v.flops / t,
-             "mfu": v.flops / t / peak if peak else None, "peak_flops": peak, "peak_memory_mb": v.peak_bytes / 2**20,
-             "first_step_s": v.first_step_s, "steps": v.times}
+        r: dict[str, Any] = {
+            "variant": v.name, "precision": v.precision, "s_per_step": t, "tokens_per_s": v.tokens / t,
+            "useful_tokens_per_s": v.useful / t, "model_flops_per_s": v.flops / t,
+            "mfu": v.flops / t / peak if peak else None, "peak_flops": peak, "peak_memory_mb": v.peak_bytes / 2**20,
+            "first_step_s": v.first_step_s, "steps": v.times}
         base = base or r
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["useful_speedup"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
@@ -406,19 +337,17 @@ def main(argv=None) -> int:
         mfu = f"{r['mfu']:6.1%}" if peak else f"{'-':>6}"
         print(f"{v.name:<16} {v.precision:>5} {t:8.3f} {r['tokens_per_s']:9.0f} {r['useful_tokens_per_s']:13.0f} {mfu} "
               f"{r['peak_memory_mb']:8.0f} {r['speedup']:8.2f}x {r['useful_speedup']:15.2f}x {v.first_step_s:13.1f}")
-    result = {"shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
-              "device": where, "precision": precision, "precision_choice": choice.reason, "torch": torch.__version__,
-              "machine": {"cpu": cpu_description(), "date": time.strftime("%Y-%m-%d"),
-                          "load_avg_1min_at_start": load_at_start,
-                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")},
-              "peak_flops": peaks[precision][0], "peak_source": peaks[precision][1],
-              "peaks": {p: {"flops": pk, "source": src} for p, (pk, src) in peaks.items()}, "training": rows}
+    result: dict[str, Any] = {
+        "shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
+        "device": where, "precision": precision, "precision_choice": choice.reason,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "peak_flops": peaks[precision][0], "peak_source": peaks[precision][1],
+        "peaks": {p: {"flops": pk, "source": src} for p, (pk, src) in peaks.items()}, "training": rows}
     if a.generate:
         g = bench_generation(mc, a.generate, device, precision)
         result["generation_tokens_per_s"] = g
         print(f"generation of {a.generate} tokens: KV cache {g['kv_cache']:.1f} tok/s, full recomputation "
               f"{g['recompute']:.1f} tok/s: {g['kv_cache'] / g['recompute']:.2f}x")
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+        recording.write(a.json, result, threads=torch.get_num_threads())
     return 0

@@ -232,7 +232,7 @@ class Transformer(nn.Module):
         # RMS equals the token embeddings' initial std (0.02): at unit amplitude, 35x the tokens,
         # the position swamps the token identity and training stalls near the unigram loss
         # (validation loss after 80 steps at d128: 5.556 against 5.998 nats per token;
-        # benchmarks/tutorial-differences.json).
+        # benchmarks/records/tutorial-differences.json).
         if cfg.positions == "sinusoidal":
             table = POS_SCALE * sinusoidal_table(cfg.context_len, cfg.d_model)
             self.register_buffer("pos_table", table, persistent=False)

@@ -74,7 +74,7 @@ def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", s
         if on_sample is not None:
             on_sample(sample)
     asked = sum(len(p["words"]) for p in prompts)
-    # records made from held-out stories (benchmarks/words_data.py keeps them) also give the prompt gain
+    # records made from held-out stories (benchmarks/scripts/words_data.py keeps them) also give the prompt gain
     gain = prompt_gain(loaded, prompts) if len(prompts) > 1 and all("response" in p for p in prompts) else None
     return {"checkpoint": str(loaded.path), "prompts": len(prompts), "honoured": honoured,
             "rate": honoured / len(prompts), "word_rate": sum(x["words_found"] for x in samples) / asked,

@@ -15,7 +15,7 @@ class Float32Muon(torch.optim.Optimizer):
     "match_rms_adamw" scale 0.2 * sqrt(max(rows, cols)), decoupled weight decay), with the
     Newton-Schulz products in float32. torch's runs them in bfloat16, which CPUs without bf16
     instructions emulate: 8.1 s per step against 0.8 s for AdamW on a 2-core AMD EPYC (AVX2),
-    torch 2.13.0 CPU (benchmarks/ablation-cpu-10min.json, stages 1 and 2). On CUDA cairn uses
+    torch 2.13.0 CPU (benchmarks/records/ablation-cpu-10min.json, stages 1 and 2). On CUDA cairn uses
     torch's own. Same math as torch's (tested against it in float32)."""
 
     NS = (3.4445, -4.775, 2.0315)

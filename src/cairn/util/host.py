@@ -38,10 +38,20 @@ def cpu_info() -> tuple[str, set[str]]:
     return model, flags
 
 
+# The CPU features that decide float32 and bfloat16 matmul speed: x86 (/proc/cpuinfo "flags") and
+# Arm ("Features"), in the order a record lists them.
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "bf16")
+
+
+def speed_flags(flags: set[str]) -> list[str]:
+    """The SPEED_FLAGS among a CPU's feature flags."""
+    return [f for f in SPEED_FLAGS if f in flags]
+
+
 def cpu_description() -> str:
-    """The CPU as a benchmark record names it: model, usable cores and the vector instructions
-    that decide float32 and bfloat16 speed, e.g. "AMD EPYC, 2 cores, avx2 avx512f avx512_bf16"."""
+    """The CPU in words: model, usable cores and the vector instructions that decide float32 and
+    bfloat16 speed, e.g. "AMD EPYC, 2 cores, avx2 avx512f avx512_bf16"."""
     model, flags = cpu_info()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    wanted = speed_flags(flags)
     text = f"{model or 'unknown CPU'}, {usable_cores()} cores"
     return f"{text}, {' '.join(wanted)}" if wanted else text
