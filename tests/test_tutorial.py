@@ -56,7 +56,8 @@ TUTORIAL = {
 
 # where cairn departs from the tutorial on purpose (docs/tutorial.md): name -> (cairn's, the tutorial's)
 DELIBERATE = {
-    "schedule.warmup_frac": (0.05, "warmup_steps = len(train_loader): a warm-up as long as the run, which never decays"),
+    "schedule.warmup_frac": (0.05, "warmup_steps = len(train_loader): a warm-up as long as the run, which never "
+                                   "decays"),
     "schedule.warmup_steps": (-1, "(cairn: the fraction above decides)"),
 }
 

@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         name, path = spec.split("=", 1)
         started = time.perf_counter()
         load_avg = os.getloadavg()[0]
-        r = evaluate_words(path, a.eval, device="cpu", seed=0)
+        r = evaluate_words(path, a.eval, device="cpu")  # seeds 0, 1, ... (WORDS)
         print(f"{name}: {r['honoured']}/{r['prompts']} honoured ({100 * r['rate']:.1f}%), prompt gain "
               f"{r['prompt_gain']:.3f} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
         table["runs"][name] = {"run": path, "what": what.get(name, table["runs"].get(name, {}).get("what", "")),

@@ -8,8 +8,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from cairn.inference.sampling import STORY, WORDS, SamplingConfig, SamplingError, settings
 from cairn.util.errors import CairnError, SharedError
 from cairn.util.log import setup as setup_logging
 
@@ -46,6 +48,44 @@ def _add_config_options(p) -> None:
 
 def _add_device(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+
+
+# the sampling settings each command offers as options, in the order its --help lists them
+GENERATE_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+CHAT_SAMPLING = ("max_new_tokens", "temperature", "top_k", "seed")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_sampling(p: argparse.ArgumentParser, defaults: SamplingConfig, names: Sequence[str]) -> None:
+    """The sampling settings `names` as options (--top-k N ...): type and help from SamplingConfig's
+    fields, defaults from `defaults` (the command's own)."""
+    for setting in settings(names):
+        if setting.repeatable:
+            p.add_argument(_flag(setting.name), action="append", type=setting.kind, default=[], metavar="STR",
+                           help=setting.help)
+        else:
+            default = getattr(defaults, setting.name)
+            shown = f"{default:g}" if isinstance(default, float) else default
+            p.add_argument(_flag(setting.name), type=setting.kind, default=default,
+                           help=f"{setting.help} (default {shown})")
+
+
+def _sampling(args: argparse.Namespace, defaults: SamplingConfig, names: Sequence[str]) -> SamplingConfig:
+    """`defaults` with the settings `names` as the options gave them, checked; a bad one is named by its flag."""
+    given = {name: getattr(args, name) for name in names}
+    if "stop" in given:
+        given["stop"] = tuple(given["stop"])
+    return _checked(replace(defaults, **given))
+
+
+def _checked(s: SamplingConfig) -> SamplingConfig:
+    try:
+        return s.check()
+    except SamplingError as e:
+        raise CairnError(e.named(_flag(e.field))) from None
 
 
 def _add_train(sub) -> None:
@@ -91,7 +131,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--task", choices=("loss", "words"), default="loss",
                    help="loss: held-out loss (default); words: one story per prompt of --data (JSONL with "
                         "\"prompt\" and \"words\"), the fraction that use all their words")
-    p.add_argument("--seed", type=int, default=0, help="words: the first prompt's sampling seed (default 0)")
+    p.add_argument("--seed", type=int, default=WORDS.seed,
+                   help=f"words: the first prompt's sampling seed, + 1 for each next (default {WORDS.seed})")
     p.add_argument("--limit", type=int, default=0, help="words: only the first N prompts (default all)")
 
 
@@ -107,15 +148,7 @@ def _add_generate(sub) -> None:
                        help="prompts to continue, one per line, or JSON Lines (.jsonl) with a \"prompt\" field")
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="samples per prompt, with seeds --seed, --seed + 1, ... (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass (1 = all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="make tokens already in the prompt or text less likely, e.g. 1.2 (default 1 = off)")
-    p.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="end a sample where this text appears (not printed); repeatable")
-    p.add_argument("--seed", type=int, default=1234, help="random seed: same seed, same text (default 1234)")
+    _add_sampling(p, SamplingConfig(), GENERATE_SAMPLING)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per sample: prompt, text, tokens, finish_reason, tokens_per_s")
     p.add_argument("--no-stream", action="store_true", help="print each sample whole when it is done")
@@ -130,13 +163,11 @@ def _add_chat(sub) -> None:
     p = sub.add_parser("chat", help="talk to an instruction-tuned run in the terminal",
                        description="Type an instruction, the answer streams. The conversation is kept while it fits "
                                    "the context (then its oldest turns are dropped). Commands: /reset, "
-                                   "/temperature T, /quit. Reads lines from stdin, so it can be piped.")
+                                   "/temperature T, /quit. Reads lines from stdin, so it can be piped. The first "
+                                   "answer is sampled with --seed, the next with --seed + 1, and so on.")
     p.set_defaults(func=cmd_chat)
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--max-new-tokens", type=int, default=300, help="longest answer in tokens (default 300)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (default 50)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the first answer, +1 for each next (default 1234)")
+    _add_sampling(p, STORY, CHAT_SAMPLING)
     _add_device(p)
 
 
@@ -391,7 +422,8 @@ def _eval_words(args) -> int:
         raise CairnError("--task words needs --data FILE.jsonl of prompts with their \"words\"")
     if args.limit < 0:
         raise CairnError(f"--limit must be zero (all) or more, got {args.limit}")
-    r = evaluate_words(args.path, args.data, device=args.device, seed=args.seed, limit=args.limit)
+    sampling = _sampling(args, WORDS, ("seed",))
+    r = evaluate_words(args.path, args.data, device=args.device, sampling=sampling, limit=args.limit)
     if args.json:
         print(json.dumps(r))
     else:
@@ -417,34 +449,32 @@ def _prompts(args) -> list[str]:
 
 
 def cmd_generate(args) -> int:
-    from dataclasses import replace
-
+    from cairn.data.formats import get_format
     from cairn.tokenizer.chat_template import ChatTemplate, instruction, render
-    from cairn.inference.generate import SamplingConfig, TextStream
+    from cairn.inference.generate import TextStream
     from cairn.checkpoint.load import load
     from cairn.runtime.device import set_threads
 
     prompts = _prompts(args)
     if args.num_samples < 1:
         raise CairnError(f"--num-samples must be 1 or more, got {args.num_samples}")
-    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
-    s.check(flags=True)
+    # each sample of a prompt with its own seed (--seed + i), every one checked before the model loads
+    samples = [_checked(x) for x in _sampling(args, SamplingConfig(), GENERATE_SAMPLING).seeds(args.num_samples)]
     set_threads(0)
     loaded = load(args.path, args.device)
     stream_out = not (args.json or args.no_stream)
     first = True
     # an instruction-tuned run answers each prompt as an instruction, through its chat template
     template = ChatTemplate.from_config(loaded.config.chat) \
-        if loaded.config.data.format == "sft" and not args.no_template else None
+        if get_format(loaded.config.data.format).chat and not args.no_template else None
     for prompt in prompts:
         ids = None
         if template is not None:
             ids = instruction(template, loaded.tokenizer, prompt)
             prompt = render(template, [{"role": "user", "content": prompt}], answer=True)
-        for i in range(args.num_samples):
-            sample = TextStream(loaded.model, loaded.tokenizer, prompt, replace(s, seed=s.seed + i), stop=args.stop,
-                                use_cache=not args.no_cache, prompt_ids=ids)
+        for si in samples:
+            sample = TextStream(loaded.model, loaded.tokenizer, prompt, si, use_cache=not args.no_cache,
+                                prompt_ids=ids)
             if not (args.json or first):
                 sys.stdout.write("\n")
             first = False
@@ -457,7 +487,7 @@ def cmd_generate(args) -> int:
                     pass
             rate = sample.tokens / max(sample.seconds, 1e-9)
             if args.json:
-                print(json.dumps({"prompt": prompt, "seed": s.seed + i, "text": sample.text, "tokens": sample.tokens,
+                print(json.dumps({"prompt": prompt, "seed": si.seed, "text": sample.text, "tokens": sample.tokens,
                                   "finish_reason": sample.finish_reason, "tokens_per_s": round(rate, 1)}),
                       flush=True)
                 continue
@@ -484,18 +514,16 @@ def cmd_serve(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from cairn.data.formats import get_format
     from cairn.inference.chat import ChatSession, run_chat
     from cairn.tokenizer.chat_template import ChatTemplate
-    from cairn.inference.generate import SamplingConfig
     from cairn.checkpoint.load import load
     from cairn.runtime.device import set_threads
 
-    s = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       seed=args.seed)
-    s.check(flags=True)
+    s = _sampling(args, STORY, CHAT_SAMPLING)
     set_threads(0)
     loaded = load(args.path, args.device, merge=True)
-    if loaded.config.data.format != "sft":
+    if not get_format(loaded.config.data.format).chat:
         print(f"({loaded.path} was not instruction-tuned (data.format {loaded.config.data.format!r}): its answers "
               "continue the template's text)", file=sys.stderr)
     session = ChatSession(loaded.model, loaded.tokenizer, ChatTemplate.from_config(loaded.config.chat), s)

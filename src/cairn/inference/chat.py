@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, Iterator, Optional, TextIO
 
+from cairn.model.transformer import Transformer
+from cairn.tokenizer.base import Tokenizer
 from cairn.tokenizer.chat_template import ChatTemplate, instruction
 from cairn.util.errors import CairnError
-from cairn.inference.generate import SamplingConfig, TextStream
+from cairn.inference.generate import TextStream
+from cairn.inference.sampling import SamplingConfig
 
 HELP = "commands: /reset (forget the conversation), /temperature T (e.g. 0.7), /quit"
 
@@ -21,9 +24,10 @@ HELP = "commands: /reset (forget the conversation), /temperature T (e.g. 0.7), /
 class ChatSession:
     """The conversation and how each answer is sampled. `answer(text)` streams one reply."""
 
-    def __init__(self, model, tokenizer, template: ChatTemplate, sampling: SamplingConfig):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, template: ChatTemplate,
+                 sampling: SamplingConfig) -> None:
         self.model, self.tokenizer, self.template, self.s = model, tokenizer, template, sampling
-        self.history: list[dict] = []
+        self.history: list[dict[str, str]] = []
         self.turns = 0  # answers given: each is sampled with seed + turns, so a session replays alike
         self.dropping = False  # the oldest turns have had to go (said once)
         ctx = model.cfg.context_len
@@ -83,6 +87,10 @@ class ChatSession:
 
 def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO, interactive: bool) -> None:
     """Read lines until /quit or the end of input, answering each."""
+    def notice(message: str) -> None:
+        stderr.write(message + "\n")
+        stderr.flush()
+
     if interactive:
         stderr.write(f"Type an instruction and press Enter; {HELP}\n")
     while True:
@@ -103,7 +111,7 @@ def run_chat(session: ChatSession, stdin: TextIO, stdout: TextIO, stderr: TextIO
             stderr.flush()
             continue
         try:
-            for piece in session.answer(text, on_notice=lambda m: (stderr.write(m + "\n"), stderr.flush())):
+            for piece in session.answer(text, on_notice=notice):
                 stdout.write(piece)
                 stdout.flush()
         except CairnError as e:

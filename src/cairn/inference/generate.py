@@ -3,9 +3,7 @@ penalty, KV cache; and `TextStream`, the text as it is written, with stop string
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -15,39 +13,7 @@ from cairn.util import jsonl
 from cairn.util.errors import CairnError
 from cairn.model.transformer import KVCache, Transformer
 from cairn.tokenizer.base import Tokenizer
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0 = greedy (always the most likely token)
-    top_k: int = 0  # keep only the k most likely tokens (0 = all)
-    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1 = all)
-    seed: int = 1234
-    stop_at_eot: bool = True
-    repetition_penalty: float = 1.0  # > 1 makes tokens already in the prompt or the text less likely (1 = off)
-
-    def check(self, flags: bool = False) -> "SamplingConfig":
-        """Raise CairnError for a setting that cannot sample (named as a CLI flag when `flags`)."""
-        def name(field: str) -> str:
-            return "--" + field.replace("_", "-") if flags else field
-
-        if self.max_new_tokens <= 0:
-            raise CairnError(f"{name('max_new_tokens')} must be positive, got {self.max_new_tokens}: "
-                             "ask for at least 1 token")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise CairnError(f"{name('temperature')} must be zero (greedy) or a positive number, "
-                             f"got {self.temperature}: use e.g. 0.8")
-        if self.top_k < 0:
-            raise CairnError(f"{name('top_k')} must be zero (off) or more, got {self.top_k}: use e.g. 50")
-        if not (0 < self.top_p <= 1):  # also false for nan
-            raise CairnError(f"{name('top_p')} must be in (0, 1], got {self.top_p}: use e.g. 0.9, or 1 for off")
-        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
-            raise CairnError(f"{name('repetition_penalty')} must be a positive number, got "
-                             f"{self.repetition_penalty}: use e.g. 1.2, or 1 for off")
-        if not -2**63 <= self.seed < 2**64:
-            raise CairnError(f"{name('seed')} {self.seed} is out of range: use a number from 0 to 2**64 - 1")
-        return self
+from cairn.inference.sampling import SamplingConfig  # also importable from here, with what it configures
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -125,7 +91,7 @@ class TextPieces:
     After a push returns `stopped`, `text` is the text before the stop string; `finish()` hands
     out what was held back when the tokens ended without one."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = [x for x in stop if x]
         self.ids: list[int] = []
@@ -172,15 +138,16 @@ class TextStream:
     """The text a model writes after `prompt`, piece by piece as it is decoded: iterate over it.
     Afterwards `text`, `tokens` (generated), `finish_reason` ("stop": a stop string was written,
     "eot": the model ended the story, "length": max_new_tokens) and `seconds` describe it.
-    The pieces are those of `TextPieces` (no broken character, no stop string); the prompt
-    follows an <|endoftext|> (`prompt_ids`)."""
+    The pieces are those of `TextPieces` (no broken character, no stop string: `s.stop`, or `stop`
+    when given); the prompt follows an <|endoftext|> (`prompt_ids`)."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, prompt: str, s: SamplingConfig,
-                 stop: Sequence[str] = (), use_cache: bool = True, prompt_ids: Optional[Sequence[int]] = None):
+                 stop: Optional[Sequence[str]] = None, use_cache: bool = True,
+                 prompt_ids: Optional[Sequence[int]] = None) -> None:
         self.model, self.tokenizer, self.prompt, self.s, self.use_cache = model, tokenizer, prompt, s, use_cache
         # `prompt_ids`: the prompt already as tokens (a chat template's rendering), used instead of `prompt`
         self.prompt_ids = None if prompt_ids is None else list(prompt_ids)
-        self.stop = [x for x in stop if x]
+        self.stop = [x for x in (s.stop if stop is None else stop) if x]
         self.text, self.tokens, self.finish_reason, self.seconds = "", 0, "", 0.0
 
     def __iter__(self) -> Iterator[str]:

@@ -1,7 +1,7 @@
 """`cairn serve RUN`: an OpenAI-compatible completion server with a playground page.
 
 Needs the `serve` extra (FastAPI and uvicorn): pip install 'cairn-lm[serve]'. The routes are in
-`app`, the batching model worker in `engine`, the request checks in `protocol`.
+`app`, the batching model worker in `engine`, the requests (pydantic models) in `protocol`.
 """
 
 from __future__ import annotations

@@ -2,28 +2,33 @@
 playground page. Every error, including unknown routes and wrong methods, is answered in OpenAI's
 shape: {"error": {"message", "type", "param", "code"}}."""
 
-from __future__ import annotations
+# no `from __future__ import annotations`: FastAPI evaluates the routes' annotations, and those name
+# dependencies local to create_app, which a string annotation could not find
 
 import hmac
 import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
-from typing import AsyncIterator, Optional
+from typing import Annotated, AsyncIterator, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import JsonValue
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cairn.tokenizer import chat_template
 from cairn.tokenizer.chat_template import ChatTemplate
-from cairn.inference.generate import SamplingConfig, prompt_ids
+from cairn.inference.generate import prompt_ids
 from cairn.model.transformer import Transformer
 from cairn.tokenizer.base import Tokenizer
 from cairn.serve.engine import Busy, Engine, Event, Job
-from cairn.serve.protocol import ApiError, CompletionRequest, parse_chat, parse_completion
+from cairn.serve.protocol import ApiError, ChatBody, CompletionBody, CompletionRequest, Limits, validated
+
+Json = dict[str, JsonValue]  # a JSON object of an answer
+Choice = Callable[[int, str, Optional[str]], Json]  # a choice of an answer: index, text, finish reason
 
 
 @dataclass
@@ -40,24 +45,25 @@ class ServeSettings:
 
 def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings) -> FastAPI:
     engine = Engine(model, tokenizer, settings.max_concurrency, settings.max_batch)
+    limits = Limits(max_tokens=settings.max_tokens, max_sequences=settings.max_concurrency)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.close()
 
     app = FastAPI(title="cairn", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.engine = engine
-    card = {"id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "cairn",
-            "context_length": model.cfg.context_len, "tokenizer": tokenizer.name,
-            "parameters": model.num_params()}
+    card: Json = {"id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "cairn",
+                  "context_length": model.cfg.context_len, "tokenizer": tokenizer.name,
+                  "parameters": model.num_params()}
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
         message = (f"no route {request.method} {request.url.path}: the routes are GET /, GET /health, "
                    "GET /v1/models, POST /v1/completions, POST /v1/chat/completions") \
@@ -75,56 +81,68 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
                                 "the server's --api-key", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
 
+    # the bodies are read here, not by FastAPI: no further than --max-body, and every error in OpenAI's shape
+    async def completion_body(request: Request) -> CompletionBody:
+        return validated(CompletionBody, await read_json(request, settings.max_body))
+
+    async def chat_body(request: Request) -> ChatBody:
+        return validated(ChatBody, await read_json(request, settings.max_body))
+
     @app.get("/", response_class=HTMLResponse)
-    async def playground():
+    async def playground() -> HTMLResponse:
         return HTMLResponse(resources.files("cairn.serve").joinpath("static/playground.html").read_text("utf-8"))
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": settings.model_name, "in_flight": engine.in_flight,
-                "max_concurrency": settings.max_concurrency, "max_batch": engine.max_batch,
-                "decode_steps": engine.steps, "decoded_rows": engine.rows_decoded}
+    async def health() -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": settings.model_name, "in_flight": engine.in_flight,
+                             "max_concurrency": settings.max_concurrency, "max_batch": engine.max_batch,
+                             "decode_steps": engine.steps, "decoded_rows": engine.rows_decoded})
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
-    async def models():
-        return {"object": "list", "data": [card]}
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [card]})
 
     @app.get("/v1/models/{name:path}", dependencies=[Depends(authorized)])
-    async def model_card(name: str):
+    async def model_card(name: str) -> JSONResponse:
         if name != settings.model_name:
             raise unknown_model(name)
-        return card
+        return JSONResponse(card)
 
-    def unknown_model(name) -> ApiError:
+    def served(name: Optional[str]) -> None:
+        """Refuse a request that names another model than the served one."""
+        if name is not None and name != settings.model_name:
+            raise unknown_model(name)
+
+    def unknown_model(name: str) -> ApiError:
         return ApiError(404, f"model {name!r} does not exist: this server serves {settings.model_name!r} "
                              "(see GET /v1/models)", param="model", code="model_not_found")
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(request: Request):
-        body = await read_json(request, settings.max_body)
-        r = parse_completion(body, settings.max_tokens, settings.max_concurrency)
-        if body.get("model") is not None and body["model"] != settings.model_name:
-            raise unknown_model(body["model"])
-        jobs = completion_jobs(r, tokenizer, model.cfg.context_len)
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": settings.model_name}
-        return await answer(r, jobs, meta, choice)
+    async def completions(body: Annotated[CompletionBody, Depends(completion_body)]) -> Response:
+        prompts = body.prompts()
+        r = body.request(limits, len(prompts))
+        served(body.model)
+        # a prompt longer than the context keeps its end
+        jobs = sampling_jobs(r, [prompt_ids(tokenizer, prompt)[-model.cfg.context_len:] for prompt in prompts])
+        meta: Json = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                      "model": settings.model_name}
+        return await answer(r, jobs, meta, choice, choice)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(request: Request):
-        body = await read_json(request, settings.max_body)
-        r, messages = parse_chat(body, settings.max_tokens, settings.max_concurrency)
-        if body.get("model") is not None and body["model"] != settings.model_name:
-            raise unknown_model(body["model"])
+    async def chat_completions(body: Annotated[ChatBody, Depends(chat_body)]) -> Response:
+        r = body.request(limits)
+        messages = body.conversation()
+        served(body.model)
         # the conversation rendered as the run was tuned on it; too long for the context, it keeps its end
         ids = chat_template.prompt_ids(settings.template, tokenizer, messages)[-model.cfg.context_len:]
         jobs = sampling_jobs(r, [ids])
-        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": settings.model_name}
-        return await answer(r, jobs, meta, chat_choice)
+        meta: Json = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
+                      "created": int(time.time()), "model": settings.model_name}
+        return await answer(r, jobs, meta, chat_choice, chat_delta)
 
-    async def answer(r: CompletionRequest, jobs: list[Job], meta: dict, make_choice):
-        """Run the jobs: a stream of server-sent events, or one JSON answer with every choice."""
+    async def answer(r: CompletionRequest, jobs: list[Job], meta: Json, whole: Choice, piece: Choice) -> Response:
+        """Run the jobs: a stream of server-sent events (each choice's pieces as `piece` makes them), or
+        one JSON answer with every choice (as `whole` makes it)."""
         try:
             generation = engine.open(jobs)
         except Busy as e:
@@ -132,9 +150,9 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
                            type="rate_limit_error", headers={"Retry-After": "1"}) from None
         prompt_tokens = sum(len(j.ids) for j in jobs[::r.n])
         if r.stream:
-            chunks = {**meta, "object": meta["object"] + ".chunk"} if meta["object"] == "chat.completion" else meta
+            chunks = {**meta, "object": f"{meta['object']}.chunk"} if meta["object"] == "chat.completion" else meta
             return StreamingResponse(sse(generation.events(), generation.close, chunks, r, prompt_tokens,
-                                         len(jobs), make_choice),
+                                         len(jobs), piece),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, finish, tokens = [""] * len(jobs), [""] * len(jobs), [0] * len(jobs)
         try:
@@ -147,13 +165,13 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
             generation.close()
         if "error" in finish:
             raise ApiError(500, "generation failed (see the server's log)", type="server_error", code="internal")
-        return {**meta, "choices": [make_choice(i, t, f) for i, (t, f) in enumerate(zip(texts, finish))],
-                "usage": usage(prompt_tokens, sum(tokens))}
+        return JSONResponse({**meta, "choices": [whole(i, t, f) for i, (t, f) in enumerate(zip(texts, finish))],
+                             "usage": usage(prompt_tokens, sum(tokens))})
 
     return app
 
 
-async def read_json(request: Request, limit: int):
+async def read_json(request: Request, limit: int) -> JsonValue:
     """The body parsed as JSON, read no further than `limit` bytes."""
     declared = request.headers.get("content-length")
     too_big = ApiError(413, f"the request body is larger than {limit} bytes (the server's --max-body)",
@@ -166,25 +184,18 @@ async def read_json(request: Request, limit: int):
         if len(raw) > limit:
             raise too_big
     try:
-        return json.loads(raw)
+        body: JsonValue = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}): send a JSON object",
                        code="invalid_json") from None
-
-
-def completion_jobs(r: CompletionRequest, tokenizer: Tokenizer, context_len: int) -> list[Job]:
-    """One job per choice, in OpenAI's order (prompt by prompt, n choices each)."""
-    # a prompt longer than the context keeps its end
-    return sampling_jobs(r, [prompt_ids(tokenizer, prompt)[-context_len:] for prompt in r.prompts])
+    return body
 
 
 def sampling_jobs(r: CompletionRequest, prompts: list[list[int]]) -> list[Job]:
-    """n jobs per prompt (token ids). Choice i of a prompt is sampled with seed + i, as `cairn
-    generate --num-samples` does, so the text of seed S equals `cairn generate --seed S` with the
-    same settings."""
-    base = SamplingConfig(max_new_tokens=r.max_tokens, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                          seed=r.seed, stop_at_eot=not r.ignore_eos, repetition_penalty=r.repetition_penalty)
-    return [Job(ids, replace(base, seed=r.seed + i).check(), r.stop) for ids in prompts for i in range(r.n)]
+    """n jobs per prompt (token ids), in OpenAI's order (prompt by prompt, n choices each). Choice i
+    of a prompt is sampled with seed + i, as `cairn generate --num-samples` does, so the text of seed
+    S equals `cairn generate --seed S` with the same settings."""
+    return [Job(ids, s) for ids in prompts for s in r.choices()]
 
 
 def _reason(finish: Optional[str]) -> Optional[str]:
@@ -192,31 +203,33 @@ def _reason(finish: Optional[str]) -> Optional[str]:
     return None if finish is None else "length" if finish == "length" else "stop"
 
 
-def choice(index: int, text: str, finish: Optional[str]) -> dict:
+def choice(index: int, text: str, finish: Optional[str]) -> Json:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": _reason(finish)}
 
 
-def chat_choice(index: int, text: str, finish: Optional[str], delta: bool = False) -> dict:
+def chat_choice(index: int, text: str, finish: Optional[str], delta: bool = False) -> Json:
     """A chat answer's choice: its whole message, or (`delta`, streaming) the piece just written."""
     key = "delta" if delta else "message"
     return {"index": index, key: {"role": "assistant", "content": text}, "logprobs": None,
             "finish_reason": _reason(finish)}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def chat_delta(index: int, text: str, finish: Optional[str]) -> Json:
+    return chat_choice(index, text, finish, delta=True)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Json:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def sse(events: AsyncIterator[Event], close, meta: dict, r: CompletionRequest,
-              prompt_tokens: int, n_choices: int, make_choice=choice) -> AsyncIterator[str]:
+async def sse(events: AsyncIterator[Event], close: Callable[[], None], meta: Json, r: CompletionRequest,
+              prompt_tokens: int, n_choices: int, piece: Choice = choice) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`. The usage comes in the
     last chunk with a choice, or with include_usage in a chunk of its own after it (as OpenAI sends it);
     with continuous_usage_stats in every chunk."""
     tokens: dict[int, int] = {}
     open_choices = n_choices
-    piece = (lambda i, text, finish: make_choice(i, text, finish, delta=True)) if make_choice is chat_choice \
-        else make_choice
     so_far = usage(prompt_tokens, 0)
     try:
         async for ev in events:
@@ -227,7 +240,7 @@ async def sse(events: AsyncIterator[Event], close, meta: dict, r: CompletionRequ
                 break
             if ev.finish_reason is not None:
                 open_choices -= 1
-            chunk = {**meta, "choices": [piece(ev.index, ev.text, ev.finish_reason)]}
+            chunk: Json = {**meta, "choices": [piece(ev.index, ev.text, ev.finish_reason)]}
             so_far = usage(prompt_tokens, sum(tokens.values()))
             if r.continuous_usage or (open_choices == 0 and not r.include_usage):
                 chunk["usage"] = so_far

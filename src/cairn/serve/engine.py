@@ -1,6 +1,6 @@
 """The model worker of `cairn serve`: one thread that decodes every sequence in flight together.
 
-Requests put their sequences (a prompt's token ids, sampling settings, stop strings) into a queue.
+Requests put their sequences (a prompt's token ids, sampling settings with their stop strings) into a queue.
 The worker prefills each new sequence into a row of a `RowKVCache`, then runs one forward pass per
 step for all the sequences it holds, each row at its own position, and samples every row with the
 sequence's own seeded generator: a sequence's text does not depend on what else runs beside it,
@@ -23,7 +23,8 @@ from typing import AsyncIterator, Callable, Optional, Sequence as Seq
 
 import torch
 
-from cairn.inference.generate import SamplingConfig, TextPieces, penalize_repeats, pick_next
+from cairn.inference.generate import TextPieces, penalize_repeats, pick_next
+from cairn.inference.sampling import SamplingConfig
 from cairn.model.transformer import RowKVCache, Transformer
 from cairn.tokenizer.base import Tokenizer
 
@@ -36,10 +37,9 @@ class Busy(Exception):
 
 @dataclass
 class Job:
-    """One sequence to generate: the tokens it continues, how to sample, where to stop."""
+    """One sequence to generate: the tokens it continues, how to sample and where to stop."""
     ids: list[int]
     sampling: SamplingConfig
-    stop: Seq[str] = ()
 
 
 @dataclass
@@ -61,7 +61,7 @@ class _Sequence:
         self.index, self.s, self.emit = index, job.sampling, emit
         self.ids = list(job.ids)[-context_len:]  # a prompt longer than the context keeps its end
         self.generator = torch.Generator(device=device).manual_seed(job.sampling.seed)
-        self.pieces = TextPieces(tokenizer, job.stop)
+        self.pieces = TextPieces(tokenizer, job.sampling.stop)
         self.new = 0
         self.done = False
         self.cancelled = False
@@ -79,7 +79,7 @@ class Engine:
         p = next(model.parameters())
         self.device = p.device
         self.cache = RowKVCache(model.cfg, self.max_batch, p.device, p.dtype)
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue[Optional[_Sequence]] = queue.Queue()
         self._waiting: deque[_Sequence] = deque()
         self._rows: list[_Sequence] = []  # in cache row order
         self._sliding: list[_Sequence] = []  # past the context: each step recomputes the last context_len tokens

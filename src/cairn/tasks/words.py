@@ -16,15 +16,68 @@ import itertools
 import re
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypedDict
 
 from cairn.util import jsonl
+from cairn.tokenizer.base import Tokenizer
 from cairn.tokenizer.chat_template import ChatTemplate, instruction
 from cairn.util.errors import CairnError
-from cairn.inference.generate import SamplingConfig, TextStream
-from cairn.checkpoint.load import load
+from cairn.inference.generate import TextStream
+from cairn.inference.sampling import WORDS, SamplingConfig
+from cairn.checkpoint.load import Loaded, load
 
 WORD = re.compile(r"[A-Za-z]+")
+
+
+class _Asked(TypedDict):
+    prompt: str
+    words: list[str]
+
+
+class WordPrompt(_Asked, total=False):
+    """A record of the prompts file: the prompt, its words, and the held-out story they came from."""
+    response: str
+
+
+class WordSample(TypedDict):
+    """The story sampled for one prompt, and how many of its words it uses."""
+    prompt: str
+    words: list[str]
+    seed: int
+    story: str
+    honoured: bool
+    words_found: int
+    finish_reason: str
+
+
+class PromptGain(TypedDict):
+    """`prompt_gain`'s measure: log-probabilities (nats per word token) after the right and another prompt."""
+    records: int
+    word_tokens: int
+    logprob_right: float
+    logprob_wrong: float
+    gain: float
+
+
+class SamplingRecord(TypedDict):
+    temperature: float
+    top_k: int
+    max_new_tokens: int
+    seeds: str
+
+
+class WordsResult(TypedDict):
+    """What `cairn eval --task words` reports (its --json line)."""
+    checkpoint: str
+    prompts: int
+    honoured: int
+    rate: float
+    word_rate: float
+    sampling: SamplingRecord
+    prompt_gain: Optional[float]
+    prompt_gain_tokens: Optional[int]
+    seconds: float
+    samples: list[WordSample]
 
 
 def words_found(text: str, words: list[str]) -> int:
@@ -37,54 +90,58 @@ def uses_all(text: str, words: list[str]) -> bool:
     return words_found(text, words) == len(words)
 
 
-def read_word_prompts(path: str | Path) -> list[dict]:
-    out = []
+def read_word_prompts(path: str | Path) -> list[WordPrompt]:
+    out: list[WordPrompt] = []
     for n, r in jsonl.records(path, "word prompts file (--data)"):
         if not (isinstance(r, dict) and isinstance(r.get("prompt"), str) and isinstance(r.get("words"), list)
                 and r["words"] and all(isinstance(w, str) and WORD.fullmatch(w) for w in r["words"])):
             raise CairnError(f"{path}:{n}: needs a text 'prompt' and a list of 'words' (letters only), e.g. "
                              "{\"prompt\": \"Write a story that uses the words: cat, hat, sun.\", "
                              "\"words\": [\"cat\", \"hat\", \"sun\"]}")
-        out.append({"prompt": r["prompt"], "words": r["words"],
-                    **({"response": r["response"]} if isinstance(r.get("response"), str) else {})})
+        record = WordPrompt(prompt=r["prompt"], words=r["words"])
+        if isinstance(r.get("response"), str):
+            record["response"] = r["response"]
+        out.append(record)
     if not out:
         raise CairnError(f"--data {str(path)!r} holds no prompt")
     return out
 
 
-def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", seed: int = 0,
-                   max_new_tokens: int = 300, temperature: float = 0.8, top_k: int = 50,
-                   limit: int = 0, on_sample: Optional[callable] = None) -> dict:
-    """One story per prompt of `data` from the model at `run`; the fraction that use all their words."""
+def evaluate_words(run: str | Path, data: str | Path, *, device: str = "auto", sampling: SamplingConfig = WORDS,
+                   limit: int = 0, on_sample: Optional[Callable[[WordSample], None]] = None) -> WordsResult:
+    """One story per prompt of `data` from the model at `run`, prompt i sampled with `sampling` and
+    its seed + i; the fraction that use all their words."""
+    sampling.check()
     prompts = read_word_prompts(data)[:limit or None]
     loaded = load(run, device, merge=True)
     template = ChatTemplate.from_config(loaded.config.chat)
-    samples, honoured, started = [], 0, time.perf_counter()
-    for i, p in enumerate(prompts):
-        s = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed + i)
+    samples: list[WordSample] = []
+    started = time.perf_counter()
+    for p, s in zip(prompts, sampling.seeds(len(prompts))):
         stream = TextStream(loaded.model, loaded.tokenizer, p["prompt"], s,
                             prompt_ids=instruction(template, loaded.tokenizer, p["prompt"]))
         for _ in stream:
             pass
-        ok = uses_all(stream.text, p["words"])
-        honoured += ok
-        sample = {"prompt": p["prompt"], "words": p["words"], "seed": s.seed, "story": stream.text, "honoured": ok,
-                  "words_found": words_found(stream.text, p["words"]), "finish_reason": stream.finish_reason}
+        sample = WordSample(prompt=p["prompt"], words=p["words"], seed=s.seed, story=stream.text,
+                            honoured=uses_all(stream.text, p["words"]),
+                            words_found=words_found(stream.text, p["words"]), finish_reason=stream.finish_reason)
         samples.append(sample)
         if on_sample is not None:
             on_sample(sample)
+    honoured = sum(x["honoured"] for x in samples)
     asked = sum(len(p["words"]) for p in prompts)
     # records made from held-out stories (benchmarks/scripts/words_data.py keeps them) also give the prompt gain
     gain = prompt_gain(loaded, prompts) if len(prompts) > 1 and all("response" in p for p in prompts) else None
-    return {"checkpoint": str(loaded.path), "prompts": len(prompts), "honoured": honoured,
-            "rate": honoured / len(prompts), "word_rate": sum(x["words_found"] for x in samples) / asked,
-            "sampling": {"temperature": temperature, "top_k": top_k,
-                                                          "max_new_tokens": max_new_tokens, "seeds": f"{seed}.."},
-            "prompt_gain": gain and round(gain["gain"], 4), "prompt_gain_tokens": gain and gain["word_tokens"],
-            "seconds": round(time.perf_counter() - started, 1), "samples": samples}
+    return WordsResult(checkpoint=str(loaded.path), prompts=len(prompts), honoured=honoured,
+                       rate=honoured / len(prompts), word_rate=sum(x["words_found"] for x in samples) / asked,
+                       sampling=SamplingRecord(temperature=sampling.temperature, top_k=sampling.top_k,
+                                               max_new_tokens=sampling.max_new_tokens, seeds=f"{sampling.seed}.."),
+                       prompt_gain=None if gain is None else round(gain["gain"], 4),
+                       prompt_gain_tokens=None if gain is None else gain["word_tokens"],
+                       seconds=round(time.perf_counter() - started, 1), samples=samples)
 
 
-def word_token_positions(tokenizer, ids: list[int], start: int, words: list[str]) -> list[int]:
+def word_token_positions(tokenizer: Tokenizer, ids: list[int], start: int, words: list[str]) -> list[int]:
     """Indices into `ids` (from `start` on) of the tokens that spell an occurrence of one of `words`
     (whole word, case-insensitive): every token overlapping the word's bytes."""
     pieces = [tokenizer.decode_bytes([t]) for t in ids[start:]]
@@ -99,7 +156,7 @@ def word_token_positions(tokenizer, ids: list[int], start: int, words: list[str]
     return sorted(out)
 
 
-def prompt_gain(loaded, records: list[dict], limit: int = 0) -> dict:
+def prompt_gain(loaded: Loaded, records: Sequence[WordPrompt], limit: int = 0) -> PromptGain:
     """How much the model's prompt tells it about the asked words, teacher-forced on held-out stories.
 
     For each record (`prompt`, `words` and its story, `response`) the story is scored twice through
@@ -144,5 +201,5 @@ def prompt_gain(loaded, records: list[dict], limit: int = 0) -> dict:
     if not tokens:
         raise CairnError("none of the records' stories contains its words: give the records their stories")
     right, wrong = totals
-    return {"records": len(recs), "word_tokens": tokens, "logprob_right": right / tokens,
-            "logprob_wrong": wrong / tokens, "gain": (right - wrong) / tokens}
+    return PromptGain(records=len(recs), word_tokens=tokens, logprob_right=right / tokens,
+                      logprob_wrong=wrong / tokens, gain=(right - wrong) / tokens)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
-from cairn.inference.generate import SamplingConfig, generate_text
+from cairn.inference.generate import generate_text
+from cairn.inference.sampling import STORY
 from cairn.model.transformer import Transformer
 from cairn.runtime.device import autocast
 from cairn.tokenizer.base import Tokenizer
@@ -32,11 +34,12 @@ def write_stories(model: Transformer, tokenizer: Tokenizer, *, n: int, max_token
         if conversations and template is not None:
             conversation = conversations[i % len(conversations)]
             prompt, ids = render(template, conversation, answer=True), prompt_ids(template, tokenizer, conversation)
-        s = SamplingConfig(max_new_tokens=max_tokens, temperature=0.8, top_k=50, seed=i + 1)
+        s = replace(STORY, max_new_tokens=max_tokens, seed=i + 1)
         with autocast(device, precision):
             text = generate_text(model, tokenizer, prompt, s, prompt_ids=ids)
         stories.append({"prompt": prompt, "seed": s.seed, "text": prompt + text})
-    body = "".join(f"## Story {i + 1} (seed {st['seed']}, temperature 0.8, top-k 50)\n\n{st['text'].strip()}\n\n"
+    body = "".join(f"## Story {i + 1} (seed {st['seed']}, temperature {STORY.temperature:g}, top-k {STORY.top_k})"
+                   f"\n\n{st['text'].strip()}\n\n"
                    for i, st in enumerate(stories))
     # every rank generated (FSDP needs them all for each forward); rank 0 writes
     dist.on_main(lambda: rundir.write("stories.md", f"# Stories from {title}\n\n" + body), share_result=False)
