@@ -85,6 +85,26 @@ def test_init_from_starts_from_the_base_weights_with_its_model_and_tokenizer(bas
     assert cfg.init_from.endswith("_final")
 
 
+def test_cairn_train_from_python_with_init_from_trains_as_the_cli_does(base_run, tmp_path, stories_file):
+    """`cairn.train(cfg)` resolves `init_from` as the command line does: a preset's own model settings
+    give way to the base's (no "model config differs"), and the run is the CLI's, weight for weight."""
+    import cairn
+    from cairn.config.presets import preset
+
+    options = {"seq_len": 32, "batch_size": 4, "max_steps": 3, "checkpoint_every": 0, "eval_every": 0,
+               "end_stories": 0, "num_threads": 1}
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert main(["train", "--preset", "tiny", "--init-from", str(base_run), "--data", str(stories_file),
+                 "--out", str(tmp_path / "cli"), "--no-progress", *flags]) == 0
+    cfg = preset("tiny")  # d_model 64: the base's 32 must win, as on the command line
+    cfg.init_from, cfg.data.source = str(base_run), str(stories_file)
+    cfg.data.seq_len, cfg.train.batch_size, cfg.train.max_steps = 32, 4, 3
+    cfg.checkpoint.checkpoint_every, cfg.eval.eval_every, cfg.eval.end_stories, cfg.system.num_threads = 0, 0, 0, 1
+    done = cairn.train(cfg, tmp_path / "python")
+    assert done["step"] == 3 and cfg.model.d_model == 64  # the caller's config is left as it was
+    assert_same_weights(final_weights(tmp_path / "python"), final_weights(tmp_path / "cli"))
+
+
 def test_an_init_from_run_trains_resumes_evaluates_generates_and_exports(base_run, tmp_path, stories_file, capsys):
     run = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--init-from", str(base_run), "--data", str(stories_file), "--out", str(run),

@@ -28,7 +28,7 @@ import sys
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,9 @@ from cairn.runtime.device import autocast, pick_device, set_threads
 from cairn.runtime.precision import peak_flops
 from cairn.runtime.precision import resolve as precision_choice
 from cairn.util.errors import CairnError
+
+if TYPE_CHECKING:
+    from cairn.training.optim import Optimizer
 
 Step = Callable[[], None]
 # what building a variant gives: its step, tokens per step, useful tokens per step, model FLOPs per step
@@ -110,7 +113,7 @@ class PeakMemory:
             self.bytes = max(0, self._status("VmHWM") - self.base)
 
 
-def make_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[[], torch.Tensor],
+def make_step(model: nn.Module, opt: Optimizer, loss_fn: Callable[[], torch.Tensor],
               ctx: Callable[[], AbstractContextManager[Any]], clip: float = 1.0) -> Step:
     """One training step as a training loop takes it: forward under the autocast context,
     backward, global-norm clipping, optimizer step."""

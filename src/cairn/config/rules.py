@@ -44,7 +44,8 @@ def check_choice(qual: str, value: Any, choices: tuple) -> None:
 
 def check_choices(obj: Any, section: Optional[str]) -> None:
     """Every Literal-typed field of a section holds one of its values."""
-    for name, tp in _field_types(type(obj)).items():
+    cls: type = type(obj)
+    for name, tp in _field_types(cls).items():
         choices = _choices(tp)
         if choices is not None:
             check_choice(_qual(section, name), getattr(obj, name), choices)

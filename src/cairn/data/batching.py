@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sized
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cairn.model.ops import IGNORE_INDEX
 from cairn.data.cache import SplitTokens
+from cairn.data.formats.base import Rows
 
 
 
@@ -209,7 +210,7 @@ def epoch_order(n_items: int, seed: int, epoch: int, shuffle: bool) -> np.ndarra
     return np.random.default_rng([seed, epoch]).permutation(n_items).astype(np.int64)
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
+def make_loader(dataset: Rows, batch_size: int, *, shuffle: bool, seed: int, epoch: int,
                 start_batch: int = 0, drop_last: bool, num_workers: int = 0, pad_id: int = 0,
                 pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
     """A DataLoader over batches `start_batch`.. of the given epoch.
@@ -246,5 +247,6 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, 
     # A private generator: otherwise every new iterator draws its base seed from the global torch
     # RNG, which dropout also uses, and a resumed run (one more iterator) would drift from the
     # uninterrupted one.
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
+    # a DataLoader indexes any object with __getitem__ and __len__: Rows need not subclass torch's Dataset
+    return DataLoader(cast(Dataset, dataset), batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))

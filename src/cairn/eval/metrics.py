@@ -48,5 +48,6 @@ def evaluate(model: Transformer, loader: Iterable[dict[str, torch.Tensor]], devi
         n_bytes += int(table[real].sum())
     model.train(was_training)
     if reduce is not None:
-        loss_sum, tokens, n_bytes = reduce([loss_sum, tokens, n_bytes])
-    return summarize(loss_sum, int(tokens), int(n_bytes))
+        loss_sum, summed_tokens, summed_bytes = reduce([loss_sum, tokens, n_bytes])
+        tokens, n_bytes = int(summed_tokens), int(summed_bytes)
+    return summarize(loss_sum, tokens, n_bytes)

@@ -12,7 +12,6 @@ the others wait for it, so none goes on to read or replace a half-written checkp
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -104,10 +103,7 @@ class PythonRng:
     """Python's and NumPy's generators (the data order draws from neither, but user code may)."""
 
     def state_dict(self) -> dict[str, Any]:
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        py = random.getstate()
-        return {"rng": {"python": [py[0], list(py[1]), py[2]],
-                        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}}
+        return {"rng": ckpt.rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ckpt.set_rng_state(state["rng"])

@@ -26,7 +26,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,12 @@ from torch import nn
 from cairn.config.sections import SystemConfig
 from cairn.util.errors import CairnError, SharedError
 from cairn.util.host import usable_cores
+from cairn.model.transformer import Transformer
 from cairn.runtime.device import pick_device
+from cairn.training.optim import MuonWithAdamW, Optimizer
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
 
 T = TypeVar("T")
 
@@ -173,7 +178,7 @@ class Dist:
 
     # ------------------------------------------------------------ the model
 
-    def wrap(self, model: nn.Module, precision: str) -> nn.Module:
+    def wrap(self, model: Transformer, precision: str) -> nn.Module:
         """The module the training step calls: DDP around the model, or the model itself after
         `fully_shard` (which changes it in place: its parameters become DTensor shards)."""
         if not self.enabled:
@@ -184,7 +189,7 @@ class Dist:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # the position table is a constant: no need to broadcast the buffers before every forward
             newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            no_buffer_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
+            no_buffer_sync: dict[str, Any] = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
             return DistributedDataParallel(model, device_ids=ids, **no_buffer_sync)
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -192,7 +197,7 @@ class Dist:
         if self.device.type == "cuda" and precision == "bf16":
             # compute in bf16, reduce gradients and keep the sharded master weights in float32
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.blocks:  # one all-gather per block, freed after it: memory of one block
+        for block in model.blocks.children():  # one all-gather per block, freed after it: memory of one block
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)  # the rest: embeddings, final norm, head
         return model
@@ -201,10 +206,16 @@ class Dist:
     def grad_sync(self, wrapped: nn.Module, sync: bool) -> Iterator[None]:
         """Reduce gradients across ranks only on the last micro-step of an accumulated step."""
         if self.enabled and self.parallel == "ddp" and not sync:
+            from torch.nn.parallel import DistributedDataParallel
+
+            assert isinstance(wrapped, DistributedDataParallel)
             with wrapped.no_sync():
                 yield
             return
         if self.enabled and self.fsdp:
+            from torch.distributed.fsdp import FSDPModule
+
+            assert isinstance(wrapped, FSDPModule)
             wrapped.set_requires_gradient_sync(sync)
         yield
 
@@ -215,16 +226,16 @@ class Dist:
             return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         from torch.distributed.tensor import DTensor
 
-        params = [p for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        with_grads = [p for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in with_grads if p.grad is not None], 2.0)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(with_grads, max_norm, norm)
         return float(norm)
 
     # ------------------------------------------------------------ checkpoints
 
-    def full_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def full_weights(self, model: Transformer) -> dict[str, torch.Tensor]:
         """The whole model's weights as `model.weights()` gives them (the file format of every
         checkpoint, whatever the world size); under FSDP gathered onto rank 0 (empty elsewhere)."""
         if not (self.enabled and self.fsdp):
@@ -233,9 +244,9 @@ class Dist:
 
         keep = model.weights().keys()  # a tied head is left out, as weights() does
         state = get_model_state_dict(model, options=_full_options())
-        return {k: v for k, v in state.items() if k in keep}
+        return {k: v for k, v in state.items() if k in keep and isinstance(v, torch.Tensor)}
 
-    def load_full_weights(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    def load_full_weights(self, model: Transformer, weights: dict[str, torch.Tensor]) -> None:
         """Whole weights (as `model.weights()` gives them, on every rank) into the model (under FSDP
         into each rank's shards)."""
         if not (self.enabled and self.fsdp):
@@ -245,16 +256,16 @@ class Dist:
 
         if model.cfg.tie_embeddings:
             weights = {**weights, "lm_head.weight": weights["wte.weight"]}
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, dict(weights), options=StateDictOptions(full_state_dict=True))
 
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    def optimizer_state(self, model: nn.Module, optimizer: Optimizer) -> dict:
         """The optimizer state keyed by parameter names, not positions, and whole (gathered on rank
         0 under FSDP): one format that a single process, DDP and FSDP all load."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, _parts(optimizer), options=_full_options())
 
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    def load_optimizer_state(self, model: nn.Module, optimizer: Optimizer, state: dict) -> None:
         """Every rank loads the whole state it read from the (shared) checkpoint and keeps its shard."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -305,19 +316,19 @@ def _record_for_torchrun(error: CairnError) -> None:
         ErrorHandler().record_exception(error)
 
 
-def _parts(optimizer):
+def _parts(optimizer: Optimizer) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
     """The torch optimizers behind cairn's optimizer (Muon + AdamW is two); torch's state-dict
     functions take them as a list and key the state of all of them by parameter name."""
-    return getattr(optimizer, "parts", optimizer)
+    return optimizer.parts if isinstance(optimizer, MuonWithAdamW) else optimizer
 
 
-def _full_options():
+def _full_options() -> StateDictOptions:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def _named_optimizer_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def _named_optimizer_state(state: dict, model: nn.Module, optimizer: Optimizer) -> dict:
     """Checkpoints written before names were used key the state by position in the optimizer's
     groups (torch's own format): give each position its parameter's name."""
     positional = [p for g in state["param_groups"] for p in g["params"]]

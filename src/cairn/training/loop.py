@@ -37,7 +37,7 @@ from cairn.training.resume import batch_text
 from cairn.training.rundir import RunDir
 from cairn.training.signals import StopRequest
 from cairn.training.step import Batch, Stepper
-from cairn.training.stories import write_stories
+from cairn.training.stories import Story, write_stories
 from cairn.training.validator import Validator
 from cairn.version import __version__
 
@@ -228,7 +228,7 @@ class Trainer:
                  f"{r['bits_per_byte']:.3f} bits/byte over {r['tokens']:,} tokens")
         return r
 
-    def write_stories(self) -> list[dict]:
+    def write_stories(self) -> list[Story]:
         conversations = self.data.conversations
         return write_stories(self.model, self.tokenizer, n=self.cfg.eval.end_stories,
                              max_tokens=self.cfg.eval.end_story_tokens, device=self.dist.device,

@@ -4,6 +4,7 @@ AdamW for the rest) and the learning-rate schedules."""
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 
@@ -20,7 +21,8 @@ class Float32Muon(torch.optim.Optimizer):
 
     NS = (3.4445, -4.775, 2.0315)
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.1, momentum: float = 0.95, ns_steps: int = 5):
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.1,
+                 momentum: float = 0.95, ns_steps: int = 5):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
 
     @staticmethod
@@ -37,7 +39,7 @@ class Float32Muon(torch.optim.Optimizer):
         return x.T if tall else x
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # no closure: Muon never re-evaluates the loss
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             for p in group["params"]:
@@ -106,6 +108,7 @@ def make_optimizer(model: torch.nn.Module, t: OptimConfig, lr: float, device: to
         # for the embedding (a lookup table) or the output head (Keller Jordan; torch's docs)
         hidden = [p for n, p in named if n.startswith("blocks.") and p.dim() == 2]
         rest = [(n, p) for n, p in named if not (n.startswith("blocks.") and p.dim() == 2)]
+        muon: torch.optim.Optimizer
         if device.type == "cuda":
             muon = torch.optim.Muon(hidden, lr=lr, weight_decay=t.weight_decay, momentum=t.muon_momentum,
                                     nesterov=True, adjust_lr_fn="match_rms_adamw")

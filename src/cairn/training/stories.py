@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, TypedDict
 
 import torch
 
@@ -19,15 +19,21 @@ from cairn.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+class Story(TypedDict):
+    prompt: str
+    seed: int
+    text: str
+
+
 END_PROMPTS = ("Once upon a time", "One day, a little girl named Lily", "Tom had a big red ball")
 
 
 def write_stories(model: Transformer, tokenizer: Tokenizer, *, n: int, max_tokens: int, device: torch.device,
                   precision: str, conversations: list[list[dict]], template: Optional[ChatTemplate], title: str,
-                  rundir: RunDir, dist: Dist) -> list[dict]:
+                  rundir: RunDir, dist: Dist) -> list[Story]:
     """Generate `n` stories, log them and save them to RUN/stories.md. An instruction-tuned run
     (`conversations` and its `template`) answers held-out instructions instead of story openings."""
-    stories = []
+    stories: list[Story] = []
     model.eval()
     for i in range(n):
         prompt, ids = END_PROMPTS[i % len(END_PROMPTS)], None
