@@ -52,6 +52,39 @@ def test_no_gradient_work_without_grad():
     assert out.item() == pytest.approx(F.cross_entropy(h @ w.t(), y, reduction="sum").item(), rel=1e-5)
 
 
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op run, with the shapes of the tensors it returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        self.seen.append((str(func.overloadpacket), [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_scoring_a_parameter_head_does_forward_work_only(context):
+    """A model's head is a parameter (it requires grad) and scoring runs under no_grad or
+    inference_mode: one matmul per chunk, and no [V, d] or [N, d] gradient buffer."""
+    h, y = torch.randn(40, 8), torch.randint(0, 50, (40,))
+    w = torch.nn.Parameter(torch.randn(50, 8))
+    with context(), _Ops() as ops:
+        out = linear_cross_entropy(h, w, y, chunk=16)
+    matmuls = [name for name, _ in ops.seen if name in ("aten.mm", "aten.addmm", "aten.bmm", "aten.matmul")]
+    assert len(matmuls) == 3  # 40 rows in chunks of 16: one logits matmul each
+    made = {"aten.zeros", "aten.empty", "aten.empty_like", "aten.zeros_like", "aten.new_zeros", "aten.new_empty"}
+    assert not any(name in made and shape in ((50, 8), (40, 8)) for name, shapes in ops.seen for shape in shapes)
+    assert out.item() == pytest.approx(F.cross_entropy(h @ w.detach().t(), y, reduction="sum").item(), rel=1e-5)
+    with _Ops() as ops:  # the check can fail: training does the gradient work, in the forward pass
+        linear_cross_entropy(h, w, y, chunk=16)
+    assert sum(name in ("aten.mm", "aten.addmm_") for name, _ in ops.seen) == 9
+    assert any(name in made and (50, 8) in shapes for name, shapes in ops.seen)
+
+
 @pytest.mark.parametrize("chunk", [24, 1024])
 def test_fused_linear_cross_entropy_under_bf16_autocast_is_within_bf16_rounding(chunk):
     """Under bf16 autocast the matmuls run in bf16 (8 significant bits, unit roundoff 2^-8 = 0.4%)

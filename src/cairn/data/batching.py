@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sized
-from typing import Callable, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from cairn.model.ops import IGNORE_INDEX
 from cairn.data.cache import SplitTokens
-from cairn.data.formats.base import Rows
+
+if TYPE_CHECKING:  # (formats build their rows from this module)
+    from cairn.data.formats.base import Rows
 
 
 

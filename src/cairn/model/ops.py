@@ -11,54 +11,58 @@ Liger-Kernel's fused linear cross-entropy does; when no gradient is needed nothi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 IGNORE_INDEX = -100  # a label with this value is no target: padding, context-only tokens (torch's convention)
 
 
+def _chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, compute_dtype: torch.dtype,
+             need_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(summed loss, d loss / d h, d loss / d weight) a chunk of rows at a time; the gradients only
+    when `need_grad` (scoring does one matmul per chunk and allocates no gradient)."""
+    n = h.shape[0]
+    w = weight.to(compute_dtype)
+    loss = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+    grad_h = torch.empty_like(h) if need_grad else None
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
+    for s in range(0, n, chunk):
+        hc = h[s:s + chunk].to(compute_dtype)
+        yc = labels[s:s + chunk]
+        valid = (yc != IGNORE_INDEX).unsqueeze(1)
+        safe = yc.clamp(min=0).unsqueeze(1)
+        logits = hc @ w.t()  # [c, V], in compute_dtype
+        # one log-softmax pass, its max, sum of exp and log in float32 (or wider): bf16 logits
+        # are widened first (CPU kernels are faster on float32 than on bf16 read as float32)
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        del logits
+        target = logp.gather(1, safe)
+        loss -= (target * valid).sum()
+        if grad_h is not None and grad_w is not None:
+            # d(sum loss)/d(logits) = softmax - onehot, in place. Padding rows are masked on the
+            # narrow side (their h rows and their gradient rows, [c, d]), not over [c, V]; no
+            # data-dependent branch, so torch.compile traces it whole
+            g = logp.exp_()
+            g.scatter_add_(1, safe, torch.full_like(target, -1.0))
+            g = g.to(compute_dtype)
+            mask = valid.to(compute_dtype)
+            grad_h[s:s + chunk] = ((g @ w) * mask).to(h.dtype)
+            if compute_dtype == acc:
+                grad_w.addmm_(g.t(), hc * mask)
+            else:
+                grad_w += (g.t() @ (hc * mask)).to(acc)
+    return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
-    # ctx is Any as in torch's own signatures: needs_input_grad and saved_tensors come from C++
+    # ctx is Any as in torch's own signatures: saved_tensors comes from C++
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
                 compute_dtype: torch.dtype) -> torch.Tensor:
-        n = h.shape[0]
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w = weight.to(compute_dtype)
-        loss = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
-        grad_h = torch.empty_like(h) if need_grad else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
-        for s in range(0, n, chunk):
-            hc = h[s:s + chunk].to(compute_dtype)
-            yc = labels[s:s + chunk]
-            valid = (yc != IGNORE_INDEX).unsqueeze(1)
-            safe = yc.clamp(min=0).unsqueeze(1)
-            logits = hc @ w.t()  # [c, V], in compute_dtype
-            # one log-softmax pass, its max, sum of exp and log in float32 (or wider): bf16 logits
-            # are widened first (CPU kernels are faster on float32 than on bf16 read as float32)
-            logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-            del logits
-            target = logp.gather(1, safe)
-            loss -= (target * valid).sum()
-            if need_grad:
-                assert grad_h is not None and grad_w is not None
-                # d(sum loss)/d(logits) = softmax - onehot, in place. Padding rows are masked on the
-                # narrow side (their h rows and their gradient rows, [c, d]), not over [c, V]; no
-                # data-dependent branch, so torch.compile traces it whole
-                g = logp.exp_()
-                g.scatter_add_(1, safe, torch.full_like(target, -1.0))
-                g = g.to(compute_dtype)
-                mask = valid.to(compute_dtype)
-                grad_h[s:s + chunk] = ((g @ w) * mask).to(h.dtype)
-                if compute_dtype == acc:
-                    grad_w.addmm_(g.t(), hc * mask)
-                else:
-                    grad_w += (g.t() @ (hc * mask)).to(acc)
-        if need_grad:
-            assert grad_h is not None and grad_w is not None
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        loss, grad_h, grad_w = _chunked(h, weight, labels, chunk, compute_dtype, need_grad=True)
+        ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
@@ -69,8 +73,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          chunk: int = 1024) -> torch.Tensor:
-    """sum over rows with label != IGNORE_INDEX of cross_entropy(h @ weight.T, label). h: [N, d]."""
+    """sum over rows with label != IGNORE_INDEX of cross_entropy(h @ weight.T, label). h: [N, d].
+
+    Gradients are computed (in the forward pass) only when autograd will want them: under
+    `no_grad` or `inference_mode`, or with neither input requiring grad, it is forward work only.
+    (An autograd.Function's own view, `needs_input_grad`, says True for a parameter even under
+    `no_grad`: every scoring pass then did the two gradient matmuls and kept a [V, d] buffer.)"""
     compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
         else h.dtype
     with torch.autocast(h.device.type, enabled=False):
+        if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+            return _chunked(h, weight, labels, chunk, compute_dtype, need_grad=False)[0]
         return _LinearCrossEntropy.apply(h, weight, labels, chunk, compute_dtype)
