@@ -18,10 +18,9 @@ from typing import Any, Optional
 import torch
 
 from cairn.checkpoint.schema import Stateful, TrainState
-from cairn.config.io import from_dict, to_toml
+from cairn.config.io import from_dict
 from cairn.config.sections import RunConfig
 from cairn.data import run_tokenizer
-from cairn.data.batching import num_batches
 from cairn.data.formats import RunDatasets, get_format
 from cairn.model import lora
 from cairn.model.transformer import Transformer, build_model
@@ -32,15 +31,14 @@ from cairn.tokenizer.base import Tokenizer
 from cairn.training import init_from, resume
 from cairn.training.batches import RunBatches, Scorer
 from cairn.training.budget import calibrate, growth
-from cairn.training.budget.budget import Budget, initial_plan
-from cairn.training.budget.plan import Workload
+from cairn.training.budget.budget import Budget, initial_plan, workload
 from cairn.training.checkpointing import Checkpointer, ModelWeights, OptimizerState, PythonRng, TorchRng, seed_rank
 from cairn.training.distributed import Dist, session
 from cairn.training.loop import Compute, Trainer
 from cairn.training.optim import make_optimizer
 from cairn.training.report import Reporter
 from cairn.training.resolve import prepare_config
-from cairn.training.rundir import CONFIG, RunDir, RunLock
+from cairn.training.rundir import RunDir, RunLock
 from cairn.training.step import Stepper
 from cairn.training.validator import Validator
 from cairn.util.errors import CairnError
@@ -102,7 +100,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
             trainer = assemble(build_model(shape, dist.device, bytes_per_param=16), inputs, stop_after=stop_after,
                                progress=progress and main)
             growth.report(trainer.budget.plan, b.grow_to_epochs)
-    dist.on_main(lambda: write_run_files(trainer))
+    dist.on_main(trainer.write_run_files)
     if cfg.report.tensorboard and main:
         from cairn.trackers.tensorboard import TensorBoardLogger
         # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
@@ -144,6 +142,16 @@ def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress
     batches = RunBatches(data.train, cfg.train.batch_size, cfg.data, cfg.seed, cfg.system.num_workers,
                          inputs.tokenizer.eot_id, dist)
     score = Scorer(model, batches, precision, inputs.tokenizer.token_bytes, dist)
+    if budget.active:  # before the run directory is written: a budget too short leaves nothing
+        held_out = data.val or data.test
+        costs = calibrate.measure(
+            step=lambda micro: stepper(micro, budget.lr(state.step), state),
+            train_batches=lambda: batches.epoch(0), accum=cfg.train.grad_accum, score=score, held_out=held_out,
+            held_out_batches=batches.global_batches(held_out) if held_out is not None else 0,
+            weights=lambda: dist.full_weights(model), optimizer_state=lambda: dist.optimizer_state(model, optimizer),
+            model=model, story_start=inputs.tokenizer.eot_id, story_tokens=cfg.eval.end_stories > 0,
+            snapshot=calibrate.Snapshot(model, optimizer, state), dist=dist)
+        budget.fit(costs, workload(cfg, budget.plan.steps_per_epoch, data))
     peak, peak_source = peak_flops(dist.device, precision)
     trainer = Trainer(
         cfg=cfg, dist=dist, rundir=inputs.run, tokenizer=inputs.tokenizer, data=data, model=model, batches=batches,
@@ -155,8 +163,6 @@ def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress
         budget=budget, state=state, parts=parts,
         compute=Compute(precision, inputs.choice.reason, inputs.threads, peak, peak_source),
         started=inputs.started, stop_after=stop_after, progress=progress)
-    if budget.active:  # before the run directory is written: a budget too short leaves nothing
-        fit_budget(trainer)
     return trainer
 
 
@@ -194,43 +200,6 @@ def _can_compile(asked: bool, device: torch.device) -> bool:
                  "$CXX): training without it; install one to get its speed")
         return False
     return asked
-
-
-def fit_budget(trainer: Trainer) -> None:
-    """Measure the run's costs, then plan the steps that fit in the time budget."""
-    cfg, dist, data = trainer.cfg, trainer.dist, trainer.data
-    held_out = data.val or data.test
-    costs = calibrate.measure(
-        step=lambda micro: trainer.stepper(micro, trainer.budget.lr(trainer.state.step), trainer.state),
-        train_batches=lambda: trainer.batches.epoch(0), accum=cfg.train.grad_accum, score=trainer.score,
-        held_out=held_out, held_out_batches=trainer.batches.global_batches(held_out) if held_out is not None else 0,
-        weights=lambda: dist.full_weights(trainer.model),
-        optimizer_state=lambda: dist.optimizer_state(trainer.model, trainer.stepper.optimizer),
-        model=trainer.model, story_start=trainer.tokenizer.eot_id, story_tokens=cfg.eval.end_stories > 0,
-        snapshot=calibrate.Snapshot(trainer.model, trainer.stepper.optimizer, trainer.state), dist=dist)
-    trainer.budget.fit(costs, workload(cfg, trainer.budget.plan.steps_per_epoch, data))
-
-
-def workload(cfg: RunConfig, steps_per_epoch: int, data: RunDatasets) -> Workload:
-    """What the run does besides its steps, in evaluation batches, checkpoints and tokens."""
-    e, size = cfg.eval, cfg.train.batch_size
-
-    def batches(rows: Any) -> int:
-        return num_batches(len(rows), size, drop_last=False) if rows is not None else 0
-
-    val = batches(data.val)
-    return Workload(
-        steps_per_epoch=steps_per_epoch, val_batches=val, test_batches=batches(data.test) if e.test_at_end else 0,
-        eval_every=e.eval_every, eval_sample_batches=min(e.eval_batches, val) if e.eval_batches else val,
-        epoch_val_batches=min(val, e.eval_batches) if e.epoch_val == "sample" and e.eval_batches else val,
-        checkpoint_every=cfg.checkpoint.checkpoint_every, story_tokens=e.end_stories * e.end_story_tokens,
-        max_steps=cfg.train.max_steps, best_val_batches=val if e.end_on_best else 0)
-
-
-def write_run_files(trainer: Trainer) -> None:
-    run_tokenizer.save_copy(trainer.tokenizer, trainer.rundir.path)
-    trainer.rundir.write(CONFIG, to_toml(trainer.cfg))
-    trainer.write_run_info()
 
 
 def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, restart: bool = False, stop_after: int = 0,

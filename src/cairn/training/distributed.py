@@ -26,7 +26,7 @@ import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -84,7 +84,7 @@ class Dist:
     device: torch.device = torch.device("cpu")
     parallel: str = "single"  # "single" (no process group), "ddp" or "fsdp"
     timeout_s: int = 0
-    file_group: Any = None  # a gloo group with a long timeout, for waits on rank 0's file work
+    file_group: Optional[dist.ProcessGroup] = None  # a gloo group with a long timeout, for waits on rank 0's file work
 
     @property
     def enabled(self) -> bool:
@@ -121,7 +121,7 @@ class Dist:
         dist.all_gather(parts, local)
         return torch.stack(parts).sum(0).tolist()
 
-    def _broadcast(self, obj: Any) -> Any:
+    def _broadcast(self, obj: object) -> object:
         box = [obj]
         dist.broadcast_object_list(box, src=0, group=self.file_group)
         return box[0]
@@ -139,10 +139,10 @@ class Dist:
                 raise
             self._broadcast(("ok", result if share_result else None))
             return result
-        status, value = self._broadcast(None)
+        status, value = cast(tuple[str, object], self._broadcast(None))
         if status == "error":
-            raise SharedError(value)
-        return value
+            raise SharedError(str(value))
+        return cast(T, value)
 
     def main_first(self, fn: Callable[[], T]) -> T:
         """Rank 0 runs `fn` first (it fills a cache), then the others run it (and find the cache).
@@ -155,13 +155,13 @@ class Dist:
             dist.barrier(group=self.file_group)
         return result
 
-    def gather_objects(self, obj: Any) -> Optional[list]:
+    def gather_objects(self, obj: T) -> Optional[list[T]]:
         """Every rank's `obj`, on rank 0 (None elsewhere)."""
         if not self.enabled:
             return [obj]
-        out = [None] * self.world if self.is_main else None
+        out: Optional[list[object]] = [None] * self.world if self.is_main else None
         dist.gather_object(obj, out, dst=0, group=self.file_group)
-        return out
+        return cast(Optional[list[T]], out)
 
     def lockstep(self, batches: Iterable[dict], n: int, filler: dict) -> Iterator[dict]:
         """Exactly `n` batches: FSDP ranks must run the same number of forward passes (each one

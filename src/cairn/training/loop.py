@@ -21,8 +21,10 @@ from typing import Any, Optional
 from tqdm import tqdm
 
 from cairn.checkpoint.schema import Stateful, TrainState
+from cairn.config.io import to_toml
 from cairn.config.sections import RunConfig
 from cairn.data.formats import RunDatasets
+from cairn.data.run_tokenizer import save_copy
 from cairn.model.transformer import Transformer
 from cairn.tokenizer.base import Tokenizer
 from cairn.tokenizer.chat_template import ChatTemplate
@@ -34,7 +36,7 @@ from cairn.training.distributed import Dist
 from cairn.training.ending import end_on_best
 from cairn.training.report import Reporter
 from cairn.training.resume import batch_text
-from cairn.training.rundir import RunDir
+from cairn.training.rundir import CONFIG, RunDir
 from cairn.training.signals import StopRequest
 from cairn.training.step import Batch, Stepper
 from cairn.training.stories import Story, write_stories
@@ -244,6 +246,12 @@ class Trainer:
         if weights_step is not None:
             meta["weights_step"] = weights_step
         return self.checkpointer.save(name, self.parts, meta, resumable, self.state.step)
+
+    def write_run_files(self) -> None:
+        """The run's tokenizer copy, its resolved config, run.json."""
+        save_copy(self.tokenizer, self.rundir.path)
+        self.rundir.write(CONFIG, to_toml(self.cfg))
+        self.write_run_info()
 
     def write_run_info(self) -> None:
         c = self.compute

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Optional, Protocol
+from typing import Mapping, Optional, Protocol
 
 from cairn.training.rundir import MetricsLog
 from cairn.checkpoint.schema import TrainState
@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 class Progress(Protocol):
     """What a report updates of a progress bar (tqdm's)."""
 
-    def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None: ...
+    def set_postfix(self, ordered_dict: Optional[Mapping[str, object]] = None, refresh: Optional[bool] = True,
+                    **kwargs: object) -> None: ...
 
 
 class Reporter:

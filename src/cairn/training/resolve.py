@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from cairn.config.io import apply_overrides
 from cairn.config.presets import config_file, preset
@@ -15,7 +15,7 @@ from cairn.training import init_from
 
 
 def resolve_config(preset_name: Optional[str] = None, file: Optional[str | Path] = None,
-                   overrides: Optional[dict[str, Any]] = None, base: Optional[RunConfig] = None,
+                   overrides: Optional[dict[str, object]] = None, base: Optional[RunConfig] = None,
                    continuing: bool = False) -> RunConfig:
     """The config a run trains with. `base` (a saved run's config) stands instead of a preset and a
     file; `overrides` are settings by key (`lr`, `schedule.lr`, `source`, ...); `continuing` a
@@ -26,12 +26,12 @@ def resolve_config(preset_name: Optional[str] = None, file: Optional[str | Path]
         start = preset(preset_name) if preset_name else None
         # without a preset, a `preset = "..."` line in the file picks the base
         cfg = config_file(file, start) if file else (start or RunConfig())
-    given = dict(overrides or {})
+    given: dict[str, object] = dict(overrides or {})
     cfg = apply_overrides(cfg, given)
     return prepare_config(cfg, continuing=continuing, given=given)
 
 
-def prepare_config(cfg: RunConfig, continuing: bool = False, given: Optional[dict[str, Any]] = None) -> RunConfig:
+def prepare_config(cfg: RunConfig, continuing: bool = False, given: Optional[dict[str, object]] = None) -> RunConfig:
     """`cfg` with what `init_from` brings, checked; the caller's object is not changed. `given`: the
     settings the user named, among which a model setting that differs from the base's is refused.
     Applying it twice changes nothing: a config resolved by `resolve_config` trains as is."""

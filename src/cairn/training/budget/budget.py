@@ -17,7 +17,8 @@ from dataclasses import asdict, fields
 from typing import Any, Optional
 
 from cairn.checkpoint.schema import Plan
-from cairn.config.sections import ScheduleConfig
+from cairn.config.sections import RunConfig, ScheduleConfig
+from cairn.data.formats import Rows, RunDatasets
 from cairn.training.budget import plan as arithmetic
 from cairn.training.distributed import Dist
 from cairn.training.optim import decay_progress, lr_at, warmup_steps
@@ -142,3 +143,21 @@ def initial_plan(n_rows: int, batch_size: int, grad_accum: int, epochs: int, max
         return None
     total = int(min(steps_per_epoch * epochs, max_steps or math.inf))
     return Plan(micro, steps_per_epoch, total, warmup_steps(schedule, total), epochs)
+
+
+def workload(cfg: RunConfig, steps_per_epoch: int, data: RunDatasets) -> arithmetic.Workload:
+    """What the run does besides its steps, in evaluation batches, checkpoints and tokens."""
+    from cairn.data.batching import num_batches
+
+    e, size = cfg.eval, cfg.train.batch_size
+
+    def batches(rows: Optional[Rows]) -> int:
+        return num_batches(len(rows), size, drop_last=False) if rows is not None else 0
+
+    val = batches(data.val)
+    return arithmetic.Workload(
+        steps_per_epoch=steps_per_epoch, val_batches=val, test_batches=batches(data.test) if e.test_at_end else 0,
+        eval_every=e.eval_every, eval_sample_batches=min(e.eval_batches, val) if e.eval_batches else val,
+        epoch_val_batches=min(val, e.eval_batches) if e.epoch_val == "sample" and e.eval_batches else val,
+        checkpoint_every=cfg.checkpoint.checkpoint_every, story_tokens=e.end_stories * e.end_story_tokens,
+        max_steps=cfg.train.max_steps, best_val_batches=val if e.end_on_best else 0)
