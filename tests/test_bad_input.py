@@ -5,7 +5,7 @@ the case's whole temporary folder (its inputs, and any run directory or checkpoi
 byte-identical afterwards, no `.tmp-` folder is left in the token cache, the module's good run is
 untouched, and a pickle payload planted in a checkpoint never runs.
 
-Most cases call `cairn.cli.commands.main([...])` in-process (a subprocess costs ~3 s of imports); the cases
+Most cases call `cairn.cli.main([...])` in-process (a subprocess costs ~3 s of imports); the cases
 marked `sub=True` run `python -m cairn` for real. A few cases call the library directly.
 """
 
@@ -509,7 +509,7 @@ def test_bad_input_fails_with_one_clean_line(case: Case, world: World, tmp_path,
             rc = main(argv)
         except BaseException as e:  # noqa: BLE001 - main must turn every bad input into a return code
             out, err = capsys.readouterr()
-            raise AssertionError(f"cairn.cli.commands.main raised {type(e).__name__}: {e}\nstderr: {err}") from e
+            raise AssertionError(f"cairn.cli.main raised {type(e).__name__}: {e}\nstderr: {err}") from e
         out, err = capsys.readouterr()
     elapsed = time.monotonic() - start
 

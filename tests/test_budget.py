@@ -211,7 +211,7 @@ def test_the_budget_clock_starts_with_the_process_not_after_the_imports():
     import subprocess
     import sys
 
-    code = ("import time; time.sleep(1.0); from cairn.cli.commands import process_started; "
+    code = ("import time; time.sleep(1.0); from cairn.cli.main import process_started; "
             "print(time.monotonic() - process_started())")
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 1.0 <= age < 30

@@ -1,6 +1,6 @@
 """The command line end to end on the real TinyStories sample: train, checkpoints, eval, generate.
 
-The commands run in-process through `cairn.cli.commands.main` on the shared trained run (conftest's
+The commands run in-process through `cairn.cli.main` on the shared trained run (conftest's
 `trained_run`, on generated stories where the sample is absent); one `python -m cairn` process
 checks what only a real process shows: its exit code and its wall-clock time under --time-budget.
 """

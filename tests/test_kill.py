@@ -1,7 +1,7 @@
 """kill -9 at random moments (checkpoint writes included), resume each time: same final weights.
 
 The interrupted runs are real `python -m cairn train` processes; the uninterrupted reference run
-and the final, uninterrupted resumes run in-process (`cairn.cli.commands.main`), the same arithmetic.
+and the final, uninterrupted resumes run in-process (`cairn.cli.main`), the same arithmetic.
 Kill moments are drawn in proportion to how long the reference run trains on the machine that
 runs the tests, so a fast machine does not finish the run before it is killed and a slow one is
 not killed ten times within its first step.

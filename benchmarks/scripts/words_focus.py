@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 import cairn.data.formats.sft as sft
-from cairn.cli.commands import main as cairn_main
+from cairn.cli import main as cairn_main
 from cairn.tasks.words import word_token_positions
 from words_data import PROMPT
 
