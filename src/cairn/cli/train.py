@@ -26,7 +26,7 @@ def add_parser(sub: Subcommands) -> None:
         description="Train a GPT-style model. Settings come from a preset, then a TOML config file, then "
                     "--key value overrides (any option below, with - or _, e.g. --lr 1e-3 --d-model 256).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config options (as --key value; in a TOML file under [model], [data], [train]):\n"
+        epilog="config options (as --key value; in a TOML file, a table per section):\n"
                + describe_options())
     p.add_argument("--preset", help=f"named preset: {', '.join(PRESETS)} (default: plain defaults)")
     p.add_argument("--config", help="TOML config file applied after the preset")

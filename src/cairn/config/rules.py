@@ -88,4 +88,18 @@ def parse_duration(text: str) -> float:
 
 def budget_seconds(text: str) -> Optional[float]:
     """A time budget in seconds, or None when it is off ("", "0", "off" or "none")."""
-    return None if text.strip().lower() in OFF else parse_duration(text)
+    if text.strip().lower() in OFF:
+        return None
+    try:
+        return parse_duration(text)
+    except CairnError:
+        if _zero(text):
+            return None  # "0s", "0m": no budget, as "0" is
+        raise
+
+
+def _zero(text: str) -> bool:
+    try:
+        return float(text.strip().lower().rstrip("smh")) == 0
+    except ValueError:
+        return False

@@ -241,7 +241,8 @@ def _write_gpt2_tokenizer_json(out: Path) -> None:
 
 
 def export_hf(path: str | Path, out: str | Path) -> Path:
-    """Write the model at `path` (a run directory or checkpoint) to `out` in Hugging Face GPT-2 format."""
+    """Write the model at `path` (a run directory or checkpoint) to `out` in Hugging Face format (GPT-2 or
+    Llama, as its block is)."""
     from safetensors.torch import save_file
 
     from cairn.checkpoint.load import load

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-IGNORE_INDEX = -100  # a label with this value is no target: padding, context-only tokens (torch's convention)
+from cairn.util.labels import IGNORE_INDEX
 
 
 def _chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, compute_dtype: torch.dtype,

@@ -5,7 +5,7 @@
 tiktoken pins), so nothing is downloaded and the tokenizer works offline.
 
 A directory holding a `tokenizer.json` (written by `cairn tokenizer train`, see
-`tokenizer_train.py`) is a byte-level BPE run by Hugging Face `tokenizers`. Its name is derived
+`tokenizer/learn.py`) is a byte-level BPE run by Hugging Face `tokenizers`. Its name is derived
 from the file's content ("bpe-" + sha256 prefix), so two different tokenizers never share a token
 cache and a run cannot be resumed with a different one.
 """

@@ -1,6 +1,6 @@
 """How an instruction-tuned run turns a conversation into tokens: one function for training, chat and serving.
 
-A template is four format strings, saved in the run's config ([data] template_*): a system turn, a
+A template is four format strings, saved in the run's config ([chat] template_*): a system turn, a
 user turn, an assistant turn (`{content}` marks where the answer goes; the text before it is the
 prompt that asks the model to answer) and the separator written after an assistant turn that is not
 the last. A conversation becomes

@@ -41,7 +41,7 @@ class Reporter:
         self.timed_tokens += n_tokens
 
     def due(self, step: int, total: int) -> bool:
-        return step % self.every == 0 or step == total
+        return (self.every > 0 and step % self.every == 0) or step == total  # 0: only the last step
 
     def report(self, s: TrainState, total: int, lr: float, grad_norm: float, bar: Progress) -> None:
         tps = self.timed_tokens / max(time.perf_counter() - self.window_start, 1e-9)

@@ -5,7 +5,7 @@
   metrics.jsonl    one JSON record per report, evaluation and test
   stories.md       the stories generated at the end
   tokenizer/       the run's copy of an own tokenizer
-  checkpoints/     see checkpointer.py
+  checkpoints/     see checkpointing.py
 
 One process writes a run at a time: `RunLock` holds an advisory lock (flock) on the directory for
 the whole run, released by the OS if the process dies, and `.writer` says who holds it.

@@ -31,6 +31,7 @@ from cairn.tokenizer.chat_template import ChatTemplate, check_messages, encode_c
 from cairn.config.sections import ChatConfig, DataConfig, RunConfig
 from cairn.data.formats.base import MainFirst, Rows, RunDatasets
 from cairn.util.errors import CairnError
+from cairn.util.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +41,6 @@ from cairn.data.splits import SPLITS, split_assignment
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # as cairn.model.ops.IGNORE_INDEX (not imported: this module must not need torch)
 
 
 def record_messages(record: object, d: DataConfig, where: str) -> list[dict]:
