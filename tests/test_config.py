@@ -371,3 +371,51 @@ def test_coercion_of_plain_types():
         with pytest.raises(CairnError) as e:
             apply_overrides(RunConfig(), {key: value})
         assert str(e.value).startswith(message)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_recorded_runs_config_loads_and_means_what_its_file_says():
+    """The config.toml of every recorded run (written in the flat [model] [data] [train] layout, before
+    the sections by concern) loads, and every value the file states lands in the field of that name."""
+    from cairn.config.io import read_toml
+
+    files = sorted((ROOT / "benchmarks" / "runs").glob("*/config.toml"))
+    assert files
+    index = field_index()
+    for f in files:
+        cfg = load_toml(f)
+        raw = read_toml(f)
+        for section, table in raw.items():
+            for key, value in (table.items() if isinstance(table, dict) else [(section, table)]):
+                where, name, _ = index[key]
+                owner = cfg if where is None else getattr(cfg, where)
+                assert getattr(owner, name) == value, (f.name, section, key)
+
+
+def _recorded_train_flags() -> set[str]:
+    """Every --flag of every `cairn train` command the docs, the README and the records quote."""
+    import json
+    import re
+
+    texts = [p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
+    for record in sorted((ROOT / "benchmarks" / "records").glob("*.json")):
+        texts.append(json.dumps(json.loads(record.read_text(encoding="utf-8"))))
+    flags = set()
+    for text in texts:
+        for command in re.findall(r"cairn train((?:[^\n`|\"]|\\\n)*)", text.replace("\\\\\n", " ")):
+            flags |= set(re.findall(r"(?<![\w-])--([a-z][a-z0-9-]*)", command))
+    return flags
+
+
+def test_every_recorded_train_command_uses_options_that_still_exist():
+    from cairn.cli.main import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    own = {s.lstrip("-") for a in train._actions for s in a.option_strings}
+    flags = _recorded_train_flags()
+    assert {"preset", "data", "out", "time-budget", "max-steps"} <= flags  # the scan finds the commands
+    unknown = {f for f in flags if f not in own and f.replace("-", "_") not in field_index()}
+    assert not unknown, unknown
