@@ -69,10 +69,6 @@ class PackedDataset(Dataset):
         window = _as_long(self.split.tokens[start:start + self.seq_len + 1])
         return {"input_ids": window[:-1], "labels": window[1:]}
 
-    @property
-    def n_target_tokens(self) -> int:
-        return self._len * self.seq_len
-
 
 def epoch_offset(seq_len: int, seed: int, epoch: int) -> int:
     """Where epoch `epoch` starts cutting the packed stream: 0 for the first, then seeded, so a

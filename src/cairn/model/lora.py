@@ -58,10 +58,6 @@ def add_adapters(model: M, rank: int, alpha: float, target_spec: str) -> M:
     return model
 
 
-def has_adapters(model: nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
-
-
 def trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, all parameters)."""
     params = list(model.parameters())
