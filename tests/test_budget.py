@@ -239,3 +239,70 @@ def test_the_deadline_keeps_the_plans_margin(tmp_path, stories_file, small_token
     train(small(stories_file, small_tokenizer, time_budget="40s", max_steps=3, end_stories=0), tmp_path / "run")
     kept = seen["started"] + 40 - seen["deadline"]  # what the steps may never use
     assert kept == pytest.approx(seen["plan"].reserve_s + 0.03 * 40 + budget.SAFETY_S)
+
+
+# ---------------------------------------------------------------- an end whose cost does not grow with the data
+
+
+def test_the_end_is_planned_for_at_most_end_val_batches_and_a_big_test_after_the_budget():
+    from cairn.training.budget.plan import Costs, Workload, end_reserve, plan
+
+    c = Costs(step_s=0.1, eval_batch_s=0.05, checkpoint_s=0.5, story_token_s=0.01)
+    big = Workload(steps_per_epoch=10**6, val_batches=100, test_batches=5000, eval_every=500, eval_sample_batches=8,
+                   epoch_val_batches=8, checkpoint_every=500, story_tokens=900, best_val_batches=100,
+                   end_val_bound=100, whole_val_batches=5000)
+    b = plan(600.0, elapsed_s=150.0, c=c, w=big)
+    assert b.reserve_s == end_reserve(c, big) == (100 + 100) * 0.05 + 3 * 0.5 + 900 * 0.01  # no test in it
+    assert b.past_budget_s == 5000 * 0.05 and b.steps > 3000
+    small_test = Workload(**{**big.__dict__, "test_batches": 50})
+    assert end_reserve(c, small_test) == b.reserve_s + 50 * 0.05  # a test within the bound is kept for
+
+
+def test_a_run_with_max_steps_is_not_refused_for_its_end_and_the_refusal_names_the_way_out():
+    from cairn.training.budget.plan import Costs, Workload, plan
+
+    c = Costs(step_s=0.1, eval_batch_s=1.0, checkpoint_s=0.5, story_token_s=0.01)
+    w = Workload(steps_per_epoch=1000, val_batches=500, test_batches=0, eval_every=0, eval_sample_batches=8,
+                 epoch_val_batches=8, checkpoint_every=0, story_tokens=0, best_val_batches=500)
+    with pytest.raises(CairnError, match="--time-budget off"):
+        plan(600.0, elapsed_s=100.0, c=c, w=w)  # the end alone takes 1000s
+    b = plan(600.0, elapsed_s=100.0, c=c, w=Workload(**{**w.__dict__, "max_steps": 5}))
+    assert b.steps == 5 and not b.end_in_budget and b.reserve_s == 0 and b.past_budget_s > 400
+
+
+def test_a_budgeted_end_validates_at_most_end_val_batches(tmp_path, stories_file, small_tokenizer):
+    """Under a budget the end's validation and end_on_best's comparison score the split's first
+    end_val_batches batches; without one, the whole split."""
+    common = dict(max_steps=8, eval_every=2, eval_batches=1, report_every=1000, end_stories=0, end_val_batches=1,
+                  lr=3e-2)
+    train(small(stories_file, small_tokenizer, time_budget="60s", **common), tmp_path / "b")
+    train(small(stories_file, small_tokenizer, **common), tmp_path / "n")
+
+    def ends(run):
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in recs if r["kind"] == "val" and r["full"]][-1], [r for r in recs if r["kind"] == "val"][0]
+
+    (bounded, sample), (whole, _) = ends(tmp_path / "b"), ends(tmp_path / "n")
+    assert bounded["val_tokens"] == sample["val_tokens"] < whole["val_tokens"]
+
+
+def test_budgeted_presets_run_with_max_steps_or_without_their_budget(tmp_path, stories_file, capsys):
+    """A smoke run of cpu-10min: --max-steps within its 10-minute budget, and --time-budget off."""
+    common = ["train", "--preset", "cpu-10min", "--data", str(stories_file), "--no-progress", "--compile", "false",
+              "--end-stories", "0", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*common, "--out", str(tmp_path / "a"), "--max-steps", "3"]) == 0
+    log = capsys.readouterr().out
+    assert "time budget 600s" in log and json.loads((tmp_path / "a" / "run.json").read_text())["plan"][
+        "total_steps"] == 3
+    assert main([*common, "--out", str(tmp_path / "b"), "--max-steps", "2", "--time-budget", "off"]) == 0
+    log = capsys.readouterr().out
+    assert "time budget" not in log and json.loads((tmp_path / "b" / "run.json").read_text())["plan"][
+        "total_steps"] == 2
+
+
+def test_a_budget_too_short_for_the_end_still_runs_the_asked_steps(tmp_path, stories_file, small_tokenizer, logs):
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(out), "--time-budget", "0.5s",
+                 "--max-steps", "2", "--tokenizer", str(small_tokenizer), "--no-progress", "--end-stories", "0"]) == 0
+    assert any("past the budget" in m and "--time-budget off" in m for m in logs)
+    assert json.loads((out / "run.json").read_text())["plan"]["total_steps"] >= 1

@@ -131,13 +131,17 @@ def test_the_old_flat_config_file_loads_into_the_sections():
     assert cfg.schedule.schedule == "cosine" and cfg.optim.beta2 == 0.95 and cfg.eval.eval_every == 4
     assert cfg.checkpoint.checkpoint_every == 4 and cfg.system.precision == "fp32" and cfg.report.report_every == 5
     assert cfg.chat.template_user == "User: {content}\n" and cfg.data.source == "stories.jsonl"
-    # every value the old file states lands in the field of that name, and it states every field there is
+    # every value the old file states lands in the field of that name, and it states every field there
+    # is but those added after it was written, which take their defaults
     index, stated = field_index(), set()
     for key, value in raw.items():
         for name, v in (value.items() if isinstance(value, dict) else [(key, value)]):
             section, field, _ = index[name]
             assert getattr(cfg if section is None else getattr(cfg, section), field) == v, name
             stated.add(name)
-    assert stated == {k for k in index if "." not in k}
+    newer = {"tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes, "end_val_batches": cfg.eval.end_val_batches}
+    assert stated == {k for k in index if "." not in k} - set(newer)
+    assert newer == {"tokenizer_sample_bytes": RunConfig().data.tokenizer_sample_bytes,
+                     "end_val_batches": RunConfig().eval.end_val_batches}
     # the checkpoints hold the same config as a dict in the same old layout
     assert from_dict(state(FIXTURE / "stopped" / STEP8)["config"]) == cfg

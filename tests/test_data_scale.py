@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,26 @@ def test_cairn_prepare_reports_and_reuses_the_cache(tmp_path, capsys):
     assert main(["prepare", "--data", str(src), "--workers", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "--workers" in err
+
+
+def test_the_scale_corpus_script_writes_seeded_sentence_shuffled_copies(tmp_path):
+    """benchmarks/scripts/scale_corpus.py: copy 0 is the sample, each later copy its stories with
+    their sentences in a seeded order; the same seed writes the same bytes."""
+    from conftest import REPO, write_stories
+
+    sample = tmp_path / "sample"
+    sample.mkdir()
+    stories = ["One. Two! Three? Four.", "Lily ran. Tom sat. They laughed. The end."]
+    write_stories(sample / "s.jsonl", stories)
+    outs, script = [], REPO / "benchmarks" / "scripts" / "scale_corpus.py"
+    for seed in (0, 0, 1):
+        out = tmp_path / f"big{len(outs)}.jsonl"
+        outs.append(out)
+        subprocess.run([sys.executable, str(script), "--sample", str(sample), "--times", "5", "--seed", str(seed),
+                        "--out", str(out)], check=True, capture_output=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    texts = load_texts(str(outs[0]))
+    assert len(texts) == 10 and texts[:2] == stories
+    assert all(sorted(t.split(" ")) == sorted(stories[i % 2].split(" ")) for i, t in enumerate(texts))
+    assert len(set(texts)) > 6  # the copies differ from each other
+    assert outs[0].read_bytes() == outs[1].read_bytes() != outs[2].read_bytes()

@@ -163,3 +163,70 @@ def test_export_with_an_own_tokenizer(tmp_path, tokdir, stories_file):
     x = torch.tensor([([tok.eot_id] + tok.encode(story))[:64]])
     with torch.no_grad():
         assert (loaded.model(x) - hf(x).logits).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- the learning sample of a bpe:N run
+
+
+def _corpus(path: Path, n: int) -> Path:
+    from conftest import write_stories
+
+    return write_stories(path, make_stories(n, seed=3))
+
+
+def test_the_tokenizer_sample_is_seeded_bounded_and_from_the_training_split(tmp_path):
+    from cairn.data.run_tokenizer import training_sample, training_texts
+
+    src = str(_corpus(tmp_path / "c.jsonl", 600))
+    train_split, _ = training_texts(src, seed=5, train_frac=0.8)
+    a = training_sample(src, 8000, seed=5, train_frac=0.8)
+    assert a.texts == training_sample(src, 8000, seed=5, train_frac=0.8).texts  # the same seed, the same sample
+    assert a.texts != training_sample(src, 8000, seed=6, train_frac=0.8).texts
+    assert a.n_bytes == sum(len(t.encode()) for t in a.texts) <= 8000
+    assert a.n_bytes > 8000 - max(len(t.encode()) for t in train_split)  # as many stories as fit
+    assert a.train_stories == len(train_split) and a.train_bytes == sum(len(t.encode()) for t in train_split)
+    position = {t: i for i, t in enumerate(train_split)}
+    assert all(t in position for t in a.texts)  # never a held-out story ...
+    assert [position[t] for t in a.texts] == sorted(position[t] for t in a.texts)  # ... and in file order
+    assert training_sample(src, 10**9, seed=5, train_frac=0.8).texts == train_split  # the whole split when it fits
+
+
+def test_the_tokenizer_sample_streams_the_source(tmp_path, monkeypatch):
+    """A corpus of many read chunks gives a small sample while memory holds about a chunk and the
+    sample, never the source's stories."""
+    import tracemalloc
+
+    from cairn.data import run_tokenizer
+
+    src = str(_corpus(tmp_path / "big.jsonl", 20000))  # 4.4 MB, read in 64 kB chunks
+    monkeypatch.setattr(run_tokenizer, "load_texts", None)  # nothing loads the whole source
+    tracemalloc.start()
+    try:
+        sample = run_tokenizer.training_sample(src, 20_000, seed=1, chunk_bytes=1 << 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    total = Path(src).stat().st_size
+    assert sample.n_bytes <= 20_000
+    assert peak < total / 4, (peak, total)  # the stories alone, as Python strings, would take more than `total`
+
+
+def test_a_bpe_run_learns_on_about_the_sample_bytes_and_caches_it_by_them(logs, tmp_path):
+    from cairn.config.sections import DataConfig
+    from cairn.data.run_tokenizer import _split_key, learn_on_split
+
+    src = str(_corpus(tmp_path / "c.jsonl", 800))
+    sampled = DataConfig(source=src, cache_dir=str(tmp_path / "cache"), tokenizer_sample_bytes=30_000)
+    tok = learn_on_split(300, sampled, seed=2)
+    info = json.loads((tok.directory / "cairn-tokenizer.json").read_text())
+    assert 25_000 < info["trained_on"]["bytes"] <= 30_000
+    assert any("a seeded sample" in m for m in logs)
+    logs.clear()
+    assert learn_on_split(300, sampled, seed=2).name == tok.name
+    assert any(m.startswith("using cached tokenizer") for m in logs)
+    # what decides the sample is in the key; a split within the bytes keeps the key it always had
+    whole = DataConfig(source=src, cache_dir=str(tmp_path / "cache"), tokenizer_sample_bytes=0)
+    assert _split_key(300, whole, 2) != _split_key(300, sampled, 2, 30_000) != _split_key(300, sampled, 2, 40_000)
+    assert tok.directory.name.endswith(_split_key(300, sampled, 2, 30_000))
+    roomy = DataConfig(source=src, cache_dir=str(tmp_path / "cache"))  # the default: more than the file
+    assert learn_on_split(300, roomy, seed=2).directory.name.endswith(_split_key(300, whole, 2))

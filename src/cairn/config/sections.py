@@ -21,6 +21,16 @@ from cairn.config.rules import below_one, budget_seconds, check_choices, opt, po
 from cairn.tokenizer.base import parse_bpe_spec
 from cairn.util.errors import CairnError
 
+# A bpe:N tokenizer's learning sample: it bounds the learning's time and memory on any corpus, and
+# keeps every story of the shared 4 MB sample. On a 2-core AMD EPYC (avx512_bf16), a 64 MB sample of
+# the shared sample 100x (405 MB, benchmarks/scripts/scale_corpus.py) took 15.5 s at 148 MB peak
+# RSS; the whole training split of such a corpus took 43.5 s, in a command of 0.94 GB peak.
+TOKENIZER_SAMPLE_BYTES = 64_000_000
+# Under a time budget, the end's validation scores at most this many batches: above the whole
+# validation split of cpu-10min on the shared sample (50 batches of 4 x 256 tokens), so its runs
+# still end on the whole split, while a big corpus's end costs what 100 batches cost.
+END_VAL_BATCHES = 100
+
 
 @dataclass
 class ModelConfig:
@@ -78,6 +88,9 @@ class DataConfig:
     pack_shift: bool = opt(False, "pack mode: each epoch after the first cuts the stream into windows at a new "
                                   "seeded offset")
     cache_dir: str = opt("", 'where tokenized data is cached ("" = $CAIRN_CACHE or ~/.cache/cairn)')
+    tokenizer_sample_bytes: int = opt(
+        TOKENIZER_SAMPLE_BYTES, "a bpe:N tokenizer learns on a seeded random sample of about this many bytes of "
+                                "the training split, streamed from the source (0 = the whole split)")
     format: Literal["text", "sft"] = opt(
         "text", '"text": stories; "sft": JSONL instruction records (prompt/response or messages), the loss on '
                 "the responses only")
@@ -87,7 +100,7 @@ class DataConfig:
 
     def check(self) -> None:
         check_choices(self, "data")
-        positive(self, "data", "n_samples", zero_ok=True)
+        positive(self, "data", "n_samples tokenizer_sample_bytes", zero_ok=True)
         positive(self, "data", "seq_len")
         if not (0 < self.train_frac <= 1) or not (0 <= self.val_frac < 1):
             raise CairnError(f"data.train_frac must be in (0, 1] and data.val_frac in [0, 1), "
@@ -214,11 +227,16 @@ class EvalConfig:
     end_stories: int = opt(3, "stories generated from fixed prompts and seeds at the end, printed and saved to "
                               "RUN/stories.md")
     end_story_tokens: int = opt(200, "longest end-of-run story in tokens")
+    end_val_batches: int = opt(
+        END_VAL_BATCHES, "under a time budget: the most batches a validation of the whole split scores (the run's "
+                         "end and end_on_best's comparison, epoch ends with epoch_val = \"full\", eval_batches = 0), "
+                         "so that the end's cost does not grow with the data; 0 = the whole split. Without a budget "
+                         "the whole split is scored")
 
     def check(self) -> None:
         check_choices(self, "eval")
         positive(self, "eval", "end_story_tokens")
-        positive(self, "eval", "eval_every eval_batches patience end_stories", zero_ok=True)
+        positive(self, "eval", "eval_every eval_batches patience end_stories end_val_batches", zero_ok=True)
 
 
 @dataclass
@@ -235,8 +253,9 @@ class CheckpointConfig:
 class BudgetConfig:
     """A wall-clock budget for the whole command, and what spare compute buys."""
     time_budget: str = opt("", 'e.g. "10m", "90s", "1.5h": measure, then plan the steps so the whole run '
-                               "(evaluations and stories included) ends within it; epochs is then ignored, "
-                               'max_steps still caps; "", 0 or off = no budget')
+                               "(evaluations and stories included) ends within it, but for a test split of more than "
+                               "eval.end_val_batches, scored after it; epochs is then ignored, max_steps still "
+                               'caps; "", 0 or off = no budget')
     grow_to_epochs: float = opt(
         0.0, "under a time budget: when more than this many epochs of the training split would fit, train a wider "
              "model that takes about this many instead (0 = never; docs/training.md)")

@@ -3,7 +3,8 @@
 A run's `tokenizer` setting is one of
   gpt2       GPT-2's exact BPE, built into cairn;
   bpe:N      an N-token byte-level BPE learned on the run's own training split (never on its
-             held-out stories), cached by the data's content and split settings;
+             held-out stories), or on a seeded sample of data.tokenizer_sample_bytes of it when the
+             split is bigger, cached by the data's content, split settings and sample size;
   DIRECTORY  a tokenizer made by `cairn tokenizer train`.
 Every run keeps a copy of an own tokenizer in RUN/tokenizer/. Whatever reads the run later
 (resume, eval, generate, export) uses that copy first, so a run stays usable when the directory
@@ -16,12 +17,17 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
+
+import numpy as np
 
 from cairn.config.sections import DataConfig, RunConfig
 from cairn.data import clean_texts, load_texts, source_fingerprint, split_stories
 from cairn.data.cache import cache_root
+from cairn.data.sources import CHUNK_BYTES, iter_texts, resolve_files, source_bytes
+from cairn.data.splits import split_assignment
 from cairn.util.errors import CairnError
 from cairn.tokenizer.base import EOT, INFO_FILE, TOKENIZER_FILE, BPETokenizer, Tokenizer, get_tokenizer, parse_bpe_spec
 from cairn.tokenizer.learn import train_bpe
@@ -98,32 +104,63 @@ def _directory(spec: str) -> Tokenizer:
 
 def learn_on_split(vocab_size: int, data_cfg: DataConfig, seed: int) -> BPETokenizer:
     """A BPE learned on exactly the training split `cairn train` makes of `data_cfg` with `seed`, so
-    no validation or test story shapes it. Cached by the data's content and split settings: the
-    second run with the same data maps it instead of learning it again (deterministic either way)."""
+    no validation or test story shapes it; on a split of more than `data.tokenizer_sample_bytes`,
+    on a seeded random sample of its stories of about that many bytes (`training_sample`), read
+    from the source without holding the split. Cached by the data's content, the split settings and
+    the sample's size: the second run with the same data maps it instead of learning it again
+    (deterministic either way)."""
     d = data_cfg
-    out = cache_root(d.cache_dir).parent / "tokenizers" / f"bpe{vocab_size}-{_split_key(vocab_size, d, seed)}"
+    whole = _whole_split_fits(d)
+    key = _split_key(vocab_size, d, seed, None if whole else d.tokenizer_sample_bytes)
+    out = cache_root(d.cache_dir).parent / "tokenizers" / f"bpe{vocab_size}-{key}"
     cached = _cached(out)
     if cached is not None:
         log.info(f"using cached tokenizer {cached.name} ({cached.vocab_size} tokens) at {out}")
         return cached
-    learn, _ = training_texts(d.source, text_field=d.text_field, txt_separator=d.txt_separator,
-                              hub_split=d.hub_split, seed=seed, n_samples=d.n_samples, train_frac=d.train_frac)
     start = time.perf_counter()
+    if whole:
+        learn, _ = training_texts(d.source, text_field=d.text_field, txt_separator=d.txt_separator,
+                                  hub_split=d.hub_split, seed=seed, n_samples=d.n_samples, train_frac=d.train_frac)
+        what = f"the {len(learn):,} training stories"
+    else:
+        sample = training_sample(d.source, d.tokenizer_sample_bytes, text_field=d.text_field,
+                                 txt_separator=d.txt_separator, hub_split=d.hub_split, seed=seed,
+                                 n_samples=d.n_samples, train_frac=d.train_frac)
+        learn = sample.texts
+        what = (f"{len(learn):,} of the {sample.train_stories:,} training stories "
+                f"({sample.n_bytes / 1e6:,.1f} of {sample.train_bytes / 1e6:,.1f} MB, a seeded sample)")
+    read_s = time.perf_counter() - start
     try:
         tok = train_bpe(learn, vocab_size, out)
     except OSError as e:
         raise CairnError(f"cannot write the tokenizer cache {out} ({e.strerror or e}): "
                          "free disk space or set --cache-dir") from None
-    log.info(f"learned tokenizer {tok.name} ({tok.vocab_size} tokens) on the {len(learn):,} training stories in "
-             f"{time.perf_counter() - start:.1f}s; cached at {out}")
+    log.info(f"learned tokenizer {tok.name} ({tok.vocab_size} tokens) on {what} in {read_s:.1f}s of reading and "
+             f"{time.perf_counter() - start - read_s:.1f}s of learning; cached at {out}")
     return tok
 
 
-def _split_key(vocab_size: int, d: DataConfig, seed: int) -> str:
+def _whole_split_fits(d: DataConfig) -> bool:
+    """Whether the training split is certainly within `data.tokenizer_sample_bytes`, known without
+    reading it: no limit, or local .txt/.jsonl files of no more bytes (a story's text is never longer
+    than its stored form). Such a split is learned on whole, under the key it always had."""
+    if not d.tokenizer_sample_bytes:
+        return True
+    resolved = resolve_files(d.source)
+    if resolved is None or any(p.suffix.lower() not in (".txt", ".jsonl") for p in resolved[1]):
+        return False
+    n_bytes = source_bytes(d.source)
+    return n_bytes is not None and n_bytes <= d.tokenizer_sample_bytes
+
+
+def _split_key(vocab_size: int, d: DataConfig, seed: int, sample_bytes: Optional[int] = None) -> str:
     fingerprint = source_fingerprint(d.source, d.text_field, d.txt_separator, d.hub_split)
-    ident = {"version": 2, "fingerprint": fingerprint, "text_field": d.text_field, "txt_separator": d.txt_separator,
-             "hub_split": d.hub_split, "seed": seed, "n_samples": d.n_samples, "train_frac": d.train_frac,
-             "vocab_size": vocab_size, "min_frequency": 2}
+    ident: dict[str, object] = {
+        "version": 2, "fingerprint": fingerprint, "text_field": d.text_field, "txt_separator": d.txt_separator,
+        "hub_split": d.hub_split, "seed": seed, "n_samples": d.n_samples, "train_frac": d.train_frac,
+        "vocab_size": vocab_size, "min_frequency": 2}
+    if sample_bytes is not None:  # a sample (of the same seed): the whole split's key stays as it was
+        ident["sample_bytes"] = sample_bytes
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -150,3 +187,50 @@ def training_texts(source: str, *, text_field: str = "text", txt_separator: str 
     # the same shuffle and cut as `cairn train`: its first int(train_frac * n) stories are the training split
     splits = split_stories(texts, seed, n_samples, train_frac, 0.0)
     return splits["train"], splits["test"]
+
+
+@dataclass
+class Sample:
+    texts: list[str]  # the sampled training stories, in file order
+    n_bytes: int  # their UTF-8 bytes
+    train_stories: int  # the training split's stories ...
+    train_bytes: int  # ... and bytes
+
+
+SAMPLE_STREAM = 0x746F6B  # the sample's random stream, apart from the split's (same seed)
+
+
+def training_sample(source: str, sample_bytes: int, *, text_field: str = "text", txt_separator: str = EOT,
+                    hub_split: str = "train", seed: int = 42, n_samples: int = 0,
+                    train_frac: float = 0.8, chunk_bytes: int = CHUNK_BYTES) -> Sample:
+    """A seeded random sample of the training split `training_texts` gives (the same seed, n_samples
+    and train_frac): its stories in an order shuffled with `seed`, as many as fit in `sample_bytes`
+    UTF-8 bytes (at least one), returned in file order. The whole split when it fits.
+
+    The source is streamed twice, never held: the first pass keeps each story's length (8 bytes a
+    story), which decides the split and the sample; the second keeps the sampled stories only. So
+    memory holds about `sample_bytes` of text and a chunk of `chunk_bytes` being read, whatever the
+    size of the source."""
+    if not 0 < train_frac <= 1:
+        raise CairnError(f"--train-frac must be in (0, 1], got {train_frac}")
+    lengths = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8"))
+                           for t in _kept(source, text_field, txt_separator, hub_split, chunk_bytes)), dtype=np.int64)
+    if not len(lengths):
+        raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and --text-field")
+    train = np.flatnonzero(split_assignment(len(lengths), seed, n_samples, train_frac, 0.0) == 0)
+    order = train[np.random.default_rng([seed, SAMPLE_STREAM]).permutation(len(train))]
+    sizes = np.cumsum(lengths[order])
+    n_take = max(1, int(np.searchsorted(sizes, sample_bytes, side="right")))
+    chosen = np.zeros(len(lengths), dtype=bool)
+    chosen[order[:n_take]] = True
+    kept = _kept(source, text_field, txt_separator, hub_split, chunk_bytes)
+    texts = [t for i, t in enumerate(kept) if i < len(chosen) and chosen[i]]
+    if len(texts) != n_take:
+        raise CairnError(f"{source} changed while the tokenizer's sample was read from it: run again once it is "
+                         "written")
+    return Sample(texts, int(sizes[n_take - 1]), len(train), int(sizes[-1]))
+
+
+def _kept(source: str, text_field: str, txt_separator: str, hub_split: str, chunk_bytes: int) -> Iterator[str]:
+    """The source's non-empty stories (`clean_texts`'s), streamed."""
+    return (t for t in iter_texts(source, text_field, txt_separator, hub_split, chunk_bytes) if t and not t.isspace())

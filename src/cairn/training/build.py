@@ -31,7 +31,7 @@ from cairn.tokenizer.base import Tokenizer
 from cairn.training import init_from, resume
 from cairn.training.batches import RunBatches, Scorer
 from cairn.training.budget import calibrate, growth
-from cairn.training.budget.budget import Budget, initial_plan, workload
+from cairn.training.budget.budget import Budget, end_val_batches, initial_plan, workload
 from cairn.training.checkpointing import Checkpointer, ModelWeights, OptimizerState, PythonRng, TorchRng, seed_rank
 from cairn.training.distributed import Dist, session
 from cairn.training.loop import Compute, Trainer
@@ -157,7 +157,8 @@ def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress
         cfg=cfg, dist=dist, rundir=inputs.run, tokenizer=inputs.tokenizer, data=data, model=model, batches=batches,
         stepper=stepper, score=score, checkpointer=inputs.checkpointer,
         validator=Validator(score, data.val, cfg.eval.eval_batches, cfg.eval.patience, inputs.run.metrics,
-                            on_best=lambda: trainer.save("best", "best", resumable=False)),
+                            on_best=lambda: trainer.save("best", "best", resumable=False),
+                            whole_batches=end_val_batches(cfg)),
         reporter=Reporter(cfg.report.report_every, inputs.run.metrics, peak,
                           model.flops_per_token(cfg.data.seq_len), dist.world),
         budget=budget, state=state, parts=parts,

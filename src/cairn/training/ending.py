@@ -33,11 +33,11 @@ def best_weights_step(best: Path, step_now: int) -> Optional[int]:
 
 def end_on_best(best: Path, last: dict[str, float], *, step_now: int, model: Transformer, dist: Dist,
                 score: Callable[[Rows, int], dict[str, float]], val: Rows, metrics: MetricsLog,
-                keep_last: Callable[[], object]) -> Optional[int]:
-    """Score the best checkpoint's weights (`best`) on the whole validation split `val` against
-    `last` (the last weights' whole-split result); keep the better in the model. When that is the
-    best, `keep_last` saves the last state first. Returns the best weights' step when the run
-    ends on them, else None."""
+                keep_last: Callable[[], object], max_batches: int = 0) -> Optional[int]:
+    """Score the best checkpoint's weights (`best`) on the whole validation split `val` (its first
+    `max_batches` batches, 0 = all: the ones `last` was scored on) against `last` (the last weights'
+    result); keep the better in the model. When that is the best, `keep_last` saves the last state
+    first. Returns the best weights' step when the run ends on them, else None."""
     step = dist.on_main(lambda: best_weights_step(best, step_now))
     if step is None:
         return None
@@ -46,7 +46,7 @@ def end_on_best(best: Path, last: dict[str, float], *, step_now: int, model: Tra
     # every rank reads the best checkpoint, as every rank reads the one a run resumes from
     best_weights = ckpt.read_checkpoint(best).model_state()
     dist.load_full_weights(model, best_weights)
-    r = score(val, 0)
+    r = score(val, max_batches)
     better = r["loss"] < last["loss"]
     model.load_state_dict(current)
     if better:

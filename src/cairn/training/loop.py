@@ -178,7 +178,8 @@ class Trainer:
         return {"stopped": why, "step": s.step, "checkpoint": str(path)}
 
     def finish(self, stopped: Optional[str]) -> dict[str, Any]:
-        """The run's end: the whole validation split, the final checkpoint, the test, the stories."""
+        """The run's end: the whole validation split (under a time budget, at most eval.end_val_batches
+        of it), the final checkpoint, the test (the whole test split), the stories."""
         e, s = self.cfg.eval, self.state
         if stopped == "early stopping":
             log.info(f"early stopping at step {s.step}: no better validation loss in {e.patience} evaluations "
@@ -215,7 +216,8 @@ class Trainer:
         s = self.state
         return end_on_best(self.checkpointer.path("best"), last, step_now=s.step, model=self.model,
                            dist=self.dist, score=self.score, val=self.data.val, metrics=self.rundir.metrics,
-                           keep_last=lambda: self.save(f"checkpoint_step{s.step:07d}", "step", resumable=True))
+                           keep_last=lambda: self.save(f"checkpoint_step{s.step:07d}", "step", resumable=True),
+                           max_batches=self.validator.whole_batches)
 
     # ------------------------------------------------------------ pieces
 

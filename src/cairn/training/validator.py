@@ -15,17 +15,21 @@ log = logging.getLogger(__name__)
 
 class Validator:
     def __init__(self, evaluate: Callable[[Rows, int], dict[str, float]], val_ds: Optional[Rows], eval_batches: int,
-                 patience: int, metrics: MetricsLog, on_best: Callable[[], object]):
+                 patience: int, metrics: MetricsLog, on_best: Callable[[], object], whole_batches: int = 0):
         self.evaluate, self.val_ds, self.eval_batches = evaluate, val_ds, eval_batches
+        # what "the whole split" scores: its first `whole_batches` batches under a time budget
+        # (eval.end_val_batches), every batch (0) without one
+        self.whole_batches = whole_batches
         self.patience, self.metrics, self.on_best = patience, metrics, on_best
         self.last_full_step = -1
         self.last_full: Optional[dict[str, float]] = None  # the result of that whole-split validation
 
     def __call__(self, s: TrainState, full: bool) -> Optional[dict[str, float]]:
-        """Validate the whole split (`full`) or the fixed sample of `eval_batches`; save the best model."""
+        """Validate the whole split (`full`: at most `whole_batches`) or the fixed sample of
+        `eval_batches`; save the best model."""
         if self.val_ds is None:
             return None
-        r = self.evaluate(self.val_ds, 0 if full else self.eval_batches)
+        r = self.evaluate(self.val_ds, self.whole_batches if full else self.eval_batches or self.whole_batches)
         s.last_eval_step = s.step
         if full:
             self.last_full_step, self.last_full = s.step, r

@@ -1,7 +1,7 @@
 """`--time-budget`: plan a run's steps so that the whole command ends within the budget.
 
 Pure arithmetic on measured costs (see calibrate.py for the measuring): the plan subtracts what
-set-up already used, reserves the end of the run (full validation, test, final checkpoint,
+set-up already used, reserves the end of the run (its validation, test, final checkpoint,
 stories), and spreads the periodic evaluations and checkpoints over the steps. While the run goes,
 `replan` fits the plan to the pace actually measured.
 """
@@ -41,6 +41,8 @@ class Workload:
     story_tokens: int  # tokens generated at the end
     max_steps: int = 0  # a cap on the steps (0 = none)
     best_val_batches: int = 0  # the best weights validated again at the end (end_on_best)
+    end_val_bound: int = 0  # eval.end_val_batches: the most batches an end evaluation is planned for (0 = none)
+    whole_val_batches: int = 0  # the validation split's batches, however many the bound lets the end score
 
 
 @dataclass
@@ -49,12 +51,26 @@ class BudgetPlan:
     reserve_s: float  # kept for the end of the run
     overhead_s: float  # evaluations and checkpoints, spread per step
     epoch_end_s: float  # one epoch end: its validation and checkpoint
+    past_budget_s: float = 0.0  # what the end is expected to run past the budget (a max_steps run, the test)
+    end_in_budget: bool = True  # False: a max_steps run whose end does not fit (no time is kept for it)
+
+
+def test_in_reserve(w: Workload) -> bool:
+    """Whether the budget keeps time for the test. The test scores the whole test split, so its cost
+    grows with the data: when it holds more batches than `end_val_bound`, it runs after the budget
+    (its time is not taken from the steps) and the run says so; the shared sample's test fits."""
+    return not w.end_val_bound or w.test_batches <= w.end_val_bound
+
+
+def test_s(c: Costs, w: Workload) -> float:
+    return w.test_batches * c.eval_batch_s
 
 
 def end_reserve(c: Costs, w: Workload) -> float:
-    """Seconds the end of the run needs after the last step."""
-    return ((w.val_batches + w.best_val_batches + w.test_batches) * c.eval_batch_s + 3 * c.checkpoint_s
-            + w.story_tokens * c.story_token_s)
+    """Seconds the end of the run needs after the last step, within the budget (the test only when
+    `test_in_reserve`)."""
+    return ((w.val_batches + w.best_val_batches) * c.eval_batch_s + (test_s(c, w) if test_in_reserve(w) else 0.0)
+            + 3 * c.checkpoint_s + w.story_tokens * c.story_token_s)
 
 
 def epoch_end_s(c: Costs, w: Workload) -> float:
@@ -77,18 +93,29 @@ def margin_s(budget_s: float) -> float:
 
 
 def plan(budget_s: float, elapsed_s: float, c: Costs, w: Workload) -> BudgetPlan:
-    """As many steps as fit in what is left of the budget."""
+    """As many steps as fit in what is left of the budget.
+
+    A run with max_steps asked for that many steps: when its end does not fit after even one step,
+    it takes as many of them as fit in what is left (the end then runs past the budget, and the log
+    says by about how much) rather than being refused. Otherwise a budget too short is refused,
+    naming the ways out."""
     reserve = end_reserve(c, w)
-    available = budget_s - elapsed_s - reserve - margin_s(budget_s)
+    left = budget_s - elapsed_s - margin_s(budget_s)
     overhead = overhead_per_step(c, w)
-    steps = math.floor(available / (c.step_s + overhead))
+    steps = math.floor((left - reserve) / (c.step_s + overhead))
+    after = 0.0 if test_in_reserve(w) else test_s(c, w)
+    if steps < 1 and w.max_steps:
+        steps = min(w.max_steps, max(1, math.floor(left / (c.step_s + overhead))))
+        after += max(0.0, elapsed_s + steps * (c.step_s + overhead) + reserve - budget_s)
+        return BudgetPlan(steps, 0.0, overhead, epoch_end_s(c, w), after, end_in_budget=False)
     if steps < 1:
         raise CairnError(f"the time budget of {budget_s:.0f}s is too short: set-up took {elapsed_s:.0f}s, the end "
-                         f"of the run needs about {reserve:.0f}s and one step {c.step_s:.2f}s; raise --time-budget, "
-                         "or shrink the model or the validation split")
+                         f"of the run needs about {reserve:.0f}s and one step {c.step_s:.2f}s; raise --time-budget "
+                         "or turn it off (--time-budget off, with --max-steps N for a fixed number of steps), or "
+                         "shrink the model or the validation split (--end-val-batches bounds the end's)")
     if w.max_steps:
         steps = min(steps, w.max_steps)
-    return BudgetPlan(steps, reserve, overhead, epoch_end_s(c, w))
+    return BudgetPlan(steps, reserve, overhead, epoch_end_s(c, w), after)
 
 
 def replan(step: int, total: int, warmup: int, pace_s: float, left_s: float, overhead_s: float,
