@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from cairn.config.sections import DataConfig
+from cairn.data.batching import ScoreBatches, row_lengths, score_sample
 from cairn.data import (
     PackedDataset,
     PaddedDataset,
@@ -522,6 +523,55 @@ def test_story_windows_loss_against_a_direct_computation():
                 count += 1
     assert r["tokens"] == count == split.n_tokens
     assert r["loss"] * r["tokens"] == pytest.approx(expected, rel=1e-5)
+    # the scoring batches (rows sorted by length, batched by positions; the head on scored rows
+    # only), at several sizes and split over processes, score the same
+    rows = StoryWindows(split, T, stride=S)
+    for tokens in (1, 8, 20, 1000):
+        assert evaluate(model, ScoreBatches(rows, tokens=tokens), torch.device("cpu"), "fp32",
+                        np.ones(128, dtype=np.int64))["loss"] == pytest.approx(r["loss"], rel=1e-6)
+        shares = [evaluate(model, ScoreBatches(rows, tokens=tokens, rank=k, world=3), torch.device("cpu"), "fp32",
+                           np.ones(128, dtype=np.int64)) for k in range(3)]
+        assert sum(x["tokens"] for x in shares) == count
+        assert sum(x["loss"] * x["tokens"] for x in shares) == pytest.approx(expected, rel=1e-5)
+
+
+def test_score_batches_pad_little_and_every_process_steps_alike():
+    split = synthetic_split([3, 10, 1, 7, 2, 30, 5, 1, 9])
+    rows = StoryWindows(split, 8, stride=4)
+    assert rows.lengths().tolist() == [len(rows[i]["input_ids"]) for i in range(len(rows))]
+    assert row_lengths(PackedDataset(split, 4)).tolist() == [4] * len(PackedDataset(split, 4))
+    for world in (1, 2, 3):
+        per_rank = [ScoreBatches(rows, tokens=16, rank=k, world=world) for k in range(world)]
+        assert len({len(b) for b in per_rank}) == 1  # the same number of global batches everywhere
+        seen = sorted(i for b in per_rank for share in b.shares for i in share)
+        assert seen == list(range(len(rows)))  # every row once
+        for b in per_rank:
+            for share in b.shares:
+                lengths = [len(rows[i]["input_ids"]) for i in share]
+                assert len(share) * max(lengths) <= 16 or len(share) == 1
+                assert lengths == sorted(lengths)
+
+
+def test_a_partial_evaluation_scores_a_fixed_sample_of_the_old_batches_rows():
+    n, seed = 50, 7
+    a, b = score_sample(n, seed, 12), score_sample(n, seed, 12)
+    assert a.tolist() == b.tolist() and len(a) == 12  # the same rows at every evaluation
+    # the rows the first 3 batches of 4 held when held-out rows were read in the seeded order
+    old = [i for batch in make_loader(_Rows(n), 4, shuffle=True, seed=seed, epoch=0, drop_last=False)
+           for i in batch["input_ids"][:, 0].tolist()]
+    assert sorted(old[:12]) == a.tolist()
+    assert score_sample(n, seed, 0).tolist() == list(range(n)) == score_sample(n, seed, n + 5).tolist()
+
+
+class _Rows:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([i, i]), "labels": torch.tensor([i, i])}
 
 
 def test_collate_padded_pads_to_longest_in_batch():

@@ -22,7 +22,8 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--data", help="evaluate every story of this source (no split) instead of the run's split")
     p.add_argument("--split", choices=("train", "val", "test"), default="test",
                    help="split of the run's data (default test; train shows how far it overfits)")
-    p.add_argument("--batch-size", type=int, default=0, help="rows per batch (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=0,
+                   help="rows of up to seq_len tokens per batch (default: 8192 tokens, or the run's batch if larger)")
     add_device(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, bits_per_byte, tokens")
     p.add_argument("--task", choices=("loss", "words"), default="loss",

@@ -86,7 +86,9 @@ def _cpu_instruct() -> RunConfig:
 
 
 def _tiny() -> RunConfig:
-    """A toy model for tests and smoke runs: seconds on a CPU."""
+    """A toy model for tests and smoke runs: seconds on a CPU. Its whole-split scores (the end's
+    validation and test) are a fixed sample of 25 batches of 8 rows (split_batches): a smoke run
+    checks that scoring works, not what the toy scores on every held-out story."""
     cfg = RunConfig(name="tiny")
     cfg.model = ModelConfig(vocab_size=50257, d_model=64, n_layers=2, n_heads=4, d_mlp=256, context_len=128)
     cfg.data = DataConfig(batching="pack", seq_len=64)
@@ -94,7 +96,7 @@ def _tiny() -> RunConfig:
     cfg.schedule = ScheduleConfig(lr=3e-3, schedule="cosine", warmup_frac=0.1)
     cfg.optim = OptimConfig(weight_decay=0.1, beta2=0.95)
     cfg.report = ReportConfig(report_every=5)
-    cfg.eval = EvalConfig(eval_every=20, eval_batches=5, end_stories=1, end_story_tokens=32)
+    cfg.eval = EvalConfig(eval_every=20, eval_batches=5, split_batches=25, end_stories=1, end_story_tokens=32)
     cfg.checkpoint = CheckpointConfig(checkpoint_every=20)
     return cfg
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sized
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -159,6 +159,11 @@ class StoryWindows(PaddedDataset):
     def __len__(self) -> int:
         return len(self._windows)
 
+    def lengths(self) -> np.ndarray:
+        """Each window's number of inputs, without reading its tokens."""
+        ends = self._windows[:, 2]
+        return ends - np.maximum(0, ends - self.seq_len)
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if not 0 <= i < len(self._windows):
             raise IndexError(f"window {i} out of range ({len(self._windows)} windows)")
@@ -248,3 +253,71 @@ def make_loader(dataset: Rows, batch_size: int, *, shuffle: bool, seed: int, epo
     # a DataLoader indexes any object with __getitem__ and __len__: Rows need not subclass torch's Dataset
     return DataLoader(cast(Dataset, dataset), batch_sampler=batches, collate_fn=collate, num_workers=num_workers,
                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed * 1000003 + epoch))
+
+
+# Positions (rows x their padded length) per scoring batch and process. Scoring keeps no
+# activations for a backward pass, so its batches can be much larger than training's: fewer,
+# larger matmuls, and the per-batch costs paid less often.
+SCORE_TOKENS = 8192
+
+
+def row_lengths(rows: "Rows") -> np.ndarray:
+    """The number of inputs of each row: from the rows' own `lengths()` when they have one (no
+    tokens read), equal for packed windows, else read row by row."""
+    own = getattr(rows, "lengths", None)
+    if callable(own):
+        return np.asarray(own(), dtype=np.int64)
+    if isinstance(rows, PackedDataset):
+        return np.full(len(rows), rows.seq_len, dtype=np.int64)
+    return np.array([len(rows[i]["input_ids"]) for i in range(len(rows))], dtype=np.int64)
+
+
+def score_sample(n_rows: int, seed: int, rows: int = 0) -> np.ndarray:
+    """Which held-out rows an evaluation scores: all of them (`rows` = 0), or the first `rows` of
+    one seeded order, a fixed random sample that is the same at every evaluation (a split's first
+    rows would be its first source file's stories: the splits keep file order). The order is
+    `epoch_order(n_rows, seed, 0)`, the one the held-out batches were once read in, so a sample of
+    k batches of B rows on W processes is the k * B * W rows those batches held."""
+    if not rows or rows >= n_rows:
+        return np.arange(n_rows, dtype=np.int64)
+    return np.sort(epoch_order(n_rows, seed, 0, shuffle=True)[:rows])
+
+
+class ScoreBatches:
+    """Held-out rows in batches that pad little: the chosen rows sorted by length (ties in row
+    order) and cut into global batches of at most `tokens` positions per process (rows x the
+    longest row, at least one row). Global batch b is split as evenly as possible over the `world`
+    processes, process `rank` taking the rank-th share, so every process steps through the same
+    number of batches (`len`); the sums of loss, targets and bytes do not depend on the batching,
+    so the scores equal those of one story at a time (up to float rounding).
+
+    Iterating yields this process's non-empty shares, collated with `collate_padded`."""
+
+    def __init__(self, rows: "Rows", which: Optional[np.ndarray] = None, tokens: int = SCORE_TOKENS,
+                 pad_id: int = 0, rank: int = 0, world: int = 1):
+        if tokens < 1:
+            raise ValueError(f"tokens must be positive, got {tokens}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside the world of {world} processes")
+        self.rows, self.pad_id, self.rank, self.world = rows, pad_id, rank, world
+        which = np.arange(len(rows), dtype=np.int64) if which is None else np.asarray(which, dtype=np.int64)
+        lengths = row_lengths(rows)[which]
+        by_length = np.argsort(lengths, kind="stable")
+        which, lengths = which[by_length], lengths[by_length]
+        self.global_batches: list[np.ndarray] = []
+        start = 0
+        for i, length in enumerate(lengths.tolist()):  # ascending: row i is the longest so far
+            if i > start and -(-(i + 1 - start) // world) * length > tokens:
+                self.global_batches.append(which[start:i])
+                start = i
+        if start < len(which):
+            self.global_batches.append(which[start:])
+        shares = (np.array_split(b, world)[rank] for b in self.global_batches)
+        self.shares = [share.tolist() for share in shares if len(share)]
+
+    def __len__(self) -> int:
+        return len(self.global_batches)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for share in self.shares:
+            yield collate_padded([self.rows[i] for i in share], self.pad_id)

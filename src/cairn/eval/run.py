@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cairn.checkpoint.load import load
-from cairn.data.batching import make_loader
+from cairn.data.batching import SCORE_TOKENS, ScoreBatches
 from cairn.data.formats import get_format
 from cairn.eval.metrics import evaluate
 from cairn.runtime.precision import for_checkpoint
@@ -23,8 +23,11 @@ def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "tes
     loaded = load(path, device)
     cfg, tok = loaded.config, loaded.tokenizer
     ds, what = get_format(cfg.data.format).held_out(cfg, tok, data, split)
-    loader = make_loader(ds, batch_size or cfg.train.batch_size, shuffle=False,
-                         seed=0, epoch=0, drop_last=False, pad_id=tok.eot_id)
+    # rows sorted by length in batches of up to SCORE_TOKENS positions (or batch_size rows' worth):
+    # what is scored, and so the metrics, do not depend on the batching
+    tokens = batch_size * cfg.data.seq_len if batch_size else max(SCORE_TOKENS,
+                                                                  cfg.train.batch_size * cfg.data.seq_len)
+    loader = ScoreBatches(ds, tokens=tokens, pad_id=tok.eot_id)
     r = evaluate(loaded.model, loader, loaded.device, for_checkpoint(cfg.system.precision, loaded.device, loaded.path),
                  tok.token_bytes)
     return {**r, "what": what, "checkpoint": str(loaded.path)}

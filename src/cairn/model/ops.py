@@ -76,12 +76,17 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """sum over rows with label != IGNORE_INDEX of cross_entropy(h @ weight.T, label). h: [N, d].
 
     Gradients are computed (in the forward pass) only when autograd will want them: under
-    `no_grad` or `inference_mode`, or with neither input requiring grad, it is forward work only.
+    `no_grad` or `inference_mode`, or with neither input requiring grad, it is forward work only,
+    on the rows that have a target.
     (An autograd.Function's own view, `needs_input_grad`, says True for a parameter even under
     `no_grad`: every scoring pass then did the two gradient matmuls and kept a [V, d] buffer.)"""
     compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) \
         else h.dtype
     with torch.autocast(h.device.type, enabled=False):
         if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
-            return _chunked(h, weight, labels, chunk, compute_dtype, need_grad=False)[0]
+            # scoring: only the rows with a target get logits. Held-out sliding windows label
+            # about half their positions as context only, and padding none: the [c, V] matmul
+            # and log-softmax of those rows were most of a scoring pass for a large vocabulary
+            scored = labels != IGNORE_INDEX
+            return _chunked(h[scored], weight, labels[scored], chunk, compute_dtype, need_grad=False)[0]
         return _LinearCrossEntropy.apply(h, weight, labels, chunk, compute_dtype)

@@ -1,12 +1,15 @@
 """A run's batches and held-out scores: each rank's share of every global batch, and the metrics of
 a held-out split with every rank scoring its share.
 
-Held-out rows come in one seeded order, the same at every evaluation: a partial evaluation
-(`eval_batches`) is then a fixed random sample of the split, not its first stories, which are the
-first source file's (the splits keep file order).
+A partial evaluation (`eval_batches` = k) scores a fixed random sample of the split, the same at
+every evaluation: the first k * batch_size * processes rows of one seeded order (the rows the
+first k held-out batches held when they were read in that order), not the split's first stories,
+which are the first source file's (the splits keep file order). The chosen rows are then scored in
+batches of similar lengths and up to `score_tokens()` positions (`ScoreBatches`): the sums, and so
+the metrics, do not depend on how the rows are batched.
 
-With several processes the last global batch is split as evenly as possible; a rank whose share
-of it is empty (fewer rows than processes) steps on a row whose targets are all padding, which
+With several processes each global batch is split as evenly as possible; a rank whose share of
+one is empty (fewer rows than processes) steps on a row whose targets are all padding, which
 counts nothing, so every rank takes the same steps.
 """
 
@@ -18,7 +21,8 @@ import numpy as np
 import torch
 
 from cairn.config.sections import DataConfig
-from cairn.data.batching import PackedDataset, epoch_offset, make_loader, num_batches
+from cairn.data.batching import (SCORE_TOKENS, PackedDataset, ScoreBatches, epoch_offset, make_loader, num_batches,
+                                 score_sample)
 from cairn.data.formats import Rows
 from cairn.eval.metrics import evaluate
 from cairn.model.ops import IGNORE_INDEX
@@ -52,25 +56,35 @@ class RunBatches:
         return batches
 
     def held_out(self, rows: Rows, max_batches: int = 0) -> Iterable[Batch]:
-        """This rank's share of the first `max_batches` (0: all) global batches of held-out `rows`."""
-        batches = self._loader(rows, 0)
+        """This rank's share of held-out `rows`: all of them, or (`max_batches`) the fixed sample of
+        max_batches global batches' worth of rows (`score_sample`), in length-sorted scoring
+        batches (`ScoreBatches`); every rank takes the same number of steps."""
+        which = score_sample(len(rows), self.seed, max_batches * self.batch_size * self.dist.world)
+        batches = ScoreBatches(rows, which, self.score_tokens(), self.pad_id, self.dist.rank, self.dist.world)
         if self.dist.enabled:
-            n = self.global_batches(rows)
-            return self.dist.lockstep(batches, min(n, max_batches or n), _masked_row(rows))
+            return self.dist.lockstep(batches, len(batches), _masked_row(rows))
         return batches
+
+    def score_tokens(self) -> int:
+        """Positions per scoring batch and process: SCORE_TOKENS, or a training batch's if larger."""
+        return max(SCORE_TOKENS, self.batch_size * self.data.seq_len)
 
 
 class Scorer:
-    """Held-out metrics of the model now: every rank scores its share of the batches, the sums reduced."""
+    """Held-out metrics of the model now: every rank scores its share of the batches, the sums reduced.
+
+    `whole_batches` (eval.split_batches) is what a whole-split score means: 0 the whole split, N
+    the fixed sample of N batches (smoke runs)."""
 
     def __init__(self, model: Transformer, batches: RunBatches, precision: str, token_bytes: np.ndarray,
-                 dist: Dist):
+                 dist: Dist, whole_batches: int = 0):
         self.model, self.batches, self.precision, self.token_bytes, self.dist = (model, batches, precision,
                                                                                  token_bytes, dist)
+        self.whole_batches = whole_batches
 
     def __call__(self, rows: Rows, max_batches: int = 0) -> dict[str, float]:
-        return evaluate(self.model, self.batches.held_out(rows, max_batches), self.dist.device, self.precision,
-                        self.token_bytes, max_batches=max_batches, reduce=self.dist.sum)
+        return evaluate(self.model, self.batches.held_out(rows, max_batches or self.whole_batches),
+                        self.dist.device, self.precision, self.token_bytes, reduce=self.dist.sum)
 
 
 def _masked_row(rows: Rows) -> Batch:

@@ -162,7 +162,10 @@ def workload(cfg: RunConfig, steps_per_epoch: int, data: RunDatasets) -> arithme
     e, size = cfg.eval, cfg.train.batch_size
 
     def batches(rows: Optional[Rows]) -> int:
-        return num_batches(len(rows), size, drop_last=False) if rows is not None else 0
+        if rows is None:
+            return 0
+        n = num_batches(len(rows), size, drop_last=False)
+        return min(n, e.split_batches) if e.split_batches else n
 
     val = batches(data.val)
     bound = e.end_val_batches
