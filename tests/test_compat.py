@@ -55,6 +55,15 @@ def state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / "state.json").read_text())
 
 
+def same_scores(new: dict, old: dict) -> bool:
+    """Equal, but held-out scores to 1e-6 relative: scoring batches held-out stories by length now,
+    so its sums add in another order (training, and so the weights, stay bit for bit the same)."""
+    held_out = ("val_", "test_", "best_val_")
+    return new.keys() == old.keys() and all(
+        new[k] == pytest.approx(old[k], rel=1e-6) if k.startswith(held_out) and isinstance(old[k], float)
+        else new[k] == old[k] for k in old)
+
+
 def test_the_old_stopped_run_resumes_to_the_old_uninterrupted_run_exactly(old, logs):
     run, full = old / "stopped", old / "uninterrupted"
     run_cli("train", "--resume", "stopped", "--no-progress")
@@ -66,13 +75,15 @@ def test_the_old_stopped_run_resumes_to_the_old_uninterrupted_run_exactly(old, l
     final = state(next((run / "checkpoints").glob("*_final")))
     old_final = state(full / "checkpoints" / "tiny_final")
     assert final["state"]["step"] == old_final["state"]["step"] == 12
-    for key in ("format", "format_version", "kind", "tokenizer", "state", "plan", "rng", "world_size"):
+    for key in ("format", "format_version", "kind", "tokenizer", "plan", "rng", "world_size"):
         assert final[key] == old_final[key], key
+    assert same_scores(final["state"], old_final["state"])
     # the new code writes the config in sections; it is the same config as the old flat one
     assert from_dict(final["config"]) == from_dict(old_final["config"])
 
     # every metrics record but the timings, validations and the test at the end included
-    assert losses(run) == losses(full)
+    assert len(losses(run)) == len(losses(full))
+    assert all(same_scores(a, b) for a, b in zip(losses(run), losses(full)))
     held_out = [r for r in losses(run) if r["kind"] in ("val", "test")]
     assert [(r["kind"], r["step"]) for r in held_out] == [("val", 4), ("val", 8), ("val", 12), ("val", 12),
                                                             ("test", 12)]

@@ -71,7 +71,7 @@ PRESET_VALUES = {
             dropout=0.0, norm_eps=1e-05, tie_embeddings=False, positions="sinusoidal", rope_theta=10000.0,
             norm="layernorm", mlp="gelu", zero_init=False),
         data=dict(source="roneneldan/TinyStories", hub_split="train", text_field="text", txt_separator="<|endoftext|>",
-            n_samples=0, train_frac=0.8, val_frac=0.1, batching="pack", seq_len=64, story_mask=False,
+            n_samples=1000, train_frac=0.8, val_frac=0.1, batching="pack", seq_len=64, story_mask=False,
             pack_shift=False, cache_dir=""),
         train=dict(batch_size=8, grad_accum=1, epochs=1, max_steps=0, optimizer="adamw", muon_momentum=0.95, lr=0.003,
             min_lr=0.0, embed_lr_scale=1.0, schedule="cosine", warmup_steps=-1, warmup_frac=0.1, weight_decay=0.1,

@@ -221,8 +221,6 @@ class EvalConfig:
     epoch_val: Literal["full", "sample"] = opt(
         "full", 'validation at each epoch\'s end: "full" split, or "sample" (eval_batches, as eval_every\'s)')
     patience: int = opt(5, "stop after this many evaluations without a better validation loss (0 = never)")
-    split_batches: int = opt(0, "what a whole-split score (the run's end, the test, epoch ends) scores: 0 = the whole "
-                                "split; N = the fixed sample of N batches, as eval_batches' (smoke runs)")
     test_at_end: bool = opt(True, "evaluate the test split at the end of training")
     end_on_best: bool = opt(True, "when the best validated weights of the run validate better on the whole split "
                                   "than the last ones, end on them (the last state stays resumable)")
@@ -238,8 +236,7 @@ class EvalConfig:
     def check(self) -> None:
         check_choices(self, "eval")
         positive(self, "eval", "end_story_tokens")
-        positive(self, "eval", "eval_every eval_batches split_batches patience end_stories end_val_batches",
-                 zero_ok=True)
+        positive(self, "eval", "eval_every eval_batches patience end_stories end_val_batches", zero_ok=True)
 
 
 @dataclass

@@ -71,19 +71,15 @@ class RunBatches:
 
 
 class Scorer:
-    """Held-out metrics of the model now: every rank scores its share of the batches, the sums reduced.
-
-    `whole_batches` (eval.split_batches) is what a whole-split score means: 0 the whole split, N
-    the fixed sample of N batches (smoke runs)."""
+    """Held-out metrics of the model now: every rank scores its share of the batches, the sums reduced."""
 
     def __init__(self, model: Transformer, batches: RunBatches, precision: str, token_bytes: np.ndarray,
-                 dist: Dist, whole_batches: int = 0):
+                 dist: Dist):
         self.model, self.batches, self.precision, self.token_bytes, self.dist = (model, batches, precision,
                                                                                  token_bytes, dist)
-        self.whole_batches = whole_batches
 
     def __call__(self, rows: Rows, max_batches: int = 0) -> dict[str, float]:
-        return evaluate(self.model, self.batches.held_out(rows, max_batches or self.whole_batches),
+        return evaluate(self.model, self.batches.held_out(rows, max_batches),
                         self.dist.device, self.precision, self.token_bytes, reduce=self.dist.sum)
 
 

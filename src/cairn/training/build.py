@@ -141,7 +141,7 @@ def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress
                       inputs.checkpointer.newest)
     batches = RunBatches(data.train, cfg.train.batch_size, cfg.data, cfg.seed, cfg.system.num_workers,
                          inputs.tokenizer.eot_id, dist)
-    score = Scorer(model, batches, precision, inputs.tokenizer.token_bytes, dist, cfg.eval.split_batches)
+    score = Scorer(model, batches, precision, inputs.tokenizer.token_bytes, dist)
     if budget.active:  # before the run directory is written: a budget too short leaves nothing
         held_out = data.val or data.test
         costs = calibrate.measure(

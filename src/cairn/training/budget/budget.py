@@ -164,8 +164,7 @@ def workload(cfg: RunConfig, steps_per_epoch: int, data: RunDatasets) -> arithme
     def batches(rows: Optional[Rows]) -> int:
         if rows is None:
             return 0
-        n = num_batches(len(rows), size, drop_last=False)
-        return min(n, e.split_batches) if e.split_batches else n
+        return num_batches(len(rows), size, drop_last=False)
 
     val = batches(data.val)
     bound = e.end_val_batches
