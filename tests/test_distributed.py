@@ -127,6 +127,7 @@ def runs(tmp_path_factory, small_tokenizer) -> dict:
             "fsdp": base / "fsdp", "ddp_log": ddp_log}
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_with_the_same_global_batch(runs):
     assert "2 processes x batch 2 x 2 accumulation = 8 rows" in runs["ddp_log"]
     assert runs["ddp_log"].count("final checkpoint:") == 1  # rank 0 alone logs
@@ -134,6 +135,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(runs):
     assert_close_runs(runs["single"], runs["ddp"])
 
 
+@pytest.mark.slow
 def test_fsdp_matches_one_process_with_the_same_global_batch(runs):
     assert_close_runs(runs["single"], runs["fsdp"])
 
@@ -154,6 +156,7 @@ def stopped_copy(runs, stopped: Path, name: str) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_fsdp_run_equals_the_uninterrupted_one(runs, stopped):
     run = stopped_copy(runs, stopped, "fsdp-resumed")
     out = launch_resume(run)
@@ -161,6 +164,7 @@ def test_stopped_and_resumed_fsdp_run_equals_the_uninterrupted_one(runs, stopped
     assert_same_runs(runs["fsdp"], run)
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_global_batch(logs, runs, stopped):
     run = stopped_copy(runs, stopped, "to-one")
     cfg = apply_overrides(load_toml(run / "config.toml", RunConfig()), SINGLE)
@@ -170,6 +174,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_global_ba
     assert_close_runs(runs["single"], run)
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_global_batch_mid_epoch_says_what_to_pass(runs, stopped):
     run = stopped_copy(runs, stopped, "wrong-batch")
     cfg = load_toml(run / "config.toml", RunConfig())  # batch 2 in 1 process: 4 rows per step, not 8
@@ -210,6 +215,7 @@ raise SystemExit(main())
     ("kill", "Signal 9 (SIGKILL) received"),  # a killed rank says nothing: torchrun names it
     ("hang", "error: rank 0 of 2 stopped: it lost contact with the other ranks (Timed out"),
 ])
+@pytest.mark.slow
 def test_a_failing_rank_brings_the_job_down_with_a_message(tmp_path, stories_file, small_tokenizer, how,
                                                            message):
     script = tmp_path / "failing.py"
@@ -258,6 +264,7 @@ def test_parallel_must_be_ddp_or_fsdp():
         validate(apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"}))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file,
                                                                         small_tokenizer):
     """Checkpoints written before the state was keyed by parameter name hold torch's own format."""
@@ -282,6 +289,7 @@ def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_pat
     assert_same_runs(full, part)
 
 
+@pytest.mark.slow
 def test_a_budgeted_fsdp_run_with_a_learned_tokenizer_plans_alike_on_every_rank(tmp_path):
     """Ranks time the calibration differently; if they planned different step counts, or stopped
     at different deadlines, the job would hang in a collective (and fail on LAUNCH_TIMEOUT)."""
@@ -301,6 +309,7 @@ def test_a_budgeted_fsdp_run_with_a_learned_tokenizer_plans_alike_on_every_rank(
     assert (run / "tokenizer" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_last_batch_with_fewer_rows_than_processes_trains_as_in_one_process(tmp_path, small_tokenizer):
     """An epoch's last global batch of one row, over 2 processes: rank 1's share is empty, so it
     steps on a row that counts nothing; the run equals one process's, which trains on that row."""
@@ -355,6 +364,7 @@ raise SystemExit(code)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_distributed_run_ends_on_its_best_weights(tmp_path, stories_file, small_tokenizer, parallel):
     """Under torchrun the best checkpoint's weights reach every rank (FSDP: into its shards), are

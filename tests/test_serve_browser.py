@@ -23,6 +23,9 @@ from cairn.checkpoint.load import load  # noqa: E402
 from cairn.serve.app import ServeSettings, create_app  # noqa: E402
 from helpers import serving  # noqa: E402
 
+# a real Chromium against a real server
+pytestmark = pytest.mark.slow
+
 
 def _first(*candidates: str):
     for c in candidates:
