@@ -1,13 +1,26 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs cairn into it with its test extra.
+# Creates .venv (if missing) and installs into it what one purpose needs:
+#   bash scripts/setup.sh        the main job (scripts/train-and-generate.sh): torch, then cairn
+#   bash scripts/setup.sh test   the tests (scripts/test.sh): torch, then cairn with its test extra
+#                                (pytest, ruff, mypy, the serving clients), and Chromium with its
+#                                driver for the playground page's browser test
 # torch goes first and pinned: an unpinned torch with none installed pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+purpose=${1:-main}
+case "$purpose" in
+    main | test) ;;
+    *) echo "usage: bash scripts/setup.sh [test]   (no argument: what the main job needs)" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+if [ "$purpose" = main ]; then
+    python -m pip install -q -e .
+    exit 0
+fi
 python -m pip install -q -e ".[test]"
 # The playground page's test drives a headless Chromium (tests/test_serve_browser.py skips without one):
 # install Debian's chromium and its driver where apt-get can, quietly; setup never fails over it.

@@ -236,7 +236,11 @@ class Case:
 
 
 def C(id: str, build, expect: str, *, marks=(), **kw):
-    return pytest.param(Case(build, expect, **kw), id=id, marks=marks)
+    case = Case(build, expect, **kw)
+    marks = (marks,) if isinstance(marks, pytest.MarkDecorator) else tuple(marks)
+    if case.sub:  # a process's start and imports take seconds
+        marks += (pytest.mark.slow,)
+    return pytest.param(case, id=id, marks=marks)
 
 
 def _unreadable(c: Ctx) -> list:

@@ -8,6 +8,7 @@ from cairn.bench import record
 from cairn.bench.speed import main
 
 
+@pytest.mark.slow
 def test_bench_times_every_variant_and_checks_cached_decoding(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["--d-model", "32", "--n-heads", "4", "--n-layers", "1", "--seq-len", "32", "--batch-size", "2",

@@ -34,6 +34,7 @@ def test_bad_durations_are_refused(bad):
         parse_duration(bad)
 
 
+@pytest.mark.slow
 def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(logs, tmp_path, stories_file, small_tokenizer):
     # report_every is beyond the stop, so no pace check can shorten the plan before step 6
     budgeted = tmp_path / "budgeted"
@@ -64,6 +65,7 @@ def test_budgeted_run_is_the_planned_run_and_a_resume_keeps_the_plan(logs, tmp_p
     assert not any(m.startswith("time budget 60s") for m in logs)
 
 
+@pytest.mark.slow
 def test_a_budget_too_short_fails_in_one_line_and_writes_nothing(tmp_path, stories_file, capsys):
     out = tmp_path / "run"
     code = main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(out), "--time-budget", "0.5s",
@@ -73,6 +75,7 @@ def test_a_budget_too_short_fails_in_one_line_and_writes_nothing(tmp_path, stori
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_budgeted_cli_run_ends_within_its_budget(tmp_path, stories_file, small_tokenizer, capsys):
     """The run's own account; test_cli times a budgeted `cairn` process from outside."""
     out = tmp_path / "run"
@@ -205,6 +208,7 @@ def test_a_budget_plan_reserves_the_end_and_spreads_the_evaluations():
         plan(10.0, elapsed_s=9.0, c=c, w=w)
 
 
+@pytest.mark.slow
 def test_the_budget_clock_starts_with_the_process_not_after_the_imports():
     """A wall clock around `cairn train` counts the interpreter's start and torch's import: so
     does the budget. A process that sleeps before asking has an age of at least the sleep."""

@@ -56,6 +56,7 @@ def test_eval_json_on_the_test_split_matches_training_report(trained_run, capsys
     assert 0 < out["bits_per_byte"] < out["loss"]
 
 
+@pytest.mark.slow
 def test_eval_on_the_training_split_scores_the_training_stories(trained_run, capsys):
     run = trained_run.run
     seen = json.loads(cairn(capsys, "eval", run, "--split", "train", "--json"))
@@ -107,6 +108,7 @@ def test_existing_run_directory_is_never_overwritten(trained_run, capsys):
     assert (run / "metrics.jsonl").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_a_budgeted_cairn_process_ends_within_its_budget(tmp_path, small_tokenizer):
     """`python -m cairn train --time-budget`: the process itself, timed from outside (start-up,
     imports and the end of the run included), exits 0 within the budget."""

@@ -114,6 +114,7 @@ def test_parquet_and_datasets_are_read_in_row_batches(tmp_path):
 
 # ---------------------------------------------------------------- the same bytes on any number of workers
 
+@pytest.mark.slow
 def test_cache_is_byte_identical_whatever_the_workers_and_chunk_size(tmp_path, tok):
     texts = long_stories(600)
     for i in range(0, 600, 37):
@@ -137,6 +138,7 @@ def test_cache_is_byte_identical_whatever_the_workers_and_chunk_size(tmp_path, t
         assert split_texts(first.split(name), tok) == expected[name]
 
 
+@pytest.mark.slow
 def test_worker_problem_names_the_file_line(tmp_path, tok):
     lines = [json.dumps({"text": t}) for t in long_stories(300)]
     lines[250] = '{"story": "no text field"}'
@@ -149,6 +151,7 @@ def test_worker_problem_names_the_file_line(tmp_path, tok):
     assert not list((tmp_path / "c" / "tokens").glob("*"))
 
 
+@pytest.mark.slow
 def test_interrupted_parallel_prepare_leaves_no_cache_and_no_workers(tmp_path, tok, monkeypatch):
     src = write_jsonl(tmp_path / "s.jsonl", long_stories(400))
     real_bar = cache_mod._bar
@@ -232,6 +235,7 @@ def _peak_growth_mb(source: Path, cache: Path) -> float:
     return json.loads(r.stdout)["growth_kb"] / 1024
 
 
+@pytest.mark.slow
 def test_peak_memory_does_not_follow_the_file_size(tmp_path):
     block = "".join(json.dumps({"text": t}) + "\n" for t in long_stories(500)).encode()
     sizes = {}

@@ -23,6 +23,7 @@ A stopped and resumed run with the same number of processes repeats the same ari
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,7 @@ def runs(tmp_path_factory, small_tokenizer) -> dict:
             "fsdp": base / "fsdp", "ddp_log": ddp_log}
 
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_with_the_same_global_batch(runs):
     assert "2 processes x batch 2 x 2 accumulation = 8 rows" in runs["ddp_log"]
     assert runs["ddp_log"].count("final checkpoint:") == 1  # rank 0 alone logs
@@ -135,6 +137,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(runs):
     assert_close_runs(runs["single"], runs["ddp"])
 
 
+@pytest.mark.slow
 def test_fsdp_matches_one_process_with_the_same_global_batch(runs):
     assert_close_runs(runs["single"], runs["fsdp"])
 
@@ -155,6 +158,7 @@ def stopped_copy(runs, stopped: Path, name: str) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_stopped_and_resumed_fsdp_run_equals_the_uninterrupted_one(runs, stopped):
     run = stopped_copy(runs, stopped, "fsdp-resumed")
     out = launch_resume(run)
@@ -162,6 +166,7 @@ def test_stopped_and_resumed_fsdp_run_equals_the_uninterrupted_one(runs, stopped
     assert_same_runs(runs["fsdp"], run)
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_global_batch(logs, runs, stopped):
     run = stopped_copy(runs, stopped, "to-one")
     cfg = apply_overrides(load_toml(run / "config.toml", RunConfig()), SINGLE)
@@ -171,6 +176,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_the_same_global_ba
     assert_close_runs(runs["single"], run)
 
 
+@pytest.mark.slow
 def test_a_resume_with_another_global_batch_mid_epoch_says_what_to_pass(runs, stopped):
     run = stopped_copy(runs, stopped, "wrong-batch")
     cfg = load_toml(run / "config.toml", RunConfig())  # batch 2 in 1 process: 4 rows per step, not 8
@@ -211,6 +217,7 @@ raise SystemExit(main())
     ("kill", "Signal 9 (SIGKILL) received"),  # a killed rank says nothing: torchrun names it
     ("hang", "error: rank 0 of 2 stopped: it lost contact with the other ranks (Timed out"),
 ])
+@pytest.mark.slow
 def test_a_failing_rank_brings_the_job_down_with_a_message(tmp_path, stories_file, small_tokenizer, how,
                                                            message):
     script = tmp_path / "failing.py"
@@ -259,6 +266,7 @@ def test_parallel_must_be_ddp_or_fsdp():
         validate(apply_overrides(preset("tiny"), {"source": "x", "parallel": "zero3"}))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_path, stories_file,
                                                                         small_tokenizer):
     """Checkpoints written before the state was keyed by parameter name hold torch's own format."""
@@ -283,6 +291,7 @@ def test_a_checkpoint_with_the_optimizer_state_by_position_still_resumes(tmp_pat
     assert_same_runs(full, part)
 
 
+@pytest.mark.slow
 def test_a_budgeted_fsdp_run_with_a_learned_tokenizer_plans_alike_on_every_rank(tmp_path):
     """Ranks time the calibration differently; if they planned different step counts, or stopped
     at different deadlines, the job would hang in a collective (and fail on LAUNCH_TIMEOUT)."""
@@ -302,6 +311,7 @@ def test_a_budgeted_fsdp_run_with_a_learned_tokenizer_plans_alike_on_every_rank(
     assert (run / "tokenizer" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_last_batch_with_fewer_rows_than_processes_trains_as_in_one_process(tmp_path, small_tokenizer):
     """An epoch's last global batch of one row, over 2 processes: rank 1's share is empty, so it
     steps on a row that counts nothing; the run equals one process's, which trains on that row."""
@@ -330,7 +340,9 @@ def test_a_last_batch_with_fewer_rows_than_processes_trains_as_in_one_process(tm
 
 
 SPOILED = '''\
-"""`cairn train` whose weights are spoiled just before the end: it must end on its best ones."""
+"""`cairn train` whose weights are spoiled just before the end: it must end on its best ones.
+Then it names the gloo threads still running: those of a process group that outlived the run."""
+import os
 import sys
 import torch
 from cairn.cli import main
@@ -346,10 +358,15 @@ def spoiled(self, stopped):
     return real(self, stopped)
 
 Trainer.finish = spoiled
-raise SystemExit(main())
+code = main()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+sys.stdout.flush()  # the line in one write: the other rank writes to the same pipe
+print(f"rank {os.environ['RANK']} gloo threads left: {sorted(n for n in names if 'gloo' in n)}", flush=True)
+raise SystemExit(code)
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_distributed_run_ends_on_its_best_weights(tmp_path, stories_file, small_tokenizer, parallel):
     """Under torchrun the best checkpoint's weights reach every rank (FSDP: into its shards), are
@@ -366,6 +383,11 @@ def test_a_distributed_run_ends_on_its_best_weights(tmp_path, stories_file, smal
                  "--end-story-tokens", "8", "--num-threads", "1", "--parallel", parallel, script=script)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "the run ends on step 8's" in r.stdout, r.stdout[-3000:]
+    # the process groups end with the run, not at interpreter exit, where a gloo worker thread still
+    # freeing a collective's tensors aborted the process now and then. Under FSDP, DTensor's own
+    # caches keep torch's default group (its file group ends)
+    left = dict(re.findall(r"rank (\d) gloo threads left: (\[.*?\])", r.stdout))
+    assert set(left) == {"0", "1"} and (parallel == "fsdp" or set(left.values()) == {"[]"}), left
     final = ckpt.resolve(out)
     assert ckpt.read_checkpoint(final).meta["weights_step"] == 8
     best = load_file(str(out / "checkpoints" / "tiny_best" / "model.safetensors"))

@@ -106,6 +106,7 @@ def test_the_experiments_tables_are_the_ones_the_ablation_record_gives():
     assert out.strip() and out in text, "docs/experiments.md: rerun python benchmarks/scripts/ablation_tables.py"
 
 
+@pytest.mark.slow
 def test_the_words_task_rows_are_the_ones_its_record_gives():
     record = _record("instruct-words.json")
     out = subprocess.run([sys.executable, str(SCRIPTS / "instruct_words.py"), "--json",

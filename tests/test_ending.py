@@ -3,6 +3,7 @@ and its last state stays resumable; a run that ends better keeps its last weight
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -10,6 +11,9 @@ from cairn.checkpoint import store as ckpt
 from cairn.training import train
 from cairn.training.loop import Trainer
 from helpers import assert_same_weights, config, records
+
+# both tests train runs to their end
+pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path, stories_file, small_tokenizer, **overrides):

@@ -88,6 +88,7 @@ def test_export_writes_a_gpt2_directory(exported):
     assert config["tie_word_embeddings"] is False and config["bos_token_id"] == config["eos_token_id"] == 50256
 
 
+@pytest.mark.slow
 def test_transformers_loads_it_offline_with_the_same_logits_and_tokens(exported):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

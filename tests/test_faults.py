@@ -200,6 +200,7 @@ def test_an_optimizer_state_that_does_not_fit_is_refused(run, capsys):
 
 # ---------------------------------------------------------------- one writer per run
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_at_once_naming_the_first(run, base, capsys):
     """A real training process holds the run; a resume of it, and a new run into it, are refused
     in one line naming the holder's PID; the live writer's files are left alone."""

@@ -216,6 +216,7 @@ def test_held_out_examples_are_scored_on_their_answers(base_run, sft_file, tmp_p
 
 # ---------------------------------------------------------------- LoRA
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters_and_resumes_exactly(base_run, sft_file, tmp_path, logs):
     whole, split = tmp_path / "whole", tmp_path / "split"
     lora = ["--lora-rank", "4", "--lora-alpha", "8", "--max-steps", "4", "--end-stories", "0"]
@@ -316,6 +317,7 @@ def sft_run(base_run, sft_file, tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_chat_streams_answers_keeps_history_and_drops_the_oldest_turns_once(sft_run):
     import io
     import subprocess

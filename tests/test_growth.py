@@ -30,6 +30,7 @@ def test_the_narrowest_shape_within_the_epochs_is_chosen_else_the_widest():
     assert choose(epochs, 1.0) == 3  # none fits: the widest
 
 
+@pytest.mark.slow
 def test_a_budget_with_room_for_too_many_epochs_trains_a_wider_model(tmp_path, stories_file, small_tokenizer, caplog):
     """A 12-second budget over a small split would take dozens of epochs of the tiny model: with
     grow_to_epochs 2 the run measures a wider shape, trains it, and its config records it, so the

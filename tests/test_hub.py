@@ -22,6 +22,9 @@ import pytest
 from cairn.config.sections import DataConfig
 from conftest import REPO, make_stories
 
+# `cairn prepare` processes and hub loads through datasets: seconds each
+pytestmark = pytest.mark.slow
+
 HUB_ID = DataConfig().source  # the default the main job trains on
 REVISION = "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64"  # a commit hash, as refs/main holds one
 CARD = """---

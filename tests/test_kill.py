@@ -25,6 +25,9 @@ from safetensors.torch import load_file
 from cairn.cli import main
 from cairn.checkpoint import store as ckpt
 
+# every test kills and resumes real training processes
+pytestmark = pytest.mark.slow
+
 KILLS = 10
 KEEP = 2  # step checkpoints kept: a checkpoint every step, and the older ones deleted as it goes
 

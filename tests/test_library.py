@@ -4,10 +4,13 @@ config, finding a run's tokenizer. Each gives what its command prints."""
 import json
 import shutil
 
+import pytest
+
 from cairn.cli import main
 from cairn.eval.run import evaluate_run
 
 
+@pytest.mark.slow
 def test_evaluate_run_is_what_cairn_eval_prints(trained_run, capsys):
     r = evaluate_run(trained_run.run, split="val")
     capsys.readouterr()

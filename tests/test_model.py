@@ -24,6 +24,7 @@ def small(**kw) -> Transformer:
     return Transformer(cfg)
 
 
+@pytest.mark.slow
 def test_reference_model_has_the_tutorials_parameter_count():
     model = Transformer(preset("reference-105m").model)
     assert model.num_params() == 105_547_776

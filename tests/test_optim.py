@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 
 from cairn.config.sections import ModelConfig, OptimConfig
@@ -92,6 +93,7 @@ def test_embedding_learning_rate_scale_is_its_own_group_in_both_optimizers():
     assert len(make_optimizer(model(), OptimConfig(), 5e-4, torch.device("cpu")).param_groups) == 2
 
 
+@pytest.mark.slow
 def test_the_training_loop_applies_the_embedding_scale(tmp_path, stories_file, small_tokenizer):
     from cairn.config.io import apply_overrides
     from cairn.config.presets import preset

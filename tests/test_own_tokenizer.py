@@ -90,6 +90,7 @@ def tiny(source: Path, tokenizer: Path, **kw):
     return apply_overrides(cfg, {**base, **kw})
 
 
+@pytest.mark.slow
 def test_train_eval_generate_with_an_own_tokenizer(tmp_path, tokdir, stories_file, capsys):
     tokcopy = tmp_path / "mytok"
     shutil.copytree(tokdir, tokcopy)

@@ -52,6 +52,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.slow
 def test_plot_runs_draws_every_run_in_every_panel(runs, tmp_path):
     a, b = runs
     out = tmp_path / "both.png"
@@ -98,6 +99,7 @@ def test_run_names_are_distinct():
     assert _run_names([Path("/x/a/run"), Path("/x/b/run"), Path("/x/c")]) == ["a/run", "b/run", "c"]
 
 
+@pytest.mark.slow
 def test_cli_default_outputs(runs, tmp_path, monkeypatch, capsys):
     a, b = runs
     assert main(["plot", str(a)]) == 0

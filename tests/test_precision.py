@@ -121,6 +121,7 @@ def test_cpu_peak_is_the_precision_in_uses_and_the_best_seen(tmp_path, monkeypat
     assert timed == [torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.bfloat16]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_precision_it_started_in(tmp_path, small_tokenizer, monkeypatch, logs):
     stories = write_stories(tmp_path / "stories.jsonl", make_stories(36))
     cfg = config(stories, tokenizer=small_tokenizer, max_steps=8, epochs=1)

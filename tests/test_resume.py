@@ -31,6 +31,7 @@ def tiny(tmp_path, small_tokenizer):
     ("pack", {"grad_accum": 2, "dropout": 0.1}),  # dropout: the torch RNG must be restored too
     ("pack", {"optimizer": "muon"}),  # two torch optimizers behind one: both states must come back
 ])
+@pytest.mark.slow
 def test_stop_and_resume_equals_uninterrupted_across_an_epoch_boundary(tmp_path, tiny, batching, extra):
     per_epoch = steps_per_epoch(tiny(batching=batching, **extra))
     total = per_epoch + per_epoch // 2 + 1  # the second half crosses into epoch 2
@@ -48,6 +49,7 @@ def test_stop_and_resume_equals_uninterrupted_across_an_epoch_boundary(tmp_path,
     assert losses(full) == losses(part)
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_end_and_with_a_new_step_cap(logs, tmp_path, tiny):
     per_epoch = steps_per_epoch(tiny())
     full = tmp_path / "full"
@@ -72,6 +74,7 @@ def test_resume_with_another_architecture_names_the_fields(tmp_path, tiny):
         train(tiny(max_steps=6, d_model=64), run, resume=True)
 
 
+@pytest.mark.slow
 def test_keep_last_k_step_checkpoints(tmp_path, tiny):
     run = tmp_path / "run"
     train(tiny(max_steps=16, checkpoint_every=2, keep_checkpoints=3), run)
@@ -109,6 +112,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one_and_stops_clearly(tmp_pa
     assert good.meta["state"]["step"] == 5 and good.model_state() and good.trainer_state()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_or_is_skipped(logs, tmp_path, tiny, monkeypatch):
     from cairn.model.transformer import Transformer
 
@@ -133,6 +137,7 @@ def test_non_finite_loss_stops_or_is_skipped(logs, tmp_path, tiny, monkeypatch):
     assert all(torch.isfinite(t).all() for t in w.values())
 
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_the_same_losses_and_another_seed_does_not(tmp_path, tiny):
     for name, seed in (("a", 42), ("b", 42), ("c", 7)):
         train(tiny(max_steps=8, report_every=2, seed=seed), tmp_path / name)

@@ -31,6 +31,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator only")
 def test_keep_freed_memory_stops_page_faulting_the_same_blocks_in_again():
     def faults_per_step(mode: str) -> float:

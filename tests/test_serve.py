@@ -292,6 +292,7 @@ def test_the_page_needs_nothing_from_the_network(server):
         assert ref not in page
 
 
+@pytest.mark.slow
 def test_cairn_serve_command_serves_and_warns_on_a_public_address(trained_run):
     """The command line end to end: bound to every interface without a key, it warns; the OpenAI
     client gets a completion from it; SIGINT stops it."""

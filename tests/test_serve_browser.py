@@ -1,7 +1,7 @@
 """The playground page in a real headless Chromium, driven by Selenium through the system's
 chromedriver (given by path, so Selenium never looks for a driver on the network). Skipped, with
 the reason, where no Chromium is installed: `apt-get install chromium chromium-driver`
-(scripts/setup.sh installs them where apt-get is available)."""
+(`bash scripts/setup.sh test` installs them where apt-get is available)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ from cairn.checkpoint.load import load  # noqa: E402
 from cairn.serve.app import ServeSettings, create_app  # noqa: E402
 from helpers import serving  # noqa: E402
 
+# a real Chromium against a real server
+pytestmark = pytest.mark.slow
+
 
 def _first(*candidates: str):
     for c in candidates:
@@ -37,8 +40,8 @@ def browser():
     binary = _first("chromium", "chromium-browser", "google-chrome", "/usr/lib/chromium/chromium")
     driver = _first("chromedriver", "/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver")
     if binary is None or driver is None:
-        pytest.skip("no Chromium and chromedriver found: install them with "
-                    "`apt-get install chromium chromium-driver` (scripts/setup.sh does where apt-get is available)")
+        pytest.skip("no Chromium and chromedriver found: install them with `apt-get install chromium "
+                    "chromium-driver` (`bash scripts/setup.sh test` does where apt-get is available)")
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

@@ -129,6 +129,7 @@ def _loaded_after(imports: str) -> list[str]:
     return eval(out)
 
 
+@pytest.mark.slow
 def test_loading_evaluating_generating_exporting_and_serving_never_import_the_trainer():
     loaded = _loaded_after("cairn.checkpoint.load, cairn.inference.generate, cairn.export.hf, cairn.eval.run, "
                            "cairn.checkpoint.store, cairn.serve, cairn.serve.app, cairn.serve.engine")
@@ -141,6 +142,7 @@ def test_config_imports_neither_data_nor_training():
     assert not any(m.startswith(("cairn.data", "cairn.tokenizer.learn", "cairn.training")) for m in loaded), loaded
 
 
+@pytest.mark.slow
 def test_the_model_does_not_import_precision_measuring():
     loaded = _loaded_after("cairn.model.transformer")
     assert "cairn.runtime.precision" not in loaded, loaded

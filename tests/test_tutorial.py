@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 from conftest import make_stories, write_stories
 
 from cairn.config.presets import preset
@@ -76,6 +77,7 @@ def test_every_hyperparameter_of_reference_105m_is_the_tutorials():
     assert {k: _value(cfg, k) for k in DELIBERATE} == {k: v for k, (v, _) in DELIBERATE.items()}
 
 
+@pytest.mark.slow
 def test_the_tutorials_100_stories_give_three_steps_of_32_32_and_16_and_every_story_is_trained_on(tmp_path, caplog):
     """80 training stories at batch 32: the last, short batch is kept, as the tutorial's
     DataLoader keeps it, so the epoch is 3 steps and every training story is a target once."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Times the test suite of the commit before its rebuild (1a9b77c) and of the working tree, one
 # after the other on the machine that runs it, as pytest reports them (install and lint excluded). Needs the
-# project's .venv (bash scripts/setup.sh). Prints pytest's summary lines.
+# project's .venv with the test extra (bash scripts/setup.sh test). Prints pytest's summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . .venv/bin/activate

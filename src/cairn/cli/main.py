@@ -3,6 +3,7 @@ one line with exit code 2 (no traceback; CAIRN_DEBUG=1 shows it)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -33,8 +34,25 @@ def build_parser() -> Parser:
 def main(argv: Optional[list[str]] = None) -> int:
     # a --time-budget counts from the command's start: the process's, when this is the program
     # (argv from the command line); a call from Python code starts its own clock here
-    started = process_started() if argv is None else time.monotonic()
-    args = list(sys.argv[1:] if argv is None else argv)
+    program = argv is None
+    started = process_started() if program else time.monotonic()
+    code = _command(list(sys.argv[1:] if argv is None else argv), started)
+    if program:
+        _spare_the_exit_a_collection()
+    return code
+
+
+def _spare_the_exit_a_collection() -> None:
+    """The process ends once the command returns, and the interpreter's shutdown then runs the
+    garbage collector over every object still alive, torch's and cairn's: 1.4 to 2.8 s on a 2-core
+    machine busy with other work (0.35 s frozen), after the run's end yet within what a
+    --time-budget counts (the whole process). Frozen objects are left out of those collections and
+    their memory goes back with the process; cairn closes its own files (with-blocks, logging's
+    handlers at exit), so none of them waits on a collection to be flushed."""
+    gc.freeze()
+
+
+def _command(args: list[str], started: float) -> int:
     try:
         return _dispatch(args, started)
     except CairnError as e:

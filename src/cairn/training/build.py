@@ -220,16 +220,24 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, restart:
                          "use --init-from RUN (its tokenizer), --tokenizer gpt2 or a tokenizer directory")
     ensure_setup()
     with session(cfg.system) as dist:
-        only_main_speaks(dist.rank)
-        lock = RunLock(Path(out_dir))
-        dist.on_main(lock.acquire, share_result=False)
+        # the trainer lives in _locked_run's frame, gone when it returns: the session's end then tears
+        # down process groups that nothing of the run (the DDP reducer holds one) keeps alive
+        return _locked_run(cfg, Path(out_dir), dist, resume=resume, restart=restart, stop_after=stop_after,
+                           progress=progress, started=started)
+
+
+def _locked_run(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume: bool, restart: bool, stop_after: int,
+                progress: bool, started: float) -> dict[str, Any]:
+    only_main_speaks(dist.rank)
+    lock = RunLock(out_dir)
+    dist.on_main(lock.acquire, share_result=False)
+    try:
+        trainer = build_trainer(cfg, out_dir, dist, resume_run=resume, restart=restart,
+                                stop_after=stop_after, progress=progress, started=started)
         try:
-            trainer = build_trainer(cfg, Path(out_dir), dist, resume_run=resume, restart=restart,
-                                    stop_after=stop_after, progress=progress, started=started)
-            try:
-                return trainer.run()
-            finally:
-                if trainer.tb is not None:
-                    trainer.tb.close()
+            return trainer.run()
         finally:
-            lock.release()
+            if trainer.tb is not None:
+                trainer.tb.close()
+    finally:
+        lock.release()

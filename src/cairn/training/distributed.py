@@ -18,6 +18,8 @@ every method is a no-op, so the loop has one code path.
 from __future__ import annotations
 
 import contextlib
+import gc
+import importlib
 import inspect
 import logging
 import os
@@ -358,6 +360,11 @@ def session(t: SystemConfig) -> Iterator[Dist]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # torch.distributed.nn.functional takes the default group as its functions' default argument when
+    # it is first imported (DDP imports it, through torch._dynamo): imported after the group exists,
+    # it would keep the group alive past its end (see _end)
+    importlib.import_module("torch.distributed.nn.functional")
+
     dist.init_process_group(backend, timeout=timedelta(seconds=t.dist_timeout_s),
                             device_id=device if device.type == "cuda" else None)
     d = Dist(env["RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"], device, t.parallel, t.dist_timeout_s)
@@ -369,4 +376,18 @@ def session(t: SystemConfig) -> Iterator[Dist]:
         dist.barrier(group=d.file_group)
     except Exception as e:
         raise d.failure(e) from None
+    _end(d)
+
+
+def _end(d: Dist) -> None:
+    """Tear the process groups down here, while Python is fully alive.
+
+    `destroy_process_group` only drops torch's own references to the groups; a gloo group's
+    backend (its worker threads, its TCP loop) stops when the last reference goes. A group that
+    something else still referenced (this Dist; the run's DDP reducer, in a reference cycle) would
+    be torn down during interpreter shutdown instead, where a gloo worker thread still freeing the
+    tensors of a finished collective cannot take the GIL: the rank then aborts after its run has
+    ended ("terminate called without an active exception"), now and then, on a busy machine."""
+    d.file_group = None
+    gc.collect()  # the run's reference cycles (the trainer, its DDP wrapper and reducer)
     dist.destroy_process_group()
