@@ -73,3 +73,22 @@ def checked(s: SamplingConfig) -> SamplingConfig:
         return s.check()
     except SamplingError as e:
         raise CairnError(e.named(flag(e.field))) from None
+
+
+def add_config_options(p: argparse.ArgumentParser, keys: Sequence[str], *, keep_config: bool) -> None:
+    """`--key` options for config fields, declared from the fields themselves (config/sections.py):
+    their type, help text and default in one place for train, prepare and `tokenizer train`.
+    `keep_config`: an option left out is None, so the preset's or the config file's value stays."""
+    from dataclasses import fields
+
+    from cairn.config.io import field_index
+    from cairn.config.sections import RunConfig
+
+    index, defaults = field_index(), RunConfig()
+    for key in keys:
+        section, name, tp = index[key]
+        owner = defaults if section is None else getattr(defaults, section)
+        default = getattr(owner, name)
+        text = next(f.metadata["help"] for f in fields(owner) if f.name == name)
+        p.add_argument("--" + key.replace("_", "-"), type=tp, default=None if keep_config else default,
+                       help=f"{text} (default {default!r})")

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from cairn.cli.options import Subcommands, not_empty
+from cairn.cli.options import Subcommands, add_config_options, not_empty
 from cairn.util.errors import CairnError
 from cairn.util.log import setup as setup_logging
 
@@ -30,17 +30,9 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--data", help="data source, as for `cairn train --data` (default: the config's)")
     p.add_argument("--preset", help="take the data settings of this preset (as `cairn train --preset`)")
     p.add_argument("--config", help="take the data settings of this TOML config file")
-    p.add_argument("--tokenizer", help="gpt2 (default) or a directory made by `cairn tokenizer train`")
     p.add_argument("--workers", type=int, default=0,
                    help="tokenizer processes (default 0: every usable core; small sources use one)")
-    p.add_argument("--seed", type=int, help="shuffle seed of the split (default 42)")
-    p.add_argument("--n-samples", type=int, help="keep the first N shuffled stories (default 0 = all)")
-    p.add_argument("--train-frac", type=float, help="fraction of stories for training (default 0.8)")
-    p.add_argument("--val-frac", type=float, help="fraction for validation; the rest is test (default 0.1)")
-    p.add_argument("--text-field", help="field holding the text in .jsonl/.parquet/hub data (default text)")
-    p.add_argument("--txt-separator", help="story separator line in .txt files, or 'blank' (default <|endoftext|>)")
-    p.add_argument("--hub-split", help="split of a hub dataset (default train)")
-    p.add_argument("--cache-dir", help="cache root (default $CAIRN_CACHE or ~/.cache/cairn)")
+    add_config_options(p, DATA_OPTIONS, keep_config=True)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 

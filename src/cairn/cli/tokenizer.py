@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cairn.cli.options import Parser, Subcommands
+from cairn.cli.options import Parser, Subcommands, add_config_options
 from cairn.util.errors import CairnError
 
 
@@ -25,14 +25,10 @@ def add_parser(sub: Subcommands) -> None:
     t.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary (at most; >= 257)")
     t.add_argument("--out", required=True, metavar="DIR", help="directory to write tokenizer.json into")
     t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)")
-    t.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/hub data")
-    t.add_argument("--txt-separator", default="<|endoftext|>", help="story separator line in .txt files")
-    t.add_argument("--hub-split", default="train", help="split of a hub dataset (default train)")
-    t.add_argument("--seed", type=int, default=42, help="shuffle seed of the split (default 42, as cairn train)")
-    t.add_argument("--train-frac", type=float, default=0.8,
-                   help="learn from the first fraction of the shuffled stories (default 0.8); use the "
-                        "train_frac of your runs or less")
-    t.add_argument("--n-samples", type=int, default=0, help="keep the first N shuffled stories (0 = all)")
+    # the data options `cairn train` has, declared once (config/sections.py): learn from the training
+    # split of the same seeded shuffle and cut; use the train_frac of the runs it is for, or less
+    add_config_options(t, ("text_field", "txt_separator", "hub_split", "seed", "train_frac", "n_samples"),
+                       keep_config=False)
     t.add_argument("--all", action="store_true", help="learn from every story (no held-out stories)")
 
 
