@@ -268,8 +268,9 @@ def test_a_run_with_max_steps_is_not_refused_for_its_end_and_the_refusal_names_t
     c = Costs(step_s=0.1, eval_batch_s=1.0, checkpoint_s=0.5, story_token_s=0.01)
     w = Workload(steps_per_epoch=1000, val_batches=500, test_batches=0, eval_every=0, eval_sample_batches=8,
                  epoch_val_batches=8, checkpoint_every=0, story_tokens=0, best_val_batches=500)
-    with pytest.raises(CairnError, match="--time-budget off"):
+    with pytest.raises(CairnError, match="budget.time_budget off") as e:
         plan(600.0, elapsed_s=100.0, c=c, w=w)  # the end alone takes 1000s
+    assert "--time-budget off" in e.value.for_cli()
     b = plan(600.0, elapsed_s=100.0, c=c, w=Workload(**{**w.__dict__, "max_steps": 5}))
     assert b.steps == 5 and not b.end_in_budget and b.reserve_s == 0 and b.past_budget_s > 400
 

@@ -181,7 +181,8 @@ def test_hub_without_network_fails_fast(monkeypatch):
         load_texts("roneneldan/TinyStories")
     assert time.monotonic() - t0 < 2
     assert "cannot load hub dataset 'roneneldan/TinyStories' (no network?)" in one_line(e)
-    assert "pass local files with --data PATH" in str(e.value)
+    assert "pass local files with --data PATH" in e.value.for_cli()
+    assert "pass local files with data.source PATH" in str(e.value)  # a Python caller is told the setting
 
 
 def test_hub_real_call_is_bounded():

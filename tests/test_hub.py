@@ -92,7 +92,7 @@ for kwargs in json.loads(sys.argv[1]):
     try:
         out.append({"texts": load_texts(**kwargs)})
     except CairnError as e:
-        out.append({"error": str(e)})
+        out.append({"error": e.for_cli()})
 print(json.dumps(out))
 """
 

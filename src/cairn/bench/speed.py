@@ -41,7 +41,7 @@ from cairn.model.transformer import Transformer
 from cairn.runtime.device import autocast, pick_device, set_threads
 from cairn.runtime.precision import peak_flops
 from cairn.runtime.precision import resolve as precision_choice
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 if TYPE_CHECKING:
     from cairn.training.optim import Optimizer
@@ -266,7 +266,8 @@ def resolve_shape(a: argparse.Namespace) -> Shape:
     seq = a.seq_len or seq
     mc = replace(mc, context_len=max(mc.context_len, seq))
     if mc.d_model % mc.n_heads:
-        raise CairnError(f"--d-model {mc.d_model} is not divisible by --n-heads {mc.n_heads}")
+        raise CairnError(f"{option('model.d_model')} {mc.d_model} is not divisible by {option('model.n_heads')} "
+                         f"{mc.n_heads}")
     return Shape(mc, seq, a.batch_size or batch)
 
 
@@ -301,7 +302,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - {"nanogpt", "cairn", "cairn-fp32", "tutorial"})
     if unknown or not variants:
-        raise CairnError(f"--variants {a.variants!r}: choose from nanogpt, cairn, cairn-fp32, tutorial")
+        raise CairnError(f"{option('variants')} {a.variants!r}: choose from nanogpt, cairn, cairn-fp32, tutorial")
     shape = resolve_shape(a)
     # the command, commit and the machine's load at the start: other work on it slows every variant
     recording = record.start(shlex.join(["cairn", "bench", *argv]))

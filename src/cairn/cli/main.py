@@ -59,7 +59,7 @@ def _command(args: list[str], started: float) -> int:
         if os.environ.get("CAIRN_DEBUG"):
             raise
         if not isinstance(e, SharedError):  # under torchrun rank 0 already said it
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e.for_cli()}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # the reader went away (`cairn generate ... | head`): stop quietly, and let the

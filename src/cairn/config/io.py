@@ -190,7 +190,7 @@ def load_toml(path: str | Path, cfg: Optional[RunConfig] = None) -> RunConfig:
     try:
         return apply_overrides(cfg if cfg is not None else RunConfig(), _flatten(raw))
     except CairnError as e:
-        raise CairnError(f"config file {str(path)!r}: {e}") from None
+        raise CairnError(f"config file {str(path)!r}: {e.raw()}") from None
 
 
 def _one_line(e: BaseException) -> str:

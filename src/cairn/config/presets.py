@@ -129,5 +129,5 @@ def config_file(path: str | Path, base: Optional[RunConfig] = None) -> RunConfig
         try:
             base = preset(name) if name is not None else RunConfig()
         except CairnError as e:
-            raise CairnError(f"config file {str(path)!r}: {e}") from None
+            raise CairnError(f"config file {str(path)!r}: {e.raw()}") from None
     return load_toml(path, base)

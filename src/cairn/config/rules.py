@@ -9,7 +9,7 @@ import typing
 from dataclasses import field, fields
 from typing import Any, Literal, Optional
 
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 
 def opt(default: Any, help: str) -> Any:
@@ -39,7 +39,7 @@ def check_choice(qual: str, value: Any, choices: tuple) -> None:
     """The one check of a Literal field's value, for values being set and configs being validated alike."""
     if value not in choices:
         allowed = ", ".join(map(repr, choices[:-1])) + f" or {choices[-1]!r}"
-        raise CairnError(f"{qual} must be {allowed}, got {value!r}: set {_flag(qual.split('.')[-1])} to one of them")
+        raise CairnError(f"{qual} must be {allowed}, got {value!r}: set {option(qual)} to one of them")
 
 
 def check_choices(obj: Any, section: Optional[str]) -> None:
@@ -57,14 +57,16 @@ def positive(obj: Any, section: Optional[str], names: str, zero_ok: bool = False
         value = getattr(obj, name)
         if value < 0 or (value == 0 and not zero_ok):
             need, hint = ("zero or more", "0 or more") if zero_ok else ("positive", "a positive value")
-            raise CairnError(f"{_qual(section, name)} must be {need}, got {value}: set {_flag(name)} to {hint}")
+            qual = _qual(section, name)
+            raise CairnError(f"{qual} must be {need}, got {value}: set {option(qual)} to {hint}")
 
 
 def below_one(obj: Any, section: str, names: str) -> None:
     """Each of the space-separated fields is in [0, 1)."""
     for name in names.split():
         if not 0 <= getattr(obj, name) < 1:
-            raise CairnError(f"{section}.{name} must be in [0, 1), got {getattr(obj, name)}: change {_flag(name)}")
+            qual = f"{section}.{name}"
+            raise CairnError(f"{qual} must be in [0, 1), got {getattr(obj, name)}: change {option(qual)}")
 
 
 OFF = ("", "0", "off", "none")  # what turns a time budget off

@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 from cairn.config.rules import below_one, budget_seconds, check_choices, opt, positive
 from cairn.tokenizer.base import parse_bpe_spec
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 # A bpe:N tokenizer's learning sample: it bounds the learning's time and memory on any corpus, and
 # keeps every story of the shared 4 MB sample. On a 2-core AMD EPYC (avx512_bf16), a 64 MB sample of
@@ -61,12 +61,13 @@ class ModelConfig:
         positive(self, "model", "vocab_size d_model n_layers n_heads d_mlp context_len rope_theta norm_eps")
         if self.d_model % self.n_heads:
             raise CairnError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}): "
-                             "change --d-model or --n-heads")
+                             f"change {option('model.d_model')} or {option('model.n_heads')}")
         if self.d_model // self.n_heads % 2:
             raise CairnError(f"head size d_model/n_heads = {self.d_model // self.n_heads} must be even: "
-                             "change --d-model or --n-heads")
+                             f"change {option('model.d_model')} or {option('model.n_heads')}")
         if not 0 <= self.dropout < 1:
-            raise CairnError(f"model.dropout must be in [0, 1), got {self.dropout}: set --dropout to e.g. 0.1")
+            raise CairnError(f"model.dropout must be in [0, 1), got {self.dropout}: set {option('model.dropout')} to "
+                             "e.g. 0.1")
 
 
 @dataclass
@@ -104,25 +105,26 @@ class DataConfig:
         positive(self, "data", "seq_len")
         if not (0 < self.train_frac <= 1) or not (0 <= self.val_frac < 1):
             raise CairnError(f"data.train_frac must be in (0, 1] and data.val_frac in [0, 1), "
-                             f"got {self.train_frac} and {self.val_frac}: change --train-frac / --val-frac")
+                             f"got {self.train_frac} and {self.val_frac}: change {option('data.train_frac')} / "
+                             f"{option('data.val_frac')}")
         if self.train_frac + self.val_frac > 1 + 1e-9:
             raise CairnError(f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} is over 1: "
                              "the fractions must sum to at most 1 (the rest is the test split)")
         if self.pack_shift and self.batching != "pack":
             raise CairnError("data.pack_shift is for packed rows (pad batching does not cut the stream into "
-                             "windows): use --batching pack, or --pack-shift false")
+                             f"windows): use {option('data.batching')} pack, or {option('data.pack_shift')} false")
         if self.story_mask and self.batching != "pack":
             raise CairnError("data.story_mask is for packed rows (pad batching gives each story a row of its own): "
-                             "use --batching pack, or --story-mask false")
+                             f"use {option('data.batching')} pack, or {option('data.story_mask')} false")
         if not self.source:
-            raise CairnError("data.source is empty: pass --data PATH_OR_HUB_ID")
+            raise CairnError(f"data.source is empty: pass {option('data.source')} PATH_OR_HUB_ID")
         if self.format == "sft":
             if self.batching == "pack" and not self.story_mask:
                 raise CairnError("data.format sft packs whole examples into rows, which must not attend to each "
-                                 "other: add --story-mask true, or use --batching pad")
+                                 f"other: add {option('data.story_mask')} true, or use {option('data.batching')} pad")
             if self.pack_shift:
                 raise CairnError("data.pack_shift cuts a token stream, and sft rows hold whole examples: "
-                                 "use --pack-shift false")
+                                 f"use {option('data.pack_shift')} false")
 
 
 class Section(Protocol):
@@ -181,11 +183,11 @@ class OptimConfig:
         below_one(self, "optim", "beta1 beta2 muon_momentum")
         if not (math.isfinite(self.embed_lr_scale) and self.embed_lr_scale > 0):
             raise CairnError(f"optim.embed_lr_scale must be a positive number, got {self.embed_lr_scale}: "
-                             "change --embed-lr-scale (1 = the same lr as everything else)")
+                             f"change {option('optim.embed_lr_scale')} (1 = the same lr as everything else)")
         wd = self.embed_weight_decay
         if not (wd == -1 or (math.isfinite(wd) and wd >= 0)):
             raise CairnError(f"optim.embed_weight_decay must be >= 0 (or -1 for weight_decay's), got "
-                             f"{wd}: change --embed-weight-decay")
+                             f"{wd}: change {option('optim.embed_weight_decay')}")
 
 
 @dataclass
@@ -204,12 +206,13 @@ class ScheduleConfig:
         positive(self, "schedule", "min_lr", zero_ok=True)
         if self.min_lr > self.lr:
             raise CairnError(f"schedule.min_lr ({self.min_lr}) is above schedule.lr ({self.lr}): "
-                             "lower --min-lr or raise --lr")
+                             f"lower {option('schedule.min_lr')} or raise {option('schedule.lr')}")
         if self.warmup_steps < -1:
             raise CairnError(f"schedule.warmup_steps must be -1 (use warmup_frac) or zero or more, "
-                             f"got {self.warmup_steps}: change --warmup-steps")
+                             f"got {self.warmup_steps}: change {option('schedule.warmup_steps')}")
         if not 0 <= self.warmup_frac <= 1:
-            raise CairnError(f"schedule.warmup_frac must be in [0, 1], got {self.warmup_frac}: change --warmup-frac")
+            raise CairnError(f"schedule.warmup_frac must be in [0, 1], got {self.warmup_frac}: change "
+                             f"{option('schedule.warmup_frac')}")
 
 
 @dataclass
@@ -352,7 +355,8 @@ class RunConfig:
                              "use letters, digits, '-', '_' or '.' (no path separators)")
         if len(self.name.encode("utf-8")) > MAX_NAME_BYTES:
             raise CairnError(f"name is {len(self.name.encode('utf-8'))} bytes long, too long for checkpoint file names "
-                             f"(file systems allow 255 bytes, with the step's suffix): use a --name of at most "
+                             f"(file systems allow 255 bytes, with the step's suffix): use a {option('name')} of at "
+                             "most "
                              f"{MAX_NAME_BYTES} bytes")
         positive(self, None, "seed", zero_ok=True)
         if not self.tokenizer.strip():
@@ -364,11 +368,12 @@ class RunConfig:
             raise CairnError(f"data.seq_len ({self.data.seq_len}) is longer than model.context_len "
                              f"({self.model.context_len}): lower seq_len or raise context_len")
         if self.lora.lora_rank and self.system.parallel == "fsdp":
-            raise CairnError("LoRA (lora.lora_rank) is not supported with FSDP: use --parallel ddp (the frozen "
-                             "model is small next to full training), or --lora-rank 0")
+            raise CairnError(f"LoRA (lora.lora_rank) is not supported with FSDP: use {option('system.parallel')} ddp "
+                             "(the frozen "
+                             f"model is small next to full training), or {option('lora.lora_rank')} 0")
         if self.optim.optimizer == "muon" and self.system.parallel == "fsdp":
             raise CairnError("optim.optimizer muon needs whole weight matrices, which FSDP shards: "
-                             "use --parallel ddp, or --optimizer adamw with FSDP")
+                             f"use {option('system.parallel')} ddp, or {option('optim.optimizer')} adamw with FSDP")
 
 
 SECTIONS = ("model", "data", "chat", "train", "optim", "schedule", "eval", "checkpoint", "budget", "lora", "system",

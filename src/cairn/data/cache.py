@@ -29,7 +29,7 @@ import numpy as np
 
 from cairn.config.sections import DataConfig
 from cairn.util import files
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.tokenizer.base import Tokenizer
 from cairn.util.host import usable_cores
 from cairn.data.parallel import ChunkPool, encode_chunk, scan_chunk
@@ -288,7 +288,7 @@ def prepare_workers(workers: int, n_bytes: Optional[int]) -> int:
     """Processes to tokenize with: `workers` when given (> 0); for 0, every usable core, or one for
     local files of under _POOL_MIN_BYTES, which one core tokenizes before workers would have started."""
     if workers < 0:
-        raise CairnError(f"--workers must be 0 (every core) or more, got {workers}")
+        raise CairnError(f"{option('workers')} must be 0 (every core) or more, got {workers}")
     if workers:
         return workers
     if n_bytes is not None and n_bytes < _POOL_MIN_BYTES:
@@ -443,7 +443,7 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer: Tokenizer, *,
         scan = _scan(data_cfg, pool, chunk_bytes, total, progress)
         if scan.n_kept == 0:
             raise CairnError(f"no text left in {data_cfg.source} after dropping empty stories: "
-                             f"check the data and --text-field / --txt-separator")
+                             f"check the data and {option('data.text_field')} / {option('data.txt_separator')}")
         assign = split_assignment(scan.n_kept, seed, data_cfg.n_samples, data_cfg.train_frac, data_cfg.val_frac)
         log.info(f"{scan.stories} stories loaded, {scan.stories - scan.n_kept} empty dropped; "
             + ", ".join(f"{s} {int((assign == i).sum())}" for i, s in enumerate(SPLITS)))
@@ -452,7 +452,7 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer: Tokenizer, *,
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise CairnError(f"cannot create the cache folder {root} ({e.strerror}): "
-                             "set --cache-dir or CAIRN_CACHE") from None
+                             f"set {option('data.cache_dir')} or CAIRN_CACHE") from None
         _remove_stale_temps(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=root))
         try:
@@ -466,7 +466,7 @@ def prepare_data(data_cfg: DataConfig, seed: int, tokenizer: Tokenizer, *,
                 files.fsync_tree(tmp)  # the rename below must never publish files still in the page cache
             except OSError as e:
                 raise CairnError(f"cannot write the token cache in {root} ({e.strerror or e}): "
-                                 "free disk space or set --cache-dir") from None
+                                 f"free disk space or set {option('data.cache_dir')}") from None
             try:
                 os.rename(tmp, final)
             except OSError:

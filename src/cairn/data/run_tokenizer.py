@@ -28,7 +28,7 @@ from cairn.data import clean_texts, load_texts, source_fingerprint, split_storie
 from cairn.data.cache import cache_root
 from cairn.data.sources import CHUNK_BYTES, iter_texts, resolve_files, source_bytes
 from cairn.data.splits import split_assignment
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.tokenizer.base import EOT, INFO_FILE, TOKENIZER_FILE, BPETokenizer, Tokenizer, get_tokenizer, parse_bpe_spec
 from cairn.tokenizer.learn import train_bpe
 
@@ -134,7 +134,7 @@ def learn_on_split(vocab_size: int, data_cfg: DataConfig, seed: int) -> BPEToken
         tok = train_bpe(learn, vocab_size, out)
     except OSError as e:
         raise CairnError(f"cannot write the tokenizer cache {out} ({e.strerror or e}): "
-                         "free disk space or set --cache-dir") from None
+                         f"free disk space or set {option('data.cache_dir')}") from None
     log.info(f"learned tokenizer {tok.name} ({tok.vocab_size} tokens) on {what} in {read_s:.1f}s of reading and "
              f"{time.perf_counter() - start - read_s:.1f}s of learning; cached at {out}")
     return tok
@@ -179,11 +179,12 @@ def training_texts(source: str, *, text_field: str = "text", txt_separator: str 
     seed, n_samples and train_frac (`split_assignment`), the second the rest of the kept stories."""
     texts = clean_texts(load_texts(source, text_field, txt_separator, hub_split))
     if not texts:
-        raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and --text-field")
+        raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and "
+                         f"{option('data.text_field')}")
     if all_stories:
         return texts, []
     if not 0 < train_frac <= 1:
-        raise CairnError(f"--train-frac must be in (0, 1], got {train_frac}")
+        raise CairnError(f"{option('data.train_frac')} must be in (0, 1], got {train_frac}")
     # the same shuffle and cut as `cairn train`: its first int(train_frac * n) stories are the training split
     splits = split_stories(texts, seed, n_samples, train_frac, 0.0)
     return splits["train"], splits["test"]
@@ -212,11 +213,12 @@ def training_sample(source: str, sample_bytes: int, *, text_field: str = "text",
     memory holds about `sample_bytes` of text and a chunk of `chunk_bytes` being read, whatever the
     size of the source."""
     if not 0 < train_frac <= 1:
-        raise CairnError(f"--train-frac must be in (0, 1], got {train_frac}")
+        raise CairnError(f"{option('data.train_frac')} must be in (0, 1], got {train_frac}")
     lengths = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8"))
                            for t in _kept(source, text_field, txt_separator, hub_split, chunk_bytes)), dtype=np.int64)
     if not len(lengths):
-        raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and --text-field")
+        raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and "
+                         f"{option('data.text_field')}")
     train = np.flatnonzero(split_assignment(len(lengths), seed, n_samples, train_frac, 0.0) == 0)
     order = train[np.random.default_rng([seed, SAMPLE_STREAM]).permutation(len(train))]
     sizes = np.cumsum(lengths[order])

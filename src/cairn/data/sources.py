@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, Optional, Sequence, Union
 from urllib.parse import urlparse
 
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 if TYPE_CHECKING:
     import datasets
@@ -257,12 +257,12 @@ def _parquet_chunks(path: Path, field: str, chunk_bytes: int) -> Iterator[TextsC
         raise CairnError(f"{path}: not a readable parquet file ({e}): check the file") from None
     if field not in schema.names:
         raise CairnError(f"{path}: no column {field!r} (columns: {', '.join(schema.names)}): "
-                         "set --text-field to the column that holds the text")
+                         f"set {option('data.text_field')} to the column that holds the text")
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)
             or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
         raise CairnError(f"{path}: column {field!r} holds {kind}, not text: "
-                         "set --text-field to the column that holds the text")
+                         f"set {option('data.text_field')} to the column that holds the text")
 
     def columns() -> Iterator[Any]:
         # Record batches, so memory holds one batch (and Arrow's read buffers), never the file.
@@ -408,7 +408,7 @@ def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
 def _no_network_error(source: str) -> CairnError:
     # Also what a mistyped relative path like "data/stories" ends in: it has a hub id's shape.
     return CairnError(f"cannot load hub dataset {source!r} (no network?): "
-                      f"pass local files with --data PATH ({_EXT_LIST})")
+                      f"pass local files with {option('data.source')} PATH ({_EXT_LIST})")
 
 
 def _cached_snapshot(source: str) -> Optional[str]:
@@ -438,7 +438,8 @@ def _load_hub_dataset(source: str, path: str, hub_split: str) -> datasets.Datase
     except Exception as e:  # datasets raises many types; all mean "this id/split cannot be loaded"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CairnError(f"cannot load hub dataset {source!r} split {hub_split!r} ({first}): "
-                         f"check the id and --hub-split, or pass local files with --data PATH ({_EXT_LIST})") from None
+                         f"check the id and {option('data.hub_split')}, or pass local files with "
+                         f"{option('data.source')} PATH ({_EXT_LIST})") from None
 
 
 def _hub_dataset(source: str, text_field: str, hub_split: str) -> datasets.Dataset:
@@ -460,7 +461,7 @@ def _hub_dataset(source: str, text_field: str, hub_split: str) -> datasets.Datas
         ds = _load_hub_dataset(source, source, hub_split)
     if text_field not in ds.column_names:
         raise CairnError(f"hub dataset {source!r} has no column {text_field!r} "
-                         f"(columns: {', '.join(ds.column_names)}): set --text-field")
+                         f"(columns: {', '.join(ds.column_names)}): set {option('data.text_field')}")
     return ds
 
 
@@ -481,7 +482,7 @@ def source_chunks(source: str, text_field: str = "text", txt_separator: str = "<
     missing path, an unreadable parquet schema, no network) raise CairnError here.
     """
     if not source:
-        raise CairnError("data source is empty: pass --data PATH_OR_HUB_ID")
+        raise CairnError(f"data source is empty: pass {option('data.source')} PATH_OR_HUB_ID")
     resolved = resolve_files(source)
     if resolved is None:
         ds = _hub_dataset(source, text_field, hub_split)

@@ -10,7 +10,7 @@ from cairn.data.batching import SCORE_TOKENS, ScoreBatches
 from cairn.data.formats import get_format
 from cairn.eval.metrics import evaluate
 from cairn.runtime.precision import for_checkpoint
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 
 def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "test", batch_size: int = 0,
@@ -19,7 +19,7 @@ def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "tes
     its own beginning, as training's evaluations read them. Returns the metrics, with what was
     scored ("what") and the checkpoint ("checkpoint")."""
     if batch_size < 0:
-        raise CairnError(f"--batch-size must be positive (or 0 for the run's), got {batch_size}")
+        raise CairnError(f"{option('train.batch_size')} must be positive (or 0 for the run's), got {batch_size}")
     loaded = load(path, device)
     cfg, tok = loaded.config, loaded.tokenizer
     ds, what = get_format(cfg.data.format).held_out(cfg, tok, data, split)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cairn.util import files
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.tokenizer.base import EOT, TOKENIZER_FILE, BPETokenizer, TiktokenTokenizer, Tokenizer
 
 if TYPE_CHECKING:
@@ -51,8 +51,9 @@ def hf_architecture(cfg: RunConfig) -> str:
         return "llama"
     if m.positions == "sinusoidal" and m.norm == "layernorm" and m.mlp == "gelu":  # only the biases are off
         raise CairnError("this model has no biases (model.bias = false), which GPT-2's format cannot express: "
-                         "only models trained with biases export to --format hf in GPT-2 form "
-                         "(or train the Llama block: --positions rope --norm rmsnorm --mlp swiglu)")
+                         f"only models trained with biases export to {option('data.format')} hf in GPT-2 form "
+                         f"(or train the Llama block: {option('model.positions')} rope {option('model.norm')} rmsnorm "
+                         f"{option('model.mlp')} swiglu)")
     gpt2_off = [f"{k}={getattr(m, k)}" for k, v in GPT2_BLOCK.items() if getattr(m, k) != v]
     llama_off = [f"{k}={getattr(m, k)}" for k, v in LLAMA_BLOCK.items() if getattr(m, k) != v]
     raise CairnError(f"this model mixes GPT-2's and Llama's blocks, which no Hugging Face format computes "
@@ -72,7 +73,7 @@ def _source_weights(model: Transformer) -> dict[str, torch.Tensor]:
 def _all_used(sd: dict[str, torch.Tensor], fmt: str) -> None:
     if sd:
         raise CairnError(f"the model has weights {fmt}'s format has no place for ({', '.join(sorted(sd)[:3])}): "
-                         "it cannot be exported to --format hf")
+                         f"it cannot be exported to {option('data.format')} hf")
 
 
 def llama_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -221,7 +222,8 @@ def write_tokenizer(tokenizer: Tokenizer, out: Path, context_len: int) -> None:
         shutil.copyfile(tokenizer.directory / TOKENIZER_FILE, out / TOKENIZER_FILE)
         cls = "PreTrainedTokenizerFast"
     else:
-        raise CairnError(f"cannot export tokenizer {getattr(tokenizer, 'name', tokenizer)!r} to --format hf")
+        raise CairnError(f"cannot export tokenizer {getattr(tokenizer, 'name', tokenizer)!r} to "
+                         f"{option('data.format')} hf")
     (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(cls, context_len), indent=2) + "\n",
                                                encoding="utf-8")
     (out / "special_tokens_map.json").write_text(
@@ -249,7 +251,7 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CairnError(f"--out {str(out)!r} already exists and is not an empty directory: choose a new one")
+        raise CairnError(f"{option('out')} {str(out)!r} already exists and is not an empty directory: choose a new one")
     loaded = load(path, device="cpu", merge=True)  # LoRA adapters folded in: the export needs no peft
     arch = hf_architecture(loaded.config)
     cfg, tok = loaded.config, loaded.tokenizer

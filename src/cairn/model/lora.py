@@ -16,7 +16,7 @@ from typing import TypeVar
 
 import torch.nn as nn
 
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,8 @@ def add_adapters(model: M, rank: int, alpha: float, target_spec: str) -> M:
     wanted = targets(target_spec) or [n for n in linears if n.startswith("blocks.")]
     unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linears)]
     if unmatched:
-        raise CairnError(f"--lora-targets {', '.join(unmatched)}: no linear layer of this model is named so; its "
+        raise CairnError(f"{option('lora.lora_targets')} {', '.join(unmatched)}: no linear layer of this model is "
+                         "named so; its "
                          f"layers are named {', '.join(linear_names(model))}")
     peft = _peft()
     cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=wanted, bias="none")

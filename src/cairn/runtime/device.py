@@ -13,7 +13,7 @@ from typing import ContextManager, Optional
 import numpy as np
 import torch
 
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.util.host import usable_cores
 
 
@@ -29,9 +29,11 @@ def pick_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise CairnError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise CairnError(f"device {name!r} asked for but CUDA is not available: use --device cpu or auto")
+        raise CairnError(f"device {name!r} asked for but CUDA is not available: use {option('system.device')} cpu or "
+                         "auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CairnError(f"device {name!r} asked for but MPS is not available: use --device cpu or auto")
+        raise CairnError(f"device {name!r} asked for but MPS is not available: use {option('system.device')} cpu or "
+                         "auto")
     return device
 
 

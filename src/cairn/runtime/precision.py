@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import torch
 
 from cairn.util import files
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.util.host import cpu_info
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ def resolve(precision: str, device: torch.device, model_cfg: Optional[LinearSize
     without it). "auto": bf16 on GPUs that support it; on CPUs, measured for the run's matmuls
     (`model_cfg`, `tokens` per micro-batch) where given, else float32."""
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise CairnError("this GPU does not support bf16: use --precision fp32")
+        raise CairnError(f"this GPU does not support bf16: use {option('system.precision')} fp32")
     if precision != "auto":
         return Choice(precision, "as asked")
     if device.type == "cuda":

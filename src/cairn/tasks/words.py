@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, TypedDict
 from cairn.util import jsonl
 from cairn.tokenizer.base import Tokenizer
 from cairn.tokenizer.chat_template import ChatTemplate, instruction
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.inference.generate import TextStream
 from cairn.inference.sampling import WORDS, SamplingConfig
 from cairn.checkpoint.load import Loaded, load
@@ -103,7 +103,7 @@ def read_word_prompts(path: str | Path) -> list[WordPrompt]:
             record["response"] = r["response"]
         out.append(record)
     if not out:
-        raise CairnError(f"--data {str(path)!r} holds no prompt")
+        raise CairnError(f"{option('data.source')} {str(path)!r} holds no prompt")
     return out
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.tokenizer.base import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -44,10 +44,10 @@ class ChatTemplate:
             text = getattr(self, role)
             if text.count(SLOT) != 1:
                 raise CairnError(f"chat.template_{role} {text!r} must hold {SLOT} exactly once: "
-                                 f"change --template-{role}")
+                                 f"change {option('template_')}{role}")
         if "<|endoftext|>" in "".join((self.system, self.user, self.assistant, self.separator)):
             raise CairnError("the chat template must not hold <|endoftext|>: it ends every conversation "
-                             "and separates packed examples; change --template-*")
+                             f"and separates packed examples; change {option('template_')}*")
         return self
 
     def answer_prefix(self) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cairn.util import files
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.tokenizer.base import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, Tokenizer, content_name
 
 
@@ -34,11 +34,12 @@ def train_bpe(texts: Sequence[str], vocab_size: int, out_dir: str | Path, min_fr
     except ImportError:
         raise CairnError("training a tokenizer needs the `tokenizers` package: pip install tokenizers") from None
     if vocab_size < MIN_VOCAB:
-        raise CairnError(f"--vocab-size must be at least {MIN_VOCAB} (256 bytes + {EOT}), got {vocab_size}")
+        raise CairnError(f"{option('model.vocab_size')} must be at least {MIN_VOCAB} (256 bytes + {EOT}), got "
+                         f"{vocab_size}")
     if min_frequency < 1:
-        raise CairnError(f"--min-frequency must be 1 or more, got {min_frequency}")
+        raise CairnError(f"{option('min_frequency')} must be 1 or more, got {min_frequency}")
     if not texts:
-        raise CairnError("no stories to train the tokenizer on: check --data")
+        raise CairnError(f"no stories to train the tokenizer on: check {option('data.source')}")
     out = Path(out_dir)
     _check_out(out)
 
@@ -65,11 +66,12 @@ def train_bpe(texts: Sequence[str], vocab_size: int, out_dir: str | Path, min_fr
 def _check_out(out: Path) -> None:
     """--out must be a new or empty directory, or one holding only an earlier tokenizer."""
     if out.exists() and not out.is_dir():
-        raise CairnError(f"--out {str(out)!r} is a file, not a directory: choose another --out")
+        raise CairnError(f"{option('out')} {str(out)!r} is a file, not a directory: choose another {option('out')}")
     if out.is_dir():
         other = [p.name for p in out.iterdir() if p.name not in (TOKENIZER_FILE, INFO_FILE)]
         if other:
-            raise CairnError(f"--out {str(out)!r} already holds other files ({', '.join(sorted(other)[:3])}): "
+            raise CairnError(f"{option('out')} {str(out)!r} already holds other files "
+                             f"({', '.join(sorted(other)[:3])}): "
                              "choose a new directory")
 
 

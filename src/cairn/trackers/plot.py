@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 if TYPE_CHECKING:  # matplotlib is optional: imported on use
     from types import ModuleType
@@ -269,7 +269,7 @@ def _legend(fig: Figure, runs: Sequence[RunMetrics], colours: Sequence[ColorType
 def save(fig: Figure, out: str | Path) -> Path:
     out = Path(out)
     if out.is_dir():
-        raise CairnError(f"--out {str(out)!r} is a directory: give a file name such as {out / 'plot.png'}")
+        raise CairnError(f"{option('out')} {str(out)!r} is a directory: give a file name such as {out / 'plot.png'}")
     if not out.parent.is_dir():
         raise CairnError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist")
     try:

@@ -41,7 +41,7 @@ from cairn.training.resolve import prepare_config
 from cairn.training.rundir import RunDir, RunLock
 from cairn.training.step import Stepper
 from cairn.training.validator import Validator
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.util.log import ensure_setup, only_main_speaks
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress
                         cfg.train.max_steps, dist.world, cfg.schedule)
     if plan is None:
         raise CairnError(f"the train split has {len(data.train)} {data.unit} of up to {cfg.data.seq_len} tokens, "
-                         "too few for one step: lower --seq-len or add data")
+                         f"too few for one step: lower {option('data.seq_len')} or add data")
     budget = Budget(plan, cfg.budget.seconds, inputs.started, dist, cfg.schedule, cfg.train.max_steps)
     state = TrainState()
     torch_rng = TorchRng(dist, cfg.seed, lambda: state.step)
@@ -217,7 +217,8 @@ def train(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, restart:
     cfg = prepare_config(cfg, continuing=resume or restart)
     if not get_format(cfg.data.format).learns_tokenizer and run_tokenizer.parse_bpe_spec(cfg.tokenizer) is not None:
         raise CairnError(f"data.format {cfg.data.format} cannot learn a tokenizer ({cfg.tokenizer}) on its records: "
-                         "use --init-from RUN (its tokenizer), --tokenizer gpt2 or a tokenizer directory")
+                         f"use {option('init_from')} RUN (its tokenizer), {option('tokenizer')} gpt2 or a tokenizer "
+                         "directory")
     ensure_setup()
     with session(cfg.system) as dist:
         # the trainer lives in _locked_run's frame, gone when it returns: the session's end then tears

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cairn.config.sections import SystemConfig
-from cairn.util.errors import CairnError, SharedError
+from cairn.util.errors import CairnError, option, SharedError
 from cairn.util.host import usable_cores
 from cairn.model.transformer import Transformer
 from cairn.runtime.device import pick_device
@@ -70,11 +70,11 @@ def _rank_device(name: str, local_rank: int) -> torch.device:
         n = torch.cuda.device_count()
         if local_rank >= n:
             raise CairnError(f"LOCAL_RANK {local_rank} has no GPU of its own ({n} visible): "
-                             f"start at most {n} processes per node (--nproc-per-node)")
+                             f"start at most {n} processes per node ({option('nproc_per_node')})")
         return torch.device("cuda", local_rank)  # one GPU per process, whatever index --device names
     if device.type != "cpu":
         raise CairnError(f"distributed training runs on CUDA (NCCL) or CPU (gloo), not {device.type}: "
-                         "use --device cuda or cpu")
+                         f"use {option('system.device')} cuda or cpu")
     return device
 
 
@@ -137,7 +137,7 @@ class Dist:
             try:
                 result = fn()
             except CairnError as e:
-                self._broadcast(("error", str(e)))
+                self._broadcast(("error", e.raw()))
                 raise
             self._broadcast(("ok", result if share_result else None))
             return result
@@ -283,7 +283,7 @@ class Dist:
         if isinstance(e, SharedError):
             return e
         if isinstance(e, CairnError):
-            return CairnError(f"{where}: {e}")
+            return CairnError(f"{where}: {e.raw()}")
         if _lost_contact(e):
             error = CairnError(f"{where} stopped: it lost contact with the other ranks ({_first_line(e)}); another "
                                "rank failed or was killed (see its message), or hung past "

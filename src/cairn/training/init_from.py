@@ -17,7 +17,7 @@ from typing import Iterable
 from cairn.checkpoint import store as ckpt
 from cairn.config.sections import RunConfig
 from cairn.config.io import field_index
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.checkpoint.load import saved_config
 from cairn.data.run_tokenizer import RUN_COPY, check_same
 from cairn.model.transformer import Transformer
@@ -30,7 +30,7 @@ def _checkpoint(spec: str) -> ckpt.Checkpoint:
     try:
         return ckpt.read_checkpoint(ckpt.resolve(spec))
     except CairnError as e:
-        raise CairnError(f"--init-from {spec!r}: {e}") from None
+        raise CairnError(f"{option('init_from')} {spec!r}: {e.raw()}") from None
 
 
 def _tokenizer_spec(c: ckpt.Checkpoint, base: RunConfig) -> str:
@@ -44,7 +44,8 @@ def _tokenizer_spec(c: ckpt.Checkpoint, base: RunConfig) -> str:
     for place in places:
         if (place / TOKENIZER_FILE).is_file():
             return str(place.resolve())
-    raise CairnError(f"--init-from {c.path}: its tokenizer ({base.tokenizer!r}) is gone and its run keeps no copy "
+    raise CairnError(f"{option('init_from')} {c.path}: its tokenizer ({base.tokenizer!r}) is gone and its run keeps "
+                     "no copy "
                      f"({RUN_COPY}/): put the tokenizer directory back")
 
 
@@ -60,11 +61,13 @@ def apply(cfg: RunConfig, given: Iterable[str] = ()) -> RunConfig:
     for name, value in asdict(base.model).items():
         if sections.get(name) == "model" and name != "vocab_size" and getattr(cfg.model, name) != value:
             raise CairnError(f"--{name.replace('_', '-')} {getattr(cfg.model, name)} conflicts with the model of "
-                             f"--init-from {c.path} ({name} = {value}): the architecture comes from that run; drop "
+                             f"{option('init_from')} {c.path} ({name} = {value}): the architecture comes from that "
+                             "run; drop "
                              f"--{name.replace('_', '-')}")
     if "tokenizer" in sections and cfg.tokenizer != base.tokenizer:
-        raise CairnError(f"--tokenizer {cfg.tokenizer!r} differs from the tokenizer of --init-from {c.path} "
-                         f"({base.tokenizer!r}): its weights only read its own tokens; drop --tokenizer")
+        raise CairnError(f"{option('tokenizer')} {cfg.tokenizer!r} differs from the tokenizer of "
+                         f"{option('init_from')} {c.path} "
+                         f"({base.tokenizer!r}): its weights only read its own tokens; drop {option('tokenizer')}")
     cfg.model = base.model
     cfg.tokenizer = _tokenizer_spec(c, base)
     resolved = str(c.path.resolve())
@@ -83,7 +86,8 @@ def load_initial_weights(model: Transformer, cfg: RunConfig, tokenizer: Tokenize
     diff = [f"{k} ({v} there, {getattr(cfg.model, k)} here)" for k, v in asdict(base.model).items()
             if getattr(cfg.model, k) != v]
     if diff:
-        raise CairnError(f"--init-from {c.path}: the model config differs: {', '.join(diff)}; the architecture "
+        raise CairnError(f"{option('init_from')} {c.path}: the model config differs: {', '.join(diff)}; the "
+                         "architecture "
                          "comes from that run: leave the model settings out")
     check_same(tokenizer, c.meta.get("tokenizer"), c.path)
     loaded = load(c.path, "cpu", merge=True)

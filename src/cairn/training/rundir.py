@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from cairn.util import files
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.util.failures import describe
 
 WRITER = ".writer"
@@ -97,8 +97,8 @@ class RunDir:
     def check_new(self) -> None:
         """A new run never writes into another run's directory."""
         if self.holds_run():
-            raise CairnError(f"{self.path} already holds a run: resume it with --resume {self.path}, "
-                             "or choose another --out")
+            raise CairnError(f"{self.path} already holds a run: resume it with {option('resume')} {self.path}, "
+                             f"or choose another {option('out')}")
 
     def write(self, name: str, text: str) -> None:
         if self.writer:
@@ -124,7 +124,7 @@ class RunLock:
             fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise CairnError(f"cannot create or open the run directory {self.path}: {describe(e) or e}; "
-                             "choose another --out") from None
+                             f"choose another {option('out')}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -138,7 +138,7 @@ class RunLock:
         except OSError as e:
             self.release()
             raise CairnError(f"cannot write into the run directory {self.path}: {describe(e) or e}; "
-                             "use a writable --out (or make this one writable)") from None
+                             f"use a writable {option('out')} (or make this one writable)") from None
 
     def _holder(self) -> str:
         try:

@@ -25,7 +25,7 @@ from cairn.model.transformer import Transformer
 from cairn.runtime.device import autocast
 from cairn.training.distributed import Dist
 from cairn.training.optim import Optimizer
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 log = logging.getLogger(__name__)
 
@@ -93,4 +93,5 @@ class Stepper:
             return StepResult(loss, grad_norm, 0)
         raise CairnError(f"loss {loss} / gradient norm {grad_norm} is not finite at step {s.step + 1}: "
                          f"stopped; the last good checkpoint is {self.newest_checkpoint() or 'none'}; "
-                         "lower --lr, raise --warmup-steps or allow --skip-nonfinite N, then resume or restart")
+                         f"lower {option('schedule.lr')}, raise {option('schedule.warmup_steps')} or allow "
+                         f"{option('optim.skip_nonfinite')} N, then resume or restart")

@@ -30,7 +30,7 @@ from cairn.util import jsonl
 from cairn.tokenizer.chat_template import ChatTemplate, check_messages, encode_conversation
 from cairn.config.sections import ChatConfig, DataConfig, RunConfig
 from cairn.data.formats.base import MainFirst, Rows, RunDatasets
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 from cairn.util.labels import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def record_messages(record: object, d: DataConfig, where: str) -> list[dict]:
         if missing:
             raise CairnError(f"{where}: no text field {' or '.join(repr(f) for f in missing)}: give "
                              f"\"{d.prompt_field}\" and \"{d.response_field}\" (or \"{d.messages_field}\"), or name "
-                             "the fields with --prompt-field / --response-field")
+                             f"the fields with {option('data.prompt_field')} / {option('data.response_field')}")
         messages = [{"role": "user", "content": record[d.prompt_field]},
                     {"role": "assistant", "content": record[d.response_field]}]
     for k, m in enumerate(messages):
@@ -72,7 +72,7 @@ def read_records(d: DataConfig) -> list[list[dict]]:
     found = resolve_files(d.source)
     if found is None:
         raise CairnError(f"data.format sft reads local .jsonl files, and {d.source!r} is not one: "
-                         "pass --data FILE.jsonl")
+                         f"pass {option('data.source')} FILE.jsonl")
     conversations = []
     for path in found[1]:
         if not path.name.lower().endswith(".jsonl"):
@@ -98,8 +98,9 @@ def tokenize(conversation: list[dict], template: ChatTemplate, tokenizer: Tokeni
     first = target.index(True)  # the first answer token: ids[first] is the label of input `first - 1`
     if first > seq_len:
         raise CairnError(f"{where}: the prompt is {first - 1} tokens long, leaving no room for any response token "
-                         f"in rows of {seq_len} tokens (--seq-len, at most the context length): shorten the prompt "
-                         "or raise --seq-len")
+                         f"in rows of {seq_len} tokens ({option('data.seq_len')}, at most the context length): "
+                         "shorten the prompt "
+                         f"or raise {option('data.seq_len')}")
     cut = len(ids) > seq_len + 1
     return Example(np.asarray(ids[:seq_len + 1], dtype=np.int64), np.asarray(target[:seq_len + 1], dtype=bool), cut)
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from cairn.util.errors import CairnError
+from cairn.util.errors import CairnError, option
 
 SAFETY_FRAC = 0.03  # of the budget, for a machine that slows down while the run goes (noisy neighbours)
 SAFETY_S = 2.0
@@ -110,9 +110,10 @@ def plan(budget_s: float, elapsed_s: float, c: Costs, w: Workload) -> BudgetPlan
         return BudgetPlan(steps, 0.0, overhead, epoch_end_s(c, w), after, end_in_budget=False)
     if steps < 1:
         raise CairnError(f"the time budget of {budget_s:.0f}s is too short: set-up took {elapsed_s:.0f}s, the end "
-                         f"of the run needs about {reserve:.0f}s and one step {c.step_s:.2f}s; raise --time-budget "
-                         "or turn it off (--time-budget off, with --max-steps N for a fixed number of steps), or "
-                         "shrink the model or the validation split (--end-val-batches bounds the end's)")
+                         f"of the run needs about {reserve:.0f}s and one step {c.step_s:.2f}s; raise "
+                         f"{option('budget.time_budget')} or turn it off ({option('budget.time_budget')} off, with "
+                         f"{option('train.max_steps')} N for a fixed number of steps), or shrink the model or the "
+                         f"validation split ({option('eval.end_val_batches')} bounds the end's)")
     if w.max_steps:
         steps = min(steps, w.max_steps)
     return BudgetPlan(steps, reserve, overhead, epoch_end_s(c, w), after)
