@@ -466,3 +466,21 @@ def test_init_from_a_lora_run_starts_from_its_merged_weights(base_run, sft_file,
         trainer = build_trainer(cfg, tmp_path / "run", dist)
     assert_same_weights(trainer.model.weights(), merged)
     assert not torch.equal(merged["blocks.0.attn.qkv.weight"], final_weights(base_run)["blocks.0.attn.qkv.weight"])
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_sft_rows_know_their_lengths_without_building_them(pack):
+    """Scoring batches rows by length at every evaluation: the lengths SFTRows gives from its
+    examples are those of the rows it builds."""
+    import numpy as np
+
+    from cairn.data.batching import row_lengths
+    from cairn.data.formats.sft import Example, SFTSplit
+
+    rng = np.random.default_rng(0)
+    examples = [Example(np.r_[0, rng.integers(1, 50, n), 0], np.r_[0, np.ones(n + 1, dtype=bool)])
+                for n in rng.integers(2, 20, 40)]
+    rows = SFTRows(SFTSplit(examples, []), 40, pack=pack)
+    built = [len(rows[i]["input_ids"]) for i in range(len(rows))]
+    assert rows.lengths().tolist() == built and row_lengths(rows).tolist() == built
+    assert pack == (len(rows) < len(examples))  # packing put several examples in a row

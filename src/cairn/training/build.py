@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,15 +48,20 @@ from cairn.util.log import ensure_setup, only_main_speaks
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class RunInputs:
     """What every model a run may try (the configured one, a wider one) shares: the run directory,
     the tokenizer, the data, the precision, where the run starts from."""
-
-    def __init__(self, cfg: RunConfig, dist: Dist, run: RunDir, checkpointer: Checkpointer, tokenizer: Tokenizer,
-                 data: RunDatasets, choice: Choice, threads: int, start_from: Optional[Path], started: float):
-        self.cfg, self.dist, self.run, self.checkpointer = cfg, dist, run, checkpointer
-        self.tokenizer, self.data, self.choice, self.threads = tokenizer, data, choice, threads
-        self.start_from, self.started = start_from, started
+    cfg: RunConfig
+    dist: Dist
+    run: RunDir
+    checkpointer: Checkpointer
+    tokenizer: Tokenizer
+    data: RunDatasets
+    choice: Choice
+    threads: int
+    start_from: Optional[Path]
+    started: float
 
 
 def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool = False, restart: bool = False,

@@ -186,6 +186,13 @@ class SFTRows:
     def __bool__(self) -> bool:
         return len(self.rows) > 0
 
+    def lengths(self) -> np.ndarray:
+        """Each row's number of inputs, from its examples' lengths (no row is built): scoring batches
+        rows by length at every evaluation."""
+        sizes = np.array([len(e.ids) for e in self.split.examples], dtype=np.int64)
+        # a packed example after the first shares its leading <|endoftext|>; a row's inputs drop its last token
+        return np.array([int(sizes[r].sum()) - (len(r) - 1) - 1 for r in self.rows], dtype=np.int64)
+
     def row(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         parts = [self.split.examples[k] for k in self.rows[i]]
         ids = np.concatenate([parts[0].ids] + [p.ids[1:] for p in parts[1:]])

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 from cairn.checkpoint.schema import Plan
 from cairn.config.sections import RunConfig, ScheduleConfig
+from cairn.data.batching import num_batches
 from cairn.data.formats import Rows, RunDatasets
 from cairn.training.budget import plan as arithmetic
 from cairn.training.distributed import Dist
@@ -143,8 +144,6 @@ def initial_plan(n_rows: int, batch_size: int, grad_accum: int, epochs: int, max
                  schedule: ScheduleConfig) -> Optional[Plan]:
     """The steps the config asks for: its epochs of the training split, capped by max_steps; None
     when the split holds too few rows for one step."""
-    from cairn.data.batching import num_batches
-
     # the last, short batch is kept: the loss is a mean over real tokens, so its rows weigh what
     # every other row weighs, and every training row is seen in every epoch
     micro = num_batches(n_rows, batch_size * world, drop_last=False)
@@ -157,8 +156,6 @@ def initial_plan(n_rows: int, batch_size: int, grad_accum: int, epochs: int, max
 
 def workload(cfg: RunConfig, steps_per_epoch: int, data: RunDatasets) -> arithmetic.Workload:
     """What the run does besides its steps, in evaluation batches, checkpoints and tokens."""
-    from cairn.data.batching import num_batches
-
     e, size = cfg.eval, cfg.train.batch_size
 
     def batches(rows: Optional[Rows]) -> int:
