@@ -231,3 +231,26 @@ def test_a_bpe_run_learns_on_about_the_sample_bytes_and_caches_it_by_them(logs, 
     assert tok.directory.name.endswith(_split_key(300, sampled, 2, 30_000))
     roomy = DataConfig(source=src, cache_dir=str(tmp_path / "cache"))  # the default: more than the file
     assert learn_on_split(300, roomy, seed=2).directory.name.endswith(_split_key(300, whole, 2))
+
+
+def test_cli_tokenizer_train_learns_on_a_streamed_sample_of_a_big_source(tmp_path, capsys, monkeypatch):
+    """`cairn tokenizer train` on a source bigger than --tokenizer-sample-bytes learns on a seeded sample
+    of the training split and reports on a sample of the held-out stories, without loading the source;
+    it learns the same tokenizer as `cairn train`'s bpe:N on the same split and sample."""
+    from cairn.config.sections import DataConfig
+    from cairn.data import run_tokenizer
+    from cairn.data.run_tokenizer import split_samples, training_texts
+
+    src = str(_corpus(tmp_path / "c.jsonl", 800))
+    train_split, held = training_texts(src, seed=3, train_frac=0.9)
+    learn, report = split_samples(src, 30_000, 10_000, seed=3, train_frac=0.9)
+    assert set(learn.texts) <= set(train_split) and set(report.texts) <= set(held)  # never crossed
+    assert 0 < report.n_bytes <= 10_000 and report.train_stories == len(held)
+    monkeypatch.setattr(run_tokenizer, "load_texts", None)  # nothing loads the whole source
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", src, "--vocab-size", "300", "--out", str(out), "--seed", "3",
+                 "--train-frac", "0.9", "--tokenizer-sample-bytes", "30000"]) == 0
+    printed = capsys.readouterr().out
+    assert f"on {len(learn.texts):,} stories of {len(train_split):,}" in printed and "a seeded sample" in printed
+    cfg = DataConfig(source=src, cache_dir=str(tmp_path / "cache"), train_frac=0.9, tokenizer_sample_bytes=30_000)
+    assert run_tokenizer.learn_on_split(300, cfg, seed=3).name == get_tokenizer(str(out)).name

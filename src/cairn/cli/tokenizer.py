@@ -27,29 +27,52 @@ def add_parser(sub: Subcommands) -> None:
     t.add_argument("--min-frequency", type=int, default=2, help="merge only pairs seen this often (default 2)")
     # the data options `cairn train` has, declared once (config/sections.py): learn from the training
     # split of the same seeded shuffle and cut; use the train_frac of the runs it is for, or less
-    add_config_options(t, ("text_field", "txt_separator", "hub_split", "seed", "train_frac", "n_samples"),
-                       keep_config=False)
+    add_config_options(t, ("text_field", "txt_separator", "hub_split", "seed", "train_frac", "n_samples",
+                           "tokenizer_sample_bytes"), keep_config=False)
     t.add_argument("--all", action="store_true", help="learn from every story (no held-out stories)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cairn.data.run_tokenizer import training_texts
     from cairn.tokenizer.base import gpt2
     from cairn.tokenizer.learn import bytes_per_token, train_bpe
 
     _check(args)
-    learn, held_out = training_texts(args.data, text_field=args.text_field, txt_separator=args.txt_separator,
-                                     hub_split=args.hub_split, seed=args.seed, n_samples=args.n_samples,
-                                     train_frac=args.train_frac, all_stories=args.all)
+    learn, held_out, what = _stories(args)
     start = time.perf_counter()
     tok = train_bpe(learn, args.vocab_size, args.out, min_frequency=args.min_frequency)
-    print(f"trained {tok.name}: {tok.vocab_size} tokens, <|endoftext|> = id {tok.eot_id}, on {len(learn)} stories "
+    print(f"trained {tok.name}: {tok.vocab_size} tokens, <|endoftext|> = id {tok.eot_id}, on {what} "
           f"in {time.perf_counter() - start:.1f}s; wrote {Path(args.out) / 'tokenizer.json'}")
     if held_out:
         own, ref = bytes_per_token(tok, held_out), bytes_per_token(gpt2(), held_out)
         print(f"held-out {len(held_out)} stories: {own:.3f} bytes/token ({tok.name}) vs {ref:.3f} (gpt2)")
     print(f"use it with: cairn train --tokenizer {args.out} ...")
     return 0
+
+
+# the compression report scores a seeded sample of the held-out stories of about this many bytes
+REPORT_BYTES = 4 << 20
+
+
+def _stories(args: argparse.Namespace) -> tuple[list[str], list[str], str]:
+    """(stories to learn from, held-out stories to report on, what was learned from). With a sample
+    size, both are seeded samples streamed from the source, so memory holds the samples and not the
+    corpus; with 0, every training story and every held-out story, as `cairn train` splits them."""
+    from cairn.data.run_tokenizer import split_samples, training_texts
+
+    common = dict(text_field=args.text_field, txt_separator=args.txt_separator, hub_split=args.hub_split,
+                  seed=args.seed)
+    if not args.tokenizer_sample_bytes:
+        learn, held_out = training_texts(args.data, n_samples=args.n_samples, train_frac=args.train_frac,
+                                         all_stories=args.all, **common)
+        return learn, held_out, f"{len(learn):,} stories"
+    sample, report = split_samples(args.data, args.tokenizer_sample_bytes, 0 if args.all else REPORT_BYTES,
+                                   n_samples=0 if args.all else args.n_samples,
+                                   train_frac=1.0 if args.all else args.train_frac, **common)
+    what = f"{len(sample.texts):,} stories"
+    if len(sample.texts) < sample.train_stories:
+        what += (f" of {sample.train_stories:,} ({sample.n_bytes / 1e6:,.1f} of {sample.train_bytes / 1e6:,.1f} MB, "
+                 "a seeded sample)")
+    return sample.texts, report.texts, what
 
 
 def _check(args: argparse.Namespace) -> None:

@@ -212,6 +212,18 @@ def training_sample(source: str, sample_bytes: int, *, text_field: str = "text",
     story), which decides the split and the sample; the second keeps the sampled stories only. So
     memory holds about `sample_bytes` of text and a chunk of `chunk_bytes` being read, whatever the
     size of the source."""
+    learn, _ = split_samples(source, sample_bytes, 0, text_field=text_field, txt_separator=txt_separator,
+                             hub_split=hub_split, seed=seed, n_samples=n_samples, train_frac=train_frac,
+                             chunk_bytes=chunk_bytes)
+    return learn
+
+
+def split_samples(source: str, learn_bytes: int, held_out_bytes: int, *, text_field: str = "text",
+                  txt_separator: str = EOT, hub_split: str = "train", seed: int = 42, n_samples: int = 0,
+                  train_frac: float = 0.8, chunk_bytes: int = CHUNK_BYTES) -> tuple[Sample, Sample]:
+    """Seeded samples of the training split (about `learn_bytes`, at least one story) and of the
+    held-out stories (about `held_out_bytes`; none for 0 or when every story trains), each in file
+    order, from two streamed passes over the source (see `training_sample`)."""
     if not 0 < train_frac <= 1:
         raise CairnError(f"{option('data.train_frac')} must be in (0, 1], got {train_frac}")
     lengths = np.fromiter((len(t) if t.isascii() else len(t.encode("utf-8"))
@@ -219,18 +231,33 @@ def training_sample(source: str, sample_bytes: int, *, text_field: str = "text",
     if not len(lengths):
         raise CairnError(f"no text left in {source!r} after dropping empty stories: check the data and "
                          f"{option('data.text_field')}")
-    train = np.flatnonzero(split_assignment(len(lengths), seed, n_samples, train_frac, 0.0) == 0)
-    order = train[np.random.default_rng([seed, SAMPLE_STREAM]).permutation(len(train))]
-    sizes = np.cumsum(lengths[order])
-    n_take = max(1, int(np.searchsorted(sizes, sample_bytes, side="right")))
-    chosen = np.zeros(len(lengths), dtype=bool)
-    chosen[order[:n_take]] = True
-    kept = _kept(source, text_field, txt_separator, hub_split, chunk_bytes)
-    texts = [t for i, t in enumerate(kept) if i < len(chosen) and chosen[i]]
-    if len(texts) != n_take:
+    assign = split_assignment(len(lengths), seed, n_samples, train_frac, 0.0)
+    train, held = np.flatnonzero(assign == 0), np.flatnonzero(assign > 0)
+    rng = np.random.default_rng([seed, SAMPLE_STREAM])
+    learn_take, learn_bytes_taken = _take(train, lengths, learn_bytes, rng, at_least=1)
+    held_take, held_bytes_taken = _take(held, lengths, held_out_bytes, rng, at_least=0)
+    chosen = np.zeros(len(lengths), dtype=np.int8)  # 1: learn from it, 2: held out for the report
+    chosen[learn_take] = 1
+    chosen[held_take] = 2
+    learn: list[str] = []
+    held_out: list[str] = []
+    for i, t in enumerate(_kept(source, text_field, txt_separator, hub_split, chunk_bytes)):
+        if i < len(chosen) and chosen[i]:
+            (learn if chosen[i] == 1 else held_out).append(t)
+    if len(learn) != len(learn_take) or len(held_out) != len(held_take):
         raise CairnError(f"{source} changed while the tokenizer's sample was read from it: run again once it is "
                          "written")
-    return Sample(texts, int(sizes[n_take - 1]), len(train), int(sizes[-1]))
+    return (Sample(learn, learn_bytes_taken, len(train), int(lengths[train].sum())),
+            Sample(held_out, held_bytes_taken, len(held), int(lengths[held].sum())))
+
+
+def _take(part: np.ndarray, lengths: np.ndarray, n_bytes: int, rng: np.random.Generator,
+          at_least: int) -> tuple[np.ndarray, int]:
+    """The stories of `part` (indices) that fit in `n_bytes`, in an order shuffled by `rng`."""
+    order = part[rng.permutation(len(part))]
+    sizes = np.cumsum(lengths[order])
+    n_take = min(len(order), max(at_least, int(np.searchsorted(sizes, n_bytes, side="right"))))
+    return order[:n_take], int(sizes[n_take - 1]) if n_take else 0
 
 
 def _kept(source: str, text_field: str, txt_separator: str, hub_split: str, chunk_bytes: int) -> Iterator[str]:
