@@ -34,13 +34,12 @@ def _use_dir(path: Path) -> None:
     """Point Trackio's storage at `path`. Trackio reads TRACKIO_DIR once, when imported, into module
     constants; setting the variable would also move every later run of this process, so the
     constants of its loaded modules are set instead."""
+    places = {"TRACKIO_DIR": path, "MEDIA_DIR": path / "media", "ARTIFACTS_DIR": path / "artifacts"}
     for name, module in list(sys.modules.items()):
-        if (name == "trackio" or name.startswith("trackio.")) and isinstance(getattr(module, "TRACKIO_DIR", None),
-                                                                                Path):
-            module.TRACKIO_DIR = path
-            for sub in ("MEDIA_DIR", "ARTIFACTS_DIR"):
-                if isinstance(getattr(module, sub, None), Path):
-                    setattr(module, sub, path / sub.split("_")[0].lower())
+        if name == "trackio" or name.startswith("trackio."):
+            for constant, value in places.items():
+                if isinstance(getattr(module, constant, None), Path):
+                    setattr(module, constant, value)
 
 
 class TrackioTracker:
