@@ -166,10 +166,6 @@ def tracked(tmp_path_factory, small_tokenizer) -> TrackedRunDirs:
     return TrackedRunDirs(run, cwd, state, first, resumed, logs.warnings())
 
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning",
-                                        "ignore::FutureWarning")
-
-
 @pytest.mark.slow
 def test_the_run_and_its_resume_log_without_warnings_and_nothing_outside_the_run(tracked):
     assert tracked.warnings == []

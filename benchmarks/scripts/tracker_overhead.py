@@ -15,12 +15,13 @@ from pathlib import Path
 
 from cairn.bench import record
 from cairn.trackers.base import NAMES, TrackedRun
-from cairn.trackers.fanout import _factories
+from cairn.trackers.fanout import factories
 
 
 def measure(name: str, records: int, where: Path) -> dict[str, float]:
-    tracker = _factories()[name]()
-    run = TrackedRun(where, "overhead", {"model": {"d_model": 64}}, {"precision": "fp32", "plan": {"total_steps": 1}}, 0)
+    tracker = factories()[name]()
+    run = TrackedRun(where, "overhead", {"model": {"d_model": 64}}, {"precision": "fp32", "plan": {"total_steps": 1}},
+                     0)
     began = time.perf_counter()
     tracker.start(run)
     started = time.perf_counter()

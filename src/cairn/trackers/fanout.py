@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trackers.json"
 
 
-def _factories() -> dict[str, Callable[[], Tracker]]:
+def factories() -> dict[str, Callable[[], Tracker]]:
     # each module imports its client only in start(): naming a tracker costs nothing until it is used
     from cairn.trackers.csv_tracker import CsvTracker
     from cairn.trackers.mlflow_tracker import MlflowTracker
@@ -46,10 +46,10 @@ class Trackers:
 
     @classmethod
     def open(cls, names: list[str], run: TrackedRun,
-             factories: Optional[dict[str, Callable[[], Tracker]]] = None) -> "Trackers":
+             made_by: Optional[dict[str, Callable[[], Tracker]]] = None) -> "Trackers":
         """Start the named trackers for `run`, each continuing its run from `RUN/trackers.json` if
         that holds one; those that fail to start are warned about and left out."""
-        made = factories if factories is not None else _factories()
+        made = made_by if made_by is not None else factories()
         state = read_state(run.path)
         live: dict[str, Tracker] = {}
         for name in names:
