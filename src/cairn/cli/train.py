@@ -43,6 +43,9 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--stop-after", type=int, default=0, metavar="N",
                    help="save a checkpoint and stop once step N is done, keeping the planned schedule")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (report lines only)")
+    p.add_argument("--tracker", metavar="NAMES",
+                   help="experiment trackers to feed, comma-separated: tensorboard, wandb, mlflow, trackio, csv "
+                        "(config report.trackers; see docs/use-elsewhere.md)")
     _add_config_options(p)
 
 
@@ -98,6 +101,8 @@ def train_config(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[R
         overrides["source"] = args.data
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
+    if args.tracker is not None:
+        overrides["trackers"] = args.tracker
     saved: str | None = args.restart or (args.resume if args.resume != "auto" else None)
     if saved:
         return _saved_run_config(args, Path(saved), overrides)

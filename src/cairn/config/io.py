@@ -84,9 +84,19 @@ def _to_str(value: Any) -> str:
     return value
 
 
-_PARSERS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
-_EXAMPLES = {int: "a whole number, e.g. 32", float: "a finite number, e.g. 0.001", bool: "true or false",
-             str: "text"}
+def _to_names(value: Any) -> tuple[str, ...]:
+    """A list of names: a TOML list of strings, or "a,b" as the command line gives it."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+        raise ValueError
+    return tuple(dict.fromkeys(v.strip() for v in items if v.strip()))
+
+
+_PARSERS: dict[Any, Any] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str,
+                            tuple[str, ...]: _to_names}
+_EXAMPLES: dict[Any, str] = {int: "a whole number, e.g. 32", float: "a finite number, e.g. 0.001",
+                             bool: "true or false", str: "text",
+                             tuple[str, ...]: 'names, comma-separated ("a,b") or a list (["a", "b"])'}
 
 
 def _coerce(key: str, value: Any, tp: Any, qual: str) -> Any:
@@ -100,7 +110,8 @@ def _coerce(key: str, value: Any, tp: Any, qual: str) -> Any:
     except (ValueError, TypeError, OverflowError):
         pass
     article = "an" if tp is int else "a"
-    raise CairnError(f"{key} must be {article} {tp.__name__}, got {value!r}: give {_EXAMPLES[tp]}")
+    kind = "list of names" if tp == tuple[str, ...] else tp.__name__
+    raise CairnError(f"{key} must be {article} {kind}, got {value!r}: give {_EXAMPLES[tp]}")
 
 
 def set_value(cfg: RunConfig, key: str, value: Any) -> None:

@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 
 from cairn.config.rules import below_one, budget_seconds, check_choices, opt, positive
 from cairn.tokenizer.base import parse_bpe_spec
+from cairn.trackers.base import NAMES as TRACKERS
 from cairn.util.errors import CairnError, option
 
 # A bpe:N tokenizer's learning sample: it bounds the learning's time and memory on any corpus, and
@@ -311,10 +312,22 @@ class SystemConfig:
 class ReportConfig:
     """What a run reports while it trains, and where."""
     report_every: int = opt(5, "log train loss every N steps")
-    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]')")
+    tensorboard: bool = opt(False, "also log metrics to RUN/tensorboard/ (pip install 'cairn-lm[tensorboard]'); "
+                                   'the same as "tensorboard" in trackers')
+    trackers: tuple[str, ...] = opt((), "experiment trackers fed the metrics, config, precision and plan, comma-"
+                                        f"separated or a list: any of {', '.join(TRACKERS)}")
 
     def check(self) -> None:
         positive(self, "report", "report_every", zero_ok=True)
+        for name in self.trackers:
+            if name not in TRACKERS:
+                raise CairnError(f"report.trackers: unknown tracker {name!r}: set {option('report.trackers')} to "
+                                 f"any of {', '.join(TRACKERS)}, comma-separated")
+
+    def tracker_names(self) -> list[str]:
+        """The trackers the run feeds, each once, in the order given (`tensorboard = true` adds TensorBoard)."""
+        names = list(self.trackers) + (["tensorboard"] if self.tensorboard else [])
+        return list(dict.fromkeys(names))
 
 
 MAX_NAME_BYTES = 200  # a checkpoint is <name>_checkpoint_step0000000, written as .<that>.tmp-PID

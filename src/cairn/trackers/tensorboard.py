@@ -3,50 +3,19 @@
 `TensorBoardLogger(run_dir)` writes event files into `RUN/tensorboard/` with PyTorch's own
 `torch.utils.tensorboard.SummaryWriter` (which needs the `tensorboard` package:
 `pip install 'cairn-lm[tensorboard]'`); view them with `tensorboard --logdir RUN/tensorboard`.
+`TensorBoardTracker` is the same as one of the run's trackers (`--tracker tensorboard`).
 """
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 from typing import Optional
 
+from cairn.trackers.base import TrackedRun, record_time, scalars
 from cairn.util.errors import CairnError
 
 INSTALL_HINT = "TensorBoard logging needs the tensorboard package: pip install 'cairn-lm[tensorboard]'"
-
-# record kind -> {record key: TensorBoard tag}; keys a record lacks (or holds as null) are skipped
-TAGS: dict[str, dict[str, str]] = {
-    "train": {
-        "train_loss": "train/loss",
-        "train_perplexity": "train/perplexity",
-        "lr": "train/lr",
-        "grad_norm": "train/grad_norm",
-        "tokens_per_s": "train/tokens_per_s",
-        "mfu": "train/mfu",
-    },
-    "val": {
-        "val_loss": "val/loss",
-        "val_perplexity": "val/perplexity",
-        "val_bits_per_byte": "val/bits_per_byte",
-    },
-    "test": {
-        "test_loss": "test/loss",
-        "test_perplexity": "test/perplexity",
-        "test_bits_per_byte": "test/bits_per_byte",
-    },
-}
-
-
-def scalars(record: dict) -> dict[str, float]:
-    """The TensorBoard scalars of one metrics record: {tag: value}; empty for unknown kinds."""
-    out: dict[str, float] = {}
-    for key, tag in TAGS.get(record.get("kind", ""), {}).items():
-        value = record.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue  # absent or null (a non-finite loss is written as null)
-        out[tag] = float(value)
-    return out
 
 
 def require_tensorboard() -> None:
@@ -79,8 +48,7 @@ class TensorBoardLogger:
         if not values:
             return
         step = int(record.get("step", 0))
-        walltime = record.get("time")
-        walltime = float(walltime) if isinstance(walltime, (int, float)) and math.isfinite(walltime) else None
+        walltime = record_time(record)
         for tag, value in values.items():
             self.writer.add_scalar(tag, value, global_step=step, walltime=walltime)
 
@@ -95,3 +63,26 @@ class TensorBoardLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TensorBoardTracker:
+    """TensorBoard as a tracker: the scalars, and the config and run.json as text (`trackers/base.py`)."""
+
+    def __init__(self) -> None:
+        self.logger: Optional[TensorBoardLogger] = None
+
+    def start(self, run: TrackedRun) -> dict:
+        # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
+        self.logger = TensorBoardLogger(run.path, purge_step=run.step + 1)
+        for tag, tree in (("config", run.config), ("run", run.info)):
+            text = json.dumps(tree, indent=1, default=str)
+            self.logger.writer.add_text(tag, "    " + text.replace("\n", "\n    "), global_step=run.step)
+        return {}
+
+    def log(self, record: dict) -> None:
+        assert self.logger is not None, "start() first"
+        self.logger.write(record)
+
+    def finish(self, ok: bool) -> None:
+        if self.logger is not None:
+            self.logger.close()

@@ -29,6 +29,8 @@ from cairn.runtime.device import cpu_compiler, keep_freed_memory, seed_everythin
 from cairn.runtime.precision import Choice, peak_flops
 from cairn.runtime.precision import for_run as precision_for_run
 from cairn.tokenizer.base import Tokenizer
+from cairn.trackers.base import TrackedRun
+from cairn.trackers.fanout import Trackers
 from cairn.training import init_from, resume
 from cairn.training.batches import RunBatches, Scorer
 from cairn.training.budget import calibrate, growth
@@ -71,9 +73,6 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     run's lock. The caller's `cfg` is not changed."""
     cfg = copy.deepcopy(cfg)
     main = dist.is_main
-    if cfg.report.tensorboard:  # fail before the data is prepared, not after
-        from cairn.trackers.tensorboard import require_tensorboard
-        require_tensorboard()
     threads = set_threads(dist.cpu_threads(cfg.system.num_threads))
     if dist.device.type == "cpu":
         keep_freed_memory()  # a CPU step's large tensors would otherwise be page-faulted in anew each step
@@ -107,11 +106,10 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
                                progress=progress and main)
             growth.report(trainer.budget.plan, b.grow_to_epochs)
     dist.on_main(trainer.write_run_files)
-    if cfg.report.tensorboard and main:
-        from cairn.trackers.tensorboard import TensorBoardLogger
-        # purge_step hides events a killed run wrote past the checkpoint, as metrics.jsonl drops them
-        trainer.tb = TensorBoardLogger(run.path, purge_step=trainer.state.step + 1)
-        run.metrics.sink = trainer.tb.write
+    if cfg.report.tracker_names() and main:
+        trainer.trackers = Trackers.open(cfg.report.tracker_names(), TrackedRun(
+            run.path, cfg.name, cfg.to_dict(), trainer.run_info(), trainer.state.step))
+        run.metrics.sink = trainer.trackers.log
     return trainer
 
 
@@ -242,9 +240,13 @@ def _locked_run(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume: bool, rest
         trainer = build_trainer(cfg, out_dir, dist, resume_run=resume, restart=restart,
                                 stop_after=stop_after, progress=progress, started=started)
         try:
-            return trainer.run()
-        finally:
-            if trainer.tb is not None:
-                trainer.tb.close()
+            summary = trainer.run()
+        except BaseException:
+            if trainer.trackers is not None:
+                trainer.trackers.finish(ok=False)
+            raise
+        if trainer.trackers is not None:
+            trainer.trackers.finish(ok=True)
+        return summary
     finally:
         lock.release()

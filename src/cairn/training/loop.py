@@ -28,7 +28,7 @@ from cairn.data.run_tokenizer import save_copy
 from cairn.model.transformer import Transformer
 from cairn.tokenizer.base import Tokenizer
 from cairn.tokenizer.chat_template import ChatTemplate
-from cairn.trackers.tensorboard import TensorBoardLogger
+from cairn.trackers.fanout import Trackers
 from cairn.training.batches import RunBatches, Scorer
 from cairn.training.budget.budget import Budget
 from cairn.training.checkpointing import Checkpointer
@@ -80,7 +80,7 @@ class Trainer:
     started: float  # time.monotonic() when the command began: a time budget counts from there
     stop_after: int = 0
     progress: bool = False
-    tb: Optional[TensorBoardLogger] = None
+    trackers: Optional[Trackers] = None  # rank 0's experiment trackers, fed metrics.jsonl's records
 
     # ------------------------------------------------------------ the loop
 
@@ -256,8 +256,12 @@ class Trainer:
         self.write_run_info()
 
     def write_run_info(self) -> None:
+        self.rundir.write_json("run.json", self.run_info())
+
+    def run_info(self) -> dict[str, Any]:
+        """What run.json holds: the version, tokenizer, size, device, precision and why, the plan, the data."""
         c = self.compute
-        self.rundir.write_json("run.json", {
+        return {
             "cairn_version": __version__,
             "tokenizer": {"name": self.tokenizer.name, "vocab_size": self.tokenizer.vocab_size},
             "parameters": self.model.num_params(),
@@ -267,7 +271,7 @@ class Trainer:
             "plan": asdict(self.budget.plan),
             "data": {"cache": self.data.cache_dir, **self.data.meta},
             **({"init_from": self.cfg.init_from} if self.cfg.init_from else {}),
-        })
+        }
 
     def describe(self) -> None:
         """What is about to be trained, on what, for how long."""
