@@ -311,3 +311,34 @@ def test_a_budget_too_short_for_the_end_still_runs_the_asked_steps(tmp_path, sto
                  "--max-steps", "2", "--tokenizer", str(small_tokenizer), "--no-progress", "--end-stories", "0"]) == 0
     assert any("past the budget" in m and "--time-budget off" in m for m in logs)
     assert json.loads((out / "run.json").read_text())["plan"]["total_steps"] >= 1
+
+
+def test_a_machine_that_slows_down_moves_the_last_step_earlier_by_the_ends_slowdown():
+    """The end of the run (its validations, test, checkpoints, stories) was planned at the pace
+    measured at the start; when a neighbour's load makes steps k times slower, the end takes about
+    k times its plan too, so the steps stop that much earlier and the run still ends in its budget
+    (a 1x cpu-10min run under a load of 11 otherwise ended at 873 s of its 600)."""
+    import time
+
+    from cairn.checkpoint.schema import Plan
+    from cairn.config.sections import ScheduleConfig
+    from cairn.training.budget.budget import Budget
+    from cairn.training.budget.plan import SLOWDOWN_STEPS
+    from cairn.training.distributed import Dist
+
+    b = Budget(Plan(100, 100, 1000, 10, 10, budget_s=600, step_s=0.1), 600.0, time.monotonic(), Dist(),
+               ScheduleConfig(), 0)
+    b.deadline, b.reserve_s, b.epoch_end_s = time.monotonic() + 100, 20.0, 1.0
+    for _ in range(50):
+        b.after_step(0.1)  # at the measured pace: the deadline as planned
+    assert b.slowdown() == pytest.approx(1.0) and b.end_of_steps() == b.deadline
+    for _ in range(SLOWDOWN_STEPS):
+        b.after_step(0.5)  # five times slower now
+    assert b.slowdown() == pytest.approx(5.0)
+    assert b.end_of_steps() == pytest.approx(b.deadline - 4 * 20.0)
+    assert not b.past_deadline()
+    b.reserve_s = 30.0  # an end of 150 s at this pace, with 100 s left before the deadline
+    assert b.past_deadline()
+    for _ in range(SLOWDOWN_STEPS):
+        b.after_step(0.05)  # faster than measured never moves the deadline later
+    assert b.slowdown() == 1.0 and b.end_of_steps() == b.deadline

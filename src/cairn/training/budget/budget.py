@@ -35,6 +35,7 @@ class Budget:
         self.deadline: Optional[float] = None  # monotonic time by which the last step must be done
         self.overhead_s = 0.0  # planned evaluation and checkpoint seconds per step
         self.epoch_end_s = 0.0  # planned seconds of an epoch end's validation and checkpoint
+        self.reserve_s = 0.0  # planned seconds of the end of the run, at the measured pace
         self.restored = False  # a resumed budgeted run keeps the plan it was given
         self.pace: deque[float] = deque(maxlen=arithmetic.PACE_WINDOW)  # the last steps' seconds
 
@@ -74,7 +75,7 @@ class Budget:
         # the deadline keeps the plan's margin, so that re-plans (which fit the steps to the time left
         # before it) never spend the margin meant for a machine that slows down
         self.deadline = self.started + self.seconds - b.reserve_s - arithmetic.margin_s(self.seconds)
-        self.overhead_s, self.epoch_end_s = b.overhead_s, b.epoch_end_s
+        self.overhead_s, self.epoch_end_s, self.reserve_s = b.overhead_s, b.epoch_end_s, b.reserve_s
         log.info(f"time budget {self.seconds:.0f}s: {elapsed:.1f}s used by set-up and measuring; {costs.step_s:.3f}s "
                  f"per step, {costs.eval_batch_s:.3f}s per evaluation batch, {costs.checkpoint_s:.2f}s per checkpoint, "
                  f"{b.reserve_s:.0f}s kept for the end of the run -> {b.steps} steps "
@@ -103,7 +104,7 @@ class Budget:
         recent = sum(self.pace) / len(self.pace)
         # every rank must change the plan alike: they agree on the mean pace and time left
         pace, left = (v / self.dist.world for v in
-                      self.dist.sum([recent, max(self.deadline - time.monotonic(), 0.0)]))
+                      self.dist.sum([recent, max(self.end_of_steps() - time.monotonic(), 0.0)]))
         new = arithmetic.replan(step, self.plan.total_steps, self.plan.warmup_steps, pace, left, self.overhead_s,
                                 self.max_steps)
         if new is None:
@@ -113,14 +114,29 @@ class Budget:
         self.move_end(step, new)
         return True
 
+    def slowdown(self) -> float:
+        """How many times slower than measured at the start the last steps ran (at least 1)."""
+        if not self.pace or not self.plan.step_s:
+            return 1.0
+        recent = list(self.pace)[-arithmetic.SLOWDOWN_STEPS:]
+        return max(1.0, sum(recent) / len(recent) / self.plan.step_s)
+
+    def end_of_steps(self) -> float:
+        """The monotonic time by which the last step must be done: the deadline, moved earlier by
+        the time the end of the run takes beyond its plan when the machine runs slower than it did
+        at the start (a neighbour's load slows the end's evaluations as much as the steps)."""
+        assert self.deadline is not None
+        return self.deadline - self.reserve_s * (self.slowdown() - 1)
+
     def past_deadline(self) -> bool:
         """Whether this process is past the deadline (the loop agrees on it with the other ranks)."""
-        return self.deadline is not None and time.monotonic() > self.deadline
+        return self.deadline is not None and time.monotonic() > self.end_of_steps()
 
     def no_room_for_epoch_end(self) -> bool:
         """Whether an epoch's end (validation and checkpoint) would run past the deadline: the run
         then stops there, and its end validates this very model once, in the time kept for it."""
-        late = self.deadline is not None and time.monotonic() + self.epoch_end_s > self.deadline
+        late = (self.deadline is not None
+                and time.monotonic() + self.epoch_end_s * self.slowdown() > self.end_of_steps())
         return self.dist.sum([float(late)])[0] > 0
 
     # ------------------------------------------------------------ a part of every checkpoint

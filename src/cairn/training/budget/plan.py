@@ -17,6 +17,7 @@ from cairn.util.errors import CairnError, option
 SAFETY_FRAC = 0.03  # of the budget, for a machine that slows down while the run goes (noisy neighbours)
 SAFETY_S = 2.0
 PACE_WINDOW = 200  # steps over which a running plan measures its pace
+SLOWDOWN_STEPS = 20  # the last steps that say how much slower than measured the machine runs now
 GROW_MARGIN = 0.01  # a plan grows only by more than this fraction: no re-plan for every small wobble
 
 
