@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from cairn.checkpoint import store as ckpt
 from cairn.checkpoint.load import load
 from cairn.cli import main
 from cairn.config.presets import preset
+from cairn.export.card import run_scores
 from cairn.export.hf import export_hf
 from cairn.model.transformer import Transformer
 from cairn.tokenizer.base import get_tokenizer
@@ -95,6 +97,33 @@ def test_the_card_quotes_the_runs_own_held_out_scores_and_parses_back(trained_ru
     bare = card_data(step)
     assert bare.data.eval_results is None and "model-index" not in bare.content.split("---")[1]
     assert "hold no held-out scores" in bare.text
+
+
+def test_a_run_that_ended_on_its_best_weights_is_scored_at_their_step(tmp_path):
+    # the records a run that ended on step 60's weights writes (training/ending.py, loop.py), a torn last line
+    ckpt_dir = tmp_path / "run" / "checkpoints" / "tiny_final"
+    ckpt_dir.mkdir(parents=True)
+    recs = [{"kind": "val", "step": 60, "val_loss": 2.1, "val_perplexity": 8.17, "val_bits_per_byte": 1.5,
+             "val_tokens": 500, "full": False},
+            {"kind": "val", "step": 80, "val_loss": 2.3, "val_perplexity": 9.97, "val_bits_per_byte": 1.6,
+             "val_tokens": 900, "full": True},
+            {"kind": "end_on_best", "step": 80, "best_step": 60, "last_val_loss": 2.3, "best_val_loss": 2.2,
+             "last_val_bits_per_byte": 1.6, "best_val_bits_per_byte": 1.55, "ends_on": "best"},
+            {"kind": "test", "step": 80, "test_loss": 2.25, "test_perplexity": 9.49, "test_bits_per_byte": 1.58,
+             "test_tokens": 880}]
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "te')
+    meta = {"kind": "final", "state": {"step": 80}, "weights_step": 60}
+    assert run_scores(ckpt_dir, meta) == [
+        {"split": "test", "step": 60, "loss": 2.25, "perplexity": 9.49, "bits_per_byte": 1.58, "tokens": 880},
+        {"split": "validation", "step": 60, "loss": 2.2, "perplexity": math.exp(2.2), "bits_per_byte": 1.55,
+         "tokens": None}]
+    # the last weights: the whole split at step 80, not the sample
+    assert run_scores(ckpt_dir, {"kind": "final", "state": {"step": 80}})[1]["loss"] == 2.3
+    # a step checkpoint: no test (it scored the final weights), and only a sample at step 60
+    assert run_scores(tmp_path / "run" / "checkpoints" / "tiny_checkpoint_step0000060",
+                      {"kind": "step", "state": {"step": 60}}) == []
+    # a checkpoint outside a run
+    assert run_scores(tmp_path / "lone", {"kind": "final", "state": {"step": 80}}) == []
 
 
 def tiny_model(positions: str = "sinusoidal", tied: bool = False, bias: bool = True, seed: int = 0,
@@ -211,7 +240,7 @@ with torch.no_grad():
          "hf_class": type(hf).__name__, "hf_diff": (hf_logits - run_logits).abs().max().item(),
          "hf_tokens": tok(text)["input_ids"], "cairn_tokens": ours.tokenizer.encode(text),
          "generate_by_id": cli("generate", repo_id, *gen), "generate_by_run": cli("generate", run, *gen),
-         "not_cached": cli("generate", "someone/not-cached", *gen)}
+         "not_cached": cli("generate", "someone/not-cached", *gen), "eval": cli("eval", repo_id, "--json")}
 # a directory named like the id, relative to where cairn runs, wins over the hub cache
 shutil.copytree(step_checkpoint, repo_id)
 r["local"] = str(cairn.load(repo_id, device="cpu").path)
@@ -253,6 +282,11 @@ def test_a_model_in_the_hub_cache_loads_by_repo_id_offline_with_cairn_and_transf
         "hub cache and the hub cannot be reached (offline or no network): pass a run directory or a checkpoint, or "
         "download it with network")
     assert r["local"] == REPO_ID  # the local directory, not the cached snapshot
+    # scored by id on the run's test split, it gives what the card quotes (the run's own test record)
+    test = [x for x in records(run) if x["kind"] == "test"][-1]
+    scored = json.loads(r["eval"]["out"].strip().splitlines()[-1])
+    assert scored["loss"] == pytest.approx(test["test_loss"], rel=1e-5) and scored["tokens"] == test["test_tokens"]
+    assert scored["bits_per_byte"] == pytest.approx(test["test_bits_per_byte"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- cairn push

@@ -33,14 +33,13 @@ def run_dir(checkpoint: Path) -> Optional[Path]:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
 
-def run_scores(loaded: Loaded) -> list[dict[str, Any]]:
-    """The held-out scores of exactly the loaded weights, from the run's metrics.jsonl (an export's,
-    from its cairn.json): the test split's (when these are the run's final weights) and the whole
-    validation split's at the weights' step."""
-    meta = loaded.meta
+def run_scores(checkpoint: Path, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The held-out scores of exactly the weights of `checkpoint` (whose state.json is `meta`), from its
+    run's metrics.jsonl (an export's, from its cairn.json): the test split's (when these are the run's
+    final weights) and the whole validation split's at the weights' step."""
     if isinstance(meta.get("scores"), list):
         return [s for s in meta["scores"] if isinstance(s, dict)]
-    run = run_dir(loaded.path)
+    run = run_dir(checkpoint)
     metrics = run / "metrics.jsonl" if run else None
     if metrics is None or not metrics.is_file():
         return []
@@ -203,7 +202,7 @@ def _training(loaded: Loaded) -> str:
 
 def write(out: Path, loaded: Loaded, arch: str, repo_id: Optional[str] = None, license: str = LICENSE) -> None:
     """README.md (the card) and cairn.json (what `cairn.load` reads the export back with) into `out`."""
-    scores = run_scores(loaded)
+    scores = run_scores(loaded.path, loaded.meta)
     (out / CARD).write_text(card(loaded, arch, scores, repo_id, license), encoding="utf-8")
     meta = exported.export_meta(loaded.config, loaded.meta, loaded.meta.get("checkpoint") or loaded.path.name,
                                 loaded.tokenizer, arch, scores, _data(loaded)[2])
