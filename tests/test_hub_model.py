@@ -171,6 +171,7 @@ def test_cairn_loads_its_export_back_with_the_same_weights(tmp_path, small_token
     # a run without scores: the card says so, and carries no model-index
     card = card_data(out)
     assert card.data.eval_results is None and "hold no held-out scores" in card.text
+    assert card.data.datasets == [cfg.data.source] == ["roneneldan/TinyStories"]  # a hub id is the hub's dataset
     assert "## Held-out scores" in card.text and "step 7" in card.text
 
 
@@ -349,6 +350,14 @@ def test_push_uploads_exactly_the_export_in_one_commit(tmp_path, small_tokenizer
     assert f'from_pretrained("{REPO_ID}")' in (reference / "README.md").read_text()
     # the temporary export is gone
     assert not up["folder"].exists() and list((tmp_path / "tmp").iterdir()) == []
+
+    # by default: public (for a new repo), main, a message naming the run
+    RecordingHfApi.calls = []
+    assert main(["push", str(tmp_path / "run"), REPO_ID]) == 0
+    calls = dict(RecordingHfApi.calls)
+    assert [c[0] for c in RecordingHfApi.calls] == ["init", "create_repo", "upload_folder"]
+    assert calls["create_repo"]["private"] is False
+    assert (calls["upload_folder"]["revision"], calls["upload_folder"]["commit_message"]) == (None, "cairn push: run")
 
 
 @pytest.mark.slow
