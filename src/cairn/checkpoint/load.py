@@ -1,4 +1,5 @@
-"""Load a trained model from a run directory or a checkpoint, for evaluation, generation and export.
+"""Load a trained model from a run directory, a checkpoint, a Hugging Face export cairn wrote, or a hub
+model id (OWNER/NAME) whose repo holds such an export, for evaluation, generation and export.
 
 Loading never imports the training loop: checkpoints are read by `cairn.checkpoint.store`, the
 tokenizer is found by `cairn.data.run_tokenizer`.
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cairn.checkpoint import exported, hub
 from cairn.checkpoint import store as ckpt
 from cairn.data import run_tokenizer
 from cairn.config.sections import RunConfig, validate
@@ -32,12 +34,15 @@ class Loaded:
 
 
 def load(path: str | Path, device: str = "auto", merge: bool = False) -> Loaded:
-    """A run directory (its final checkpoint, else its newest) or one checkpoint directory. A
-    LoRA run's model carries its adapters (peft's layers), or with `merge` has them folded into
-    plain weights."""
-    c = ckpt.read_checkpoint(ckpt.resolve(path))
+    """A run directory (its final checkpoint, else its newest), one checkpoint directory, an export
+    directory, or a hub model id. A LoRA run's model carries its adapters (peft's layers), or with
+    `merge` has them folded into plain weights."""
+    c = find(path)
     cfg = saved_config(c)
-    tokenizer = run_tokenizer.for_checkpoint(c.path, cfg.tokenizer, c.meta.get("tokenizer"))
+    if isinstance(c, exported.ExportCheckpoint):
+        tokenizer = exported.tokenizer(c, cfg.tokenizer)
+    else:
+        tokenizer = run_tokenizer.for_checkpoint(c.path, cfg.tokenizer, c.meta.get("tokenizer"))
     dev = pick_device(device)
     model = build_model(cfg.model, torch.device("cpu"))
     t = cfg.lora
@@ -57,6 +62,20 @@ def load(path: str | Path, device: str = "auto", merge: bool = False) -> Loaded:
     return Loaded(model.to(dev).eval(), cfg, tokenizer, c.path, c.meta, dev)
 
 
+def find(path: str | Path) -> ckpt.Checkpoint:
+    """The checkpoint `path` names. A local path always wins: only a name that is no local path and
+    has the shape OWNER/NAME is looked up as a hub model id (its snapshot in the hub cache)."""
+    p = Path(path)
+    if not p.exists() and hub.looks_like_repo_id(str(path)):
+        p = hub.snapshot(str(path))
+        if not exported.is_export(p) and not (p / "state.json").is_file():
+            raise CairnError(f"hub model {str(path)!r} was not exported by cairn (its repo has no "
+                             f"{exported.META_FILE}): load it with transformers")
+    if exported.is_export(p):
+        return exported.read(p)
+    return ckpt.read_checkpoint(ckpt.resolve(p))
+
+
 def saved_config(c: ckpt.Checkpoint) -> RunConfig:
     """The config a checkpoint was trained with, checked as a new run's would be."""
     raw = c.meta.get("config")
@@ -65,4 +84,5 @@ def saved_config(c: ckpt.Checkpoint) -> RunConfig:
             raise CairnError("not a table of settings")
         return validate(from_dict(raw))
     except CairnError as e:
-        raise CairnError(f"{c.path}/state.json holds no valid config ({e}): use another checkpoint") from None
+        where = exported.META_FILE if isinstance(c, exported.ExportCheckpoint) else "state.json"
+        raise CairnError(f"{c.path}/{where} holds no valid config ({e}): use another checkpoint") from None

@@ -11,13 +11,15 @@ from typing import Callable, Optional
 
 from cairn.cli import bench, chat, export, generate, plot, prepare, serve, tokenizer, train
 from cairn.cli import eval as evaluate
+from cairn.cli import push
 from cairn.cli.options import Command, Parser, Subcommands
 from cairn.util.errors import CairnError, SharedError
 
 # each command's parser, in the order `cairn --help` lists them
 ADD_PARSERS: tuple[Callable[[Subcommands], None], ...] = (
     train.add_parser, prepare.add_parser, evaluate.add_parser, generate.add_parser, serve.add_parser,
-    chat.add_parser, plot.add_parser, export.add_parser, tokenizer.add_parser, bench.add_parser)
+    chat.add_parser, plot.add_parser, export.add_parser, tokenizer.add_parser, bench.add_parser,
+    push.add_parser)
 
 
 def build_parser() -> Parser:

@@ -24,16 +24,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from cairn.export import card
 from cairn.util import files
 from cairn.util.errors import CairnError, option
 from cairn.tokenizer.base import EOT, TOKENIZER_FILE, BPETokenizer, TiktokenTokenizer, Tokenizer
 
 if TYPE_CHECKING:
-    from cairn.checkpoint.load import Loaded
     from cairn.config.sections import RunConfig
     from cairn.model.transformer import Transformer
 
@@ -242,9 +242,9 @@ def _write_gpt2_tokenizer_json(out: Path) -> None:
     tok.save(str(out / TOKENIZER_FILE))
 
 
-def export_hf(path: str | Path, out: str | Path) -> Path:
+def export_hf(path: str | Path, out: str | Path, repo_id: Optional[str] = None, license: str = card.LICENSE) -> Path:
     """Write the model at `path` (a run directory or checkpoint) to `out` in Hugging Face format (GPT-2 or
-    Llama, as its block is)."""
+    Llama, as its block is), with its model card (naming `repo_id` where it will be found)."""
     from safetensors.torch import save_file
 
     from cairn.checkpoint.load import load
@@ -267,30 +267,6 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
         gen = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         write_tokenizer(tok, tmp, cfg.model.context_len)
-        (tmp / "README.md").write_text(_card(loaded, tok, arch), encoding="utf-8")
+        card.write(tmp, loaded, arch, repo_id, license)
     return out
 
-
-def _card(loaded: Loaded, tok: Tokenizer, arch: str) -> str:
-    m = loaded.config.model
-    step = (loaded.meta.get("state") or {}).get("step")
-    if arch == "gpt2":
-        block = (f"- exact (erf) GELU, {'tied' if m.tie_embeddings else 'untied'} output head; "
-                 "the position embedding `wpe` holds cairn's fixed sinusoidal "
-                 "table (it becomes trainable if you fine-tune)\n")
-    else:
-        block = (f"- Llama block: rotary positions (theta {m.rope_theta:g}), RMSNorm, SwiGLU, "
-                 f"{'biases' if m.bias else 'no biases'}, {'tied' if m.tie_embeddings else 'untied'} output head\n")
-    return (f"# {loaded.config.name}\n\n"
-            f"A {'GPT-2' if arch == 'gpt2' else 'Llama'}-format export of a model trained from scratch with cairn "
-            f"(checkpoint `{loaded.path.name}`"
-            + (f", step {step}" if step is not None else "") + ").\n\n"
-            f"- {loaded.model.num_params():,} parameters: d_model {m.d_model}, {m.n_layers} blocks, {m.n_heads} heads, "
-            f"MLP {m.d_mlp}, context {m.context_len}, vocabulary {m.vocab_size} (tokenizer `{tok.name}`)\n"
-            + block +
-            f"- cairn starts every story after `{EOT}` (id {tok.eot_id}): put it before a prompt, as `cairn generate` "
-            "does\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            "tok = AutoTokenizer.from_pretrained(DIR)\nmodel = AutoModelForCausalLM.from_pretrained(DIR)\n"
-            "ids = tok(tok.eos_token + \"Once upon a time\", return_tensors=\"pt\").input_ids\n"
-            "print(tok.decode(model.generate(ids, max_new_tokens=50, do_sample=False)[0]))\n```\n")
