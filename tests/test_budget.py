@@ -275,11 +275,11 @@ def test_a_run_with_max_steps_is_not_refused_for_its_end_and_the_refusal_names_t
     assert b.steps == 5 and not b.end_in_budget and b.reserve_s == 0 and b.past_budget_s > 400
 
 
-def test_a_budgeted_end_validates_at_most_end_val_batches(tmp_path, stories_file, small_tokenizer):
-    """Under a budget the end's validation and end_on_best's comparison score the split's first
-    end_val_batches batches; without one, the whole split."""
+def test_a_budgeted_end_validates_and_tests_at_most_their_bounds(tmp_path, stories_file, small_tokenizer):
+    """Under a budget the end's validation and end_on_best's comparison score a fixed sample of
+    end_val_batches batches, the test one of end_test_batches; without one, the whole splits."""
     common = dict(max_steps=8, eval_every=2, eval_batches=1, report_every=1000, end_stories=0, end_val_batches=1,
-                  lr=3e-2)
+                  end_test_batches=2, lr=3e-2)
     train(small(stories_file, small_tokenizer, time_budget="60s", **common), tmp_path / "b")
     train(small(stories_file, small_tokenizer, **common), tmp_path / "n")
 
@@ -289,6 +289,12 @@ def test_a_budgeted_end_validates_at_most_end_val_batches(tmp_path, stories_file
 
     (bounded, sample), (whole, _) = ends(tmp_path / "b"), ends(tmp_path / "n")
     assert bounded["val_tokens"] == sample["val_tokens"] < whole["val_tokens"]
+
+    def test_tokens(run):
+        return next(json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(x)["kind"] == "test")["test_tokens"]
+
+    assert 0 < test_tokens(tmp_path / "b") < test_tokens(tmp_path / "n")
 
 
 def test_budgeted_presets_run_with_max_steps_or_without_their_budget(tmp_path, stories_file, capsys):

@@ -236,11 +236,17 @@ class EvalConfig:
                          "end and end_on_best's comparison, epoch ends with epoch_val = \"full\", eval_batches = 0), "
                          "so that the end's cost does not grow with the data; 0 = the whole split. Without a budget "
                          "the whole split is scored")
+    end_test_batches: int = opt(
+        END_VAL_BATCHES, "under a time budget: the most batches the final test scores, a fixed seeded sample of "
+                         "the test split (the same rows in every run with the same data and seed), so that the "
+                         "run ends within its budget at any corpus size; 0 = the whole split, scored after the "
+                         "budget's end when it does not fit. Without a budget the whole split is scored")
 
     def check(self) -> None:
         check_choices(self, "eval")
         positive(self, "eval", "end_story_tokens")
-        positive(self, "eval", "eval_every eval_batches patience end_stories end_val_batches", zero_ok=True)
+        positive(self, "eval", "eval_every eval_batches patience end_stories end_val_batches end_test_batches",
+                 zero_ok=True)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from cairn.tokenizer.base import Tokenizer
 from cairn.tokenizer.chat_template import ChatTemplate
 from cairn.trackers.fanout import Trackers
 from cairn.training.batches import RunBatches, Scorer
-from cairn.training.budget.budget import Budget
+from cairn.training.budget.budget import Budget, end_test_batches
 from cairn.training.checkpointing import Checkpointer
 from cairn.training.distributed import Dist
 from cairn.training.ending import end_on_best
@@ -179,7 +179,8 @@ class Trainer:
 
     def finish(self, stopped: Optional[str]) -> dict[str, Any]:
         """The run's end: the whole validation split (under a time budget, at most eval.end_val_batches
-        of it), the final checkpoint, the test (the whole test split), the stories."""
+        of it), the final checkpoint, the test (the whole test split; under a time budget, at most
+        eval.end_test_batches of it), the stories."""
         e, s = self.cfg.eval, self.state
         if stopped == "early stopping":
             log.info(f"early stopping at step {s.step}: no better validation loss in {e.patience} evaluations "
@@ -223,7 +224,7 @@ class Trainer:
 
     def test(self) -> dict[str, float]:
         assert self.data.test is not None
-        r = self.score(self.data.test)
+        r = self.score(self.data.test, end_test_batches(self.cfg))
         s = self.state
         self.rundir.metrics.write({"kind": "test", "step": s.step, "epoch": min(s.epoch + 1, self.budget.plan.epochs),
                                    "test_loss": r["loss"], "test_perplexity": r["perplexity"],

@@ -81,10 +81,10 @@ class Budget:
                  f"{b.reserve_s:.0f}s kept for the end of the run -> {b.steps} steps "
                  f"({b.steps / p.steps_per_epoch:.2f} epochs)")
         if work.end_val_bound and work.val_batches < work.whole_val_batches:
-            log.info(f"time budget: the end validates the first {work.val_batches} of the validation split's "
+            log.info(f"time budget: the end validates a fixed sample of {work.val_batches} of the validation split's "
                      f"{work.whole_val_batches:,} batches (eval.end_val_batches)")
         if not arithmetic.test_in_reserve(work):
-            log.info(f"time budget: the test scores the whole test split ({work.test_batches:,} batches, about "
+            log.info(f"time budget: the test scores {work.test_batches:,} batches of the test split (about "
                      f"{arithmetic.test_s(costs, work):.0f}s) after the budget's end, apart from it")
         if not b.end_in_budget:
             log.warning(f"time budget: the end of the run does not fit in the budget after even one step; "
@@ -179,16 +179,24 @@ def workload(cfg: RunConfig, steps_per_epoch: int, data: RunDatasets) -> arithme
             return 0
         return num_batches(len(rows), size, drop_last=False)
 
-    val = batches(data.val)
+    val, test = batches(data.val), batches(data.test)
     bound = e.end_val_batches
     whole = min(val, bound) if bound else val  # what a validation of the whole split scores under the budget
+    if e.end_test_batches:
+        test = min(test, e.end_test_batches)
     return arithmetic.Workload(
-        steps_per_epoch=steps_per_epoch, val_batches=whole, test_batches=batches(data.test) if e.test_at_end else 0,
+        steps_per_epoch=steps_per_epoch, val_batches=whole, test_batches=test if e.test_at_end else 0,
         eval_every=e.eval_every, eval_sample_batches=min(e.eval_batches, val) if e.eval_batches else whole,
         epoch_val_batches=min(val, e.eval_batches) if e.epoch_val == "sample" and e.eval_batches else whole,
         checkpoint_every=cfg.checkpoint.checkpoint_every, story_tokens=e.end_stories * e.end_story_tokens,
         max_steps=cfg.train.max_steps, best_val_batches=whole if e.end_on_best else 0, end_val_bound=bound,
+        end_test_bound=e.end_test_batches,
         whole_val_batches=val)
+
+
+def end_test_batches(cfg: RunConfig) -> int:
+    """The most batches the final test scores: eval.end_test_batches under a time budget, else 0 (all)."""
+    return cfg.eval.end_test_batches if cfg.budget.seconds is not None else 0
 
 
 def end_val_batches(cfg: RunConfig) -> int:

@@ -43,6 +43,7 @@ class Workload:
     max_steps: int = 0  # a cap on the steps (0 = none)
     best_val_batches: int = 0  # the best weights validated again at the end (end_on_best)
     end_val_bound: int = 0  # eval.end_val_batches: the most batches an end evaluation is planned for (0 = none)
+    end_test_bound: int = 0  # eval.end_test_batches: the most batches the final test scores (0 = none)
     whole_val_batches: int = 0  # the validation split's batches, however many the bound lets the end score
 
 
@@ -57,10 +58,11 @@ class BudgetPlan:
 
 
 def test_in_reserve(w: Workload) -> bool:
-    """Whether the budget keeps time for the test. The test scores the whole test split, so its cost
-    grows with the data: when it holds more batches than `end_val_bound`, it runs after the budget
-    (its time is not taken from the steps) and the run says so; the shared sample's test fits."""
-    return not w.end_val_bound or w.test_batches <= w.end_val_bound
+    """Whether the budget keeps time for the test. A test bounded by `end_test_bound` always fits.
+    An unbounded one scores the whole test split, so its cost grows with the data: when it holds
+    more batches than `end_val_bound`, it runs after the budget (its time is not taken from the
+    steps) and the run says so; the shared sample's test fits."""
+    return not w.end_val_bound or bool(w.end_test_bound) or w.test_batches <= w.end_val_bound
 
 
 def test_s(c: Costs, w: Workload) -> float:
