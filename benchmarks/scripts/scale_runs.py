@@ -7,11 +7,13 @@ For each N: write the corpus (`scale_corpus.py`: N sentence-shuffled copies of t
     cairn train --preset cpu-10min --data CORPUS --out WORK/runs/Nx --no-progress
 
 with an empty cache (CAIRN_CACHE=WORK/cache-Nx), so the tokenizer is learned and the tokens prepared
-inside the run's own 10 minutes, as a new user's first run. While it runs, the process tree's
-/proc/PID/status is read every 0.2 s: peak RSS (VmHWM, and the largest sum over the tree) and peak
-RssAnon (anonymous memory: the heap, without the memory-mapped token files, which the page cache
-holds and can drop). From the run's own files: the set-up seconds the budget measured, the planned and
-taken steps, the wall time, and the held-out bits per byte on the run's own test split.
+inside the run's own 10 minutes, as a new user's first run. While it runs, /proc is read every 0.2 s:
+peak RSS (VmHWM, and the largest sum over the process tree), peak RssAnon of the training process
+(anonymous memory: the heap, without the memory-mapped token files, which the page cache holds and
+can drop), and the tree's proportional anonymous memory (Pss_Anon: a forked worker's pages shared
+with its parent counted once). From the run's own files: the set-up seconds the budget measured,
+the planned and taken steps, the wall time, and the held-out bits per byte on the run's own test
+split (under the budget, a fixed sample of eval.end_test_batches batches of it).
 The record goes to benchmarks/records/NAME.json (default scale-cpu-10min.json), with the load average
 before and after each run: on a shared machine the steps and bits per byte fall with the load, while the
 memory figures and the wall time against the budget do not depend on it.
@@ -72,6 +74,18 @@ def status_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def pss_anon_kb(pid: int) -> int:
+    """Proportional anonymous memory: pages a forked worker shares with its parent counted once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss_Anon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def run_one(times: int, work: Path) -> dict:
     corpus = work / f"corpus-{times}x.jsonl"
     if not corpus.exists():
@@ -85,12 +99,15 @@ def run_one(times: int, work: Path) -> dict:
     log_path = work / f"train-{times}x.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        peak_rss = peak_anon = peak_hwm = 0
+        peak_rss = peak_anon = peak_hwm = peak_tree_anon = 0
         while proc.poll() is None:
-            stats = [status_kb(p) for p in tree(proc.pid)]
+            pids = tree(proc.pid)
+            stats = [status_kb(p) for p in pids]
+            main = status_kb(proc.pid)
             peak_rss = max(peak_rss, sum(s.get("VmRSS", 0) for s in stats))
-            peak_anon = max(peak_anon, sum(s.get("RssAnon", 0) for s in stats))
-            peak_hwm = max(peak_hwm, status_kb(proc.pid).get("VmHWM", peak_hwm))
+            peak_anon = max(peak_anon, main.get("RssAnon", 0))
+            peak_tree_anon = max(peak_tree_anon, sum(pss_anon_kb(p) for p in pids))
+            peak_hwm = max(peak_hwm, main.get("VmHWM", peak_hwm))
             time.sleep(0.2)
     wall = time.monotonic() - start
     text = log_path.read_text()
@@ -113,7 +130,8 @@ def run_one(times: int, work: Path) -> dict:
         "wall_s": round(wall, 1),
         "done_in_s": int(DONE.search(text).group(1)),  # type: ignore[union-attr]
         "peak_rss_mb": round(peak_rss / 1024, 1),
-        "peak_rss_anon_mb": round(peak_anon / 1024, 1),
+        "peak_rss_anon_mb": round(peak_anon / 1024, 1),  # the training process
+        "peak_tree_pss_anon_mb": round(peak_tree_anon / 1024, 1),  # it and its workers, shared pages once
         "main_vmhwm_mb": round(peak_hwm / 1024, 1),
         "test_bits_per_byte": test["test_bits_per_byte"],
         "test_tokens": test["test_tokens"],
