@@ -32,8 +32,10 @@ async function run(job) {
     const model = await llama.loadModel({ modelPath: job.model, gpuLayers: 0 });
     const nCtx = model.trainContextSize;
     const kv = job.kv ?? "F32";
+    // one slot more than the model's context: node-llama-cpp shifts a full context (drops its first tokens)
+    // before it evaluates the last token that fits, so a sequence of exactly nCtx tokens would lose its start
     const context = await model.createContext({
-        contextSize: nCtx, batchSize: nCtx, sequences: 1, threads: req.threads ?? 1, flashAttention: false,
+        contextSize: nCtx + 1, batchSize: nCtx, sequences: 1, threads: req.threads ?? 1, flashAttention: false,
         experimentalKvCacheKeyType: kv, experimentalKvCacheValueType: kv,
     });
     const sequence = context.getSequence();

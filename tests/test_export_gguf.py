@@ -272,7 +272,8 @@ def llama_cpp_runs(tmp_path_factory, small_tokenizer):
     for name, path in files.items():
         loaded[name] = load(runs[name], device="cpu")
         tok = loaded[name].tokenizer
-        seqs = [[tok.eot_id] + tok.encode(t)[:60] for t in texts[-3:]]  # within the 96-token context
+        seqs = [[tok.eot_id] + tok.encode(t)[:60] for t in texts[-3:]]
+        seqs.append(([tok.eot_id] + tok.encode(" ".join(texts)))[:96])  # the whole context
         job = {"model": str(path), "kv": "F32", "tokenize": texts + TRICKY, "score": seqs,
                "greedy": [{"prompt": s[:8], "n": 50} for s in seqs[:2]]}
         if name == "gpt2":

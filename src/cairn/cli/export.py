@@ -32,7 +32,7 @@ def add_parser(sub: Subcommands) -> None:
                    help="hf: a new (or empty) directory to write; gguf: a new file NAME.gguf")
     p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
                    help=f"gguf: how weights are stored (default {DEFAULT_GGUF_TYPE}: the logits of cairn; "
-                        "q8_0 is 3.5x smaller; norms stay f32)")
+                        "q8_0 is 3.6x smaller; norms stay f32)")
 
 
 def run(args: argparse.Namespace) -> int:
