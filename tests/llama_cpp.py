@@ -25,7 +25,7 @@ SCRIPT = Path(__file__).resolve().with_name("llama_cpp.mjs")
 
 
 def missing() -> str | None:
-    """Why llama.cpp cannot run here (None: it can)."""
+    """Why llama.cpp cannot run (None: it can)."""
     if shutil.which("node") is None:
         return "node is not installed"
     if not (INSTALL / "node_modules" / "node-llama-cpp" / "package.json").is_file():

@@ -236,6 +236,19 @@ def test_bad_exports_are_refused_in_one_line_writing_nothing(tmp_path, small_tok
     assert (tmp_path / "taken.gguf").read_bytes() == b""
 
 
+def test_the_docs_quote_the_gguf_record():
+    from cairn.bench.record import read_result
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs" / "use-elsewhere.md").read_text(encoding="utf-8")
+    r = read_result(repo / "benchmarks" / "records" / "gguf-cpu-10min.json")
+    assert f"scores {r['cairn_bits_per_byte']:.6f} bits per" in text
+    for kind, f in r["files"].items():
+        assert (f"| {kind} | {f['bytes'] / 1e6:.2f} MB | {'yes' if f['token_ids_equal'] else 'no'} | "
+                f"{f['max_abs_logprob_diff']:.1e} | {f['same_argmax_frac']:.2%} | "
+                f"{f['greedy50_equal']} of {f['greedy50_prompts']} | {f['bits_per_byte']:.6f} |") in text, kind
+
+
 # ---------------------------------------------------------------- a real llama.cpp runs it
 
 def cairn_logprobs(model: Transformer, ids: list[int]) -> np.ndarray:
