@@ -3,6 +3,7 @@
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,15 @@ def test_q8_0_quantizes_matrices_with_ggufs_quantizer_and_keeps_norms_f32(tmp_pa
     assert q8.stat().st_size < 0.4 * f32.stat().st_size
 
 
+def test_q8_0_keeps_rows_that_do_not_split_into_blocks_of_32_in_f16():
+    from cairn.export.gguf import _tensor_type
+
+    q = gguf.GGMLQuantizationType
+    assert _tensor_type(np.zeros((64, 96), np.float32), "q8_0") == q.Q8_0
+    assert _tensor_type(np.zeros((64, 80), np.float32), "q8_0") == q.F16  # as llama.cpp's converter falls back
+    assert _tensor_type(np.zeros(96, np.float32), "q8_0") == q.F32
+
+
 def test_f16_and_bf16_store_matrices_in_half_precision(tmp_path, small_tokenizer):
     llama_run(tmp_path / "run", str(small_tokenizer))
     for kind, ggml in (("f16", gguf.GGMLQuantizationType.F16), ("bf16", gguf.GGMLQuantizationType.BF16)):
@@ -197,6 +207,7 @@ def test_the_ollama_modelfile_carries_cairns_sampling_defaults(tmp_path, small_t
         (s.temperature, s.top_k, s.top_p, s.repetition_penalty, s.max_new_tokens, s.seed)
 
 
+@pytest.mark.slow  # peft's import
 def test_a_lora_run_exports_its_merged_weights(tmp_path, small_tokenizer):
     llama_run(tmp_path / "run", str(small_tokenizer), lora_rank=4)
     out = export_gguf(tmp_path / "run", tmp_path / "m.gguf")
@@ -212,11 +223,10 @@ def test_a_lora_run_exports_its_merged_weights(tmp_path, small_tokenizer):
 
 
 def test_bad_exports_are_refused_in_one_line_writing_nothing(tmp_path, small_tokenizer, capsys):
-    from test_export import tiny_model
-    from test_export import save_run as save_gpt2_run
-
-    cfg, model = tiny_model()
-    save_gpt2_run(tmp_path / "gpt2", cfg, model)
+    tok = get_tokenizer(str(small_tokenizer))
+    cfg = preset("tiny")  # GPT-2's block
+    cfg.tokenizer, cfg.model.vocab_size = str(small_tokenizer), tok.vocab_size
+    save_run(tmp_path / "gpt2", cfg, Transformer(cfg.model), tok)
     llama_run(tmp_path / "llama", str(small_tokenizer))
     (tmp_path / "taken.gguf").write_bytes(b"")
     cases = [
@@ -228,6 +238,10 @@ def test_bad_exports_are_refused_in_one_line_writing_nothing(tmp_path, small_tok
          "does not exist"),
         (["export", str(tmp_path / "llama"), "--gguf-type", "q8_0", "--out", str(tmp_path / "hf")], "--format gguf"),
     ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "gguf", None)  # not installed
+        assert main(["export", str(tmp_path / "llama"), "--format", "gguf", "--out", str(tmp_path / "d.gguf")]) == 2
+        assert "pip install" in capsys.readouterr().err
     for args, words in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()

@@ -235,7 +235,7 @@ def modelfile(gguf_name: str, context_len: int, sampling: SamplingConfig | None 
               "repetition_penalty": "repeat_penalty", "max_new_tokens": "num_predict", "seed": "seed"}
     lines = [f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""', f'PARAMETER stop "{EOT}"',
              f"PARAMETER num_ctx {context_len}",
-             "PARAMETER min_p 0"]  # cairn has no min-p; Ollama's own default is nonzero in some versions
+             "PARAMETER min_p 0"]  # cairn samples without a min-p cut: none, whatever Ollama's default
     for f in fields(SamplingConfig):
         if f.name in ollama:
             v = getattr(s, f.name)
