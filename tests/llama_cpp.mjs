@@ -9,7 +9,8 @@
 //    "score": [[id, ...], ...], "scores": FILE  -> FILE: float32 log-probabilities of every vocabulary token
 //                                                  after each position of each sequence, row after row
 //    "greedy": [{"prompt": [id, ...], "n": N}]  -> "greedy": [[id, ...], ...] (end-of-text included)}]}
-// answer: {"files": [{"vocab", "kv", "context", "tokens", "greedy"}, ...]}
+// answer: {"files": [{"vocab", "kv", "context", "tokens", "greedy", and the vocabulary's type, bos and eos
+//                      as llama.cpp reads them}, ...]}
 //
 // node-llama-cpp gives no raw logits, but at temperature 0 it returns the softmax of the raw logits over
 // the whole vocabulary (its greedy sampler changes no logit) in float32: log p is the log-softmax of
@@ -39,7 +40,13 @@ async function run(job) {
         experimentalKvCacheKeyType: kv, experimentalKvCacheValueType: kv,
     });
     const sequence = context.getSequence();
-    const answer = { vocab: null, kv: [context.kvCacheKeyType, context.kvCacheValueType], context: nCtx };
+    const t = model.tokens;
+    const answer = {
+        vocab: null, kv: [context.kvCacheKeyType, context.kvCacheValueType], context: nCtx,
+        vocabularyType: model.vocabularyType, bos: t.bos, eos: t.eos, bosString: t.bosString,
+        prependsBos: t.shouldPrependBosToken, appendsEos: t.shouldAppendEosToken,
+        endOfGeneration: [t.bos, t.eos].map((id) => model.isEogToken(id)),
+    };
 
     if (job.tokenize) answer.tokens = job.tokenize.map((text) => Array.from(model.tokenize(text, false)));
 

@@ -315,6 +315,12 @@ def llama_cpp_runs(tmp_path_factory, small_tokenizer):
 def test_llama_cpp_tokenizes_as_cairn(llama_cpp_runs, name):
     loaded, job, answer = llama_cpp_runs[name]
     assert answer["tokens"] == [loaded.tokenizer.encode(t) for t in job["tokenize"]]
+    # llama.cpp reads a BPE whose bos and eos are <|endoftext|>, put before a prompt and ending generation
+    eot = loaded.tokenizer.eot_id
+    assert (answer["vocabularyType"], answer["bos"], answer["eos"], answer["bosString"]) == ("bpe", eot, eot,
+                                                                                             "<|endoftext|>")
+    assert answer["prependsBos"] is True and answer["appendsEos"] is False
+    assert answer["endOfGeneration"] == [True, True]
 
 
 @pytest.mark.slow
