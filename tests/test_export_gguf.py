@@ -12,7 +12,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-import llama_cpp  # noqa: E402  (tests/llama_cpp.py)
+import run_llama_cpp as llama_cpp  # noqa: E402
 from conftest import TINYSTORIES, have_tinystories, make_stories  # noqa: E402
 
 from cairn.checkpoint import store as ckpt  # noqa: E402

@@ -36,7 +36,7 @@ from cairn.inference.sampling import SamplingConfig
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
-import llama_cpp  # noqa: E402  (tests/llama_cpp.py: the node-llama-cpp driver the tests use)
+import run_llama_cpp as llama_cpp  # noqa: E402  (tests/run_llama_cpp.py: the driver the tests use)
 
 TYPES = ("f32", "f16", "q8_0")
 # node-llama-cpp hands over probabilities in float32: below e^-80 they are near or under float32's smallest

@@ -1,7 +1,7 @@
 // Runs GGUF files through a real llama.cpp (node-llama-cpp's prebuilt CPU build) for cairn's GGUF checks
 // (tests/test_export_gguf.py, benchmarks/scripts/gguf_check.py).
 //
-//   node tests/llama_cpp.mjs < request.json > answer.json
+//   node tests/run_llama_cpp.mjs < request.json > answer.json
 //
 // request: {"install": DIR holding node_modules/node-llama-cpp, "threads": N, "files": [one per GGUF file:
 //   {"model": FILE.gguf, "kv": "F32" | "F16" (the KV cache's type; default F32),

@@ -1,5 +1,5 @@
 """Driving a real llama.cpp from Python: node-llama-cpp (installed by `bash scripts/setup.sh test` into
-.llama-cpp/) run by tests/llama_cpp.mjs, for tests/test_export_gguf.py and benchmarks/scripts/gguf_check.py.
+.llama-cpp/) run by tests/run_llama_cpp.mjs, for tests/test_export_gguf.py and benchmarks/scripts/gguf_check.py.
 
 node-llama-cpp over llama-cpp-python: its npm package ships llama.cpp prebuilt (83 MB, installed in about
 10 s), where llama-cpp-python builds llama.cpp from source (about 10 minutes on 2 cores) at every fresh CI
@@ -21,7 +21,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 INSTALL = Path(os.environ.get("CAIRN_LLAMA_CPP", REPO / ".llama-cpp"))
-SCRIPT = Path(__file__).resolve().with_name("llama_cpp.mjs")
+SCRIPT = Path(__file__).resolve().with_name("run_llama_cpp.mjs")
 
 
 def missing() -> str | None:
@@ -34,7 +34,7 @@ def missing() -> str | None:
 
 
 def run(files: list[dict[str, Any]], threads: int = 1, timeout: float = 300) -> list[dict[str, Any]]:
-    """Run each GGUF job (see llama_cpp.mjs) in one node process; a job's "score" comes back as
+    """Run each GGUF job (see run_llama_cpp.mjs) in one node process; a job's "score" comes back as
     "logprobs": one float32 array [positions, vocab] per scored sequence. One thread by default: on a
     busy 2-core machine (load 10) llama.cpp's two threads took 480 ms per decoded token of a d64 model
     waiting on each other, one thread 1.5 ms."""
