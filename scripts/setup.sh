@@ -30,3 +30,16 @@ if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>
     { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver; } \
         >/dev/null 2>&1 || echo "note: could not install chromium (the browser test will be skipped)" >&2
 fi
+# The GGUF export's tests run the file through a real llama.cpp: node-llama-cpp's prebuilt CPU build, once,
+# into .llama-cpp/ (ignored). On x86-64 Linux only the CPU binary is fetched (83 MB; the CUDA and Vulkan
+# builds are optional packages left out). Setup never fails over it; the tests fail in CI without it.
+LLAMA_CPP_NPM=3.21.1
+if [ ! -f .llama-cpp/node_modules/node-llama-cpp/package.json ] && command -v npm >/dev/null 2>&1; then
+    mkdir -p .llama-cpp
+    [ -f .llama-cpp/package.json ] || echo '{"private": true}' >.llama-cpp/package.json
+    only_cpu=()
+    [ "$(uname -s)-$(uname -m)" = Linux-x86_64 ] && only_cpu=(--omit=optional "@node-llama-cpp/linux-x64@$LLAMA_CPP_NPM")
+    NODE_LLAMA_CPP_SKIP_DOWNLOAD=true npm install --prefix .llama-cpp --no-audit --no-fund --loglevel=error \
+        "node-llama-cpp@$LLAMA_CPP_NPM" "${only_cpu[@]}" >/dev/null \
+        || echo "note: could not install node-llama-cpp (the GGUF tests will be skipped, or fail in CI)" >&2
+fi

@@ -1,1 +1,1 @@
-"""Writing a run in other tools' formats (Hugging Face `transformers`)."""
+"""Writing a run in other tools' formats (Hugging Face `transformers`; GGUF for llama.cpp and Ollama)."""
