@@ -5,6 +5,7 @@ shape: {"error": {"message", "type", "param", "code"}}."""
 # no `from __future__ import annotations`: FastAPI evaluates the routes' annotations, and those name
 # dependencies local to create_app, which a string annotation could not find
 
+import asyncio
 import hmac
 import json
 import time
@@ -12,12 +13,13 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Annotated, AsyncIterator, Callable, Optional
+from typing import Annotated, AsyncIterator, Awaitable, Callable, Optional
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import JsonValue
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cairn.tokenizer import chat_template
 from cairn.tokenizer.chat_template import ChatTemplate
@@ -29,6 +31,9 @@ from cairn.serve.protocol import ApiError, ChatBody, CompletionBody, CompletionR
 
 Json = dict[str, JsonValue]  # a JSON object of an answer
 Choice = Callable[[int, str, Optional[str]], Json]  # a choice of an answer: index, text, finish reason
+# the status logged for a request whose client closed the connection before its answer (nginx's
+# "client closed request"); the client never sees it
+CLIENT_GONE = 499
 
 
 @dataclass
@@ -61,6 +66,11 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect) -> Response:
+        # the client closed the connection while sending its body: nothing to answer, nothing to log
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -118,7 +128,7 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
                              "(see GET /v1/models)", param="model", code="model_not_found")
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: Annotated[CompletionBody, Depends(completion_body)]) -> Response:
+    async def completions(request: Request, body: Annotated[CompletionBody, Depends(completion_body)]) -> Response:
         prompts = body.prompts()
         r = body.request(limits, len(prompts))
         served(body.model)
@@ -126,10 +136,10 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         jobs = sampling_jobs(r, [prompt_ids(tokenizer, prompt)[-model.cfg.context_len:] for prompt in prompts])
         meta: Json = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                       "model": settings.model_name}
-        return await answer(r, jobs, meta, choice, choice)
+        return await answer(request, r, jobs, meta, choice, choice)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat_completions(body: Annotated[ChatBody, Depends(chat_body)]) -> Response:
+    async def chat_completions(request: Request, body: Annotated[ChatBody, Depends(chat_body)]) -> Response:
         r = body.request(limits)
         messages = body.conversation()
         served(body.model)
@@ -138,9 +148,10 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
         jobs = sampling_jobs(r, [ids])
         meta: Json = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion",
                       "created": int(time.time()), "model": settings.model_name}
-        return await answer(r, jobs, meta, chat_choice, chat_delta)
+        return await answer(request, r, jobs, meta, chat_choice, chat_delta)
 
-    async def answer(r: CompletionRequest, jobs: list[Job], meta: Json, whole: Choice, piece: Choice) -> Response:
+    async def answer(request: Request, r: CompletionRequest, jobs: list[Job], meta: Json, whole: Choice,
+                     piece: Choice) -> Response:
         """Run the jobs: a stream of server-sent events (each choice's pieces as `piece` makes them), or
         one JSON answer with every choice (as `whole` makes it)."""
         try:
@@ -155,12 +166,17 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
                                          len(jobs), piece),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, finish, tokens = [""] * len(jobs), [""] * len(jobs), [0] * len(jobs)
-        try:
+
+        async def gather() -> None:
             async for ev in generation.events():
                 texts[ev.index] += ev.text
                 tokens[ev.index] = ev.tokens
                 if ev.finish_reason:
                     finish[ev.index] = ev.finish_reason
+
+        try:
+            if not await unless_disconnected(gather(), request):
+                return Response(status_code=CLIENT_GONE)
         finally:
             generation.close()
         if "error" in finish:
@@ -169,6 +185,30 @@ def create_app(model: Transformer, tokenizer: Tokenizer, settings: ServeSettings
                              "usage": usage(prompt_tokens, sum(tokens))})
 
     return app
+
+
+async def unless_disconnected(work: Awaitable[None], request: Request) -> bool:
+    """Run `work` unless the client closes the connection first, and say whether it ran to its end. A
+    whole (not streamed) answer is sent only when complete: without this, a client that left would
+    keep its slots, and the worker decoding for nobody, until then."""
+    done, gone = asyncio.ensure_future(work), asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (done, gone):
+            task.cancel()
+        await asyncio.gather(done, gone, return_exceptions=True)
+    if done.cancelled():
+        return False
+    done.result()  # its exception, if any
+    return True
+
+
+async def disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection. The body has been read: the next message
+    the server gives the app is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def read_json(request: Request, limit: int) -> JsonValue:
