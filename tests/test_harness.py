@@ -205,7 +205,7 @@ def test_cli_prints_a_table_of_both_story_tasks_on_the_runs_test_split(trained_r
     assert "test split (" in lines[0] and lines[1].split() == ["task", "docs", "metric", "value", "stderr"]
     rows = {(r.split()[0], r.split()[2]): r.split() for r in lines[2:]}
     assert set(rows) == {(PPL, "word_perplexity"), (PPL, "byte_perplexity"), (PPL, "bits_per_byte"),
-                         (ENDING, "acc"), (ENDING, "acc_norm")}
+                         (ENDING, "acc"), (ENDING, "acc_norm"), (ENDING, "acc_mutual_info")}
     assert all(r[1] == "6" for r in rows.values())
     assert 0.0 <= float(rows[ENDING, "acc"][3]) <= 1.0 and rows[ENDING, "acc"][4] == "±"
 

@@ -26,7 +26,7 @@ INSTALL_HINT = "pip install 'cairn-lm[harness]'"
 # lm-eval's bootstrap for the standard error of metrics with no closed form (a median, a corpus
 # BLEU): its default of 100,000 resamples takes minutes on a few cores; accuracies need none
 BOOTSTRAP_ITERS = 1000
-NOT_METRICS = ("alias", "sample_len")  # what lm-eval's results hold beside the metrics
+NOT_METRICS = ("alias", "name", "sample_len")  # what lm-eval's results hold beside the metrics
 
 
 def task_names(spec: str) -> list[str]:
