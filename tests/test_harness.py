@@ -195,6 +195,23 @@ def test_cairn_lm_scores_what_lm_evals_hflm_scores_on_the_hf_export(trained_run,
     assert all(len(ours.tokenizer.encode(s)) < ours.seq_len for s in short)
     requests = [Instance("loglikelihood_rolling", {}, (s,), i) for i, s in enumerate(short)]
     assert np.allclose(ours.loglikelihood_rolling(requests), hflm.loglikelihood_rolling(requests), atol=1e-3)
+    # greedy generation up to a stop string
+    settings = {"until": ["."], "max_gen_toks": 24, "do_sample": False}
+    got = ours.generate_until([Instance("generate_until", {}, (s, settings), i) for i, s in enumerate(short[:3])])
+    want = hflm.generate_until([Instance("generate_until", {}, ("<|endoftext|>" + s, settings), i)
+                                for i, s in enumerate(short[:3])])
+    assert got == want and any(got)
+
+
+def test_lm_evals_own_entry_point_builds_the_cairn_model_from_its_arguments(trained_run):
+    import lm_eval.api.registry
+
+    cls = lm_eval.api.registry.get_model("cairn")
+    assert cls is CairnLM
+    lm = cls.create_from_arg_string(f"path={trained_run.run},precision=fp32,device=cpu")
+    assert (lm.precision, lm.seq_len, str(lm.loaded.path.parent.parent)) == ("fp32", 64, str(trained_run.run))
+    with pytest.raises(CairnError, match="path=RUN_DIR_OR_CHECKPOINT"):
+        cls.create_from_arg_string("device=cpu")
 
 
 @pytest.mark.slow

@@ -31,8 +31,8 @@ from cairn.runtime.precision import for_checkpoint
 from cairn.tokenizer.base import Tokenizer
 from cairn.util.errors import CairnError
 
-# Scoring holds every position's logits in float32 for log_softmax: batches are also capped so
-# those stay under this many values (256 MB), whatever the vocabulary.
+# A batch's logits (every position's) are capped at this many values (256 MB in float32), whatever
+# the vocabulary.
 LOGIT_VALUES = 1 << 26
 
 
@@ -137,12 +137,12 @@ class CairnLM(LM):
                 x[r, :len(row)] = torch.tensor(row)
             with autocast(self._device, self.precision):
                 logits = self.model(x.to(self._device))
-            logp = torch.log_softmax(logits.float(), dim=-1)
             for r, i in enumerate(batch):
                 w = windows[i]
                 n = len(w.tokens) - 1
-                target = torch.tensor(w.tokens[n - w.scored + 1:], device=logp.device)
-                lp = logp[r, n - w.scored:n]
+                target = torch.tensor(w.tokens[n - w.scored + 1:], device=logits.device)
+                # only the scored positions: a choice's few tokens after a context of hundreds
+                lp = torch.log_softmax(logits[r, n - w.scored:n].float(), dim=-1)
                 picked = lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
                 out[i] = (float(picked.sum()), bool((lp.argmax(-1) == target).all()))
         return out
