@@ -232,3 +232,23 @@ def test_an_lm_eval_task_that_cannot_load_offline_is_one_line(trained_run, capsy
     assert main(["eval", str(trained_run.run), "--harness", "hellaswag"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: lm-eval cannot load task 'hellaswag': ") and "Traceback" not in "".join(err)
+
+
+def test_the_use_elsewhere_page_quotes_the_harness_record():
+    from cairn.bench.record import read_result
+    from conftest import REPO
+
+    text = (REPO / "docs" / "use-elsewhere.md").read_text(encoding="utf-8").split("## lm-evaluation-harness")[1]
+    result = read_result(REPO / "benchmarks" / "records" / "harness-cpu-10min.json")
+    own, runs = result["cairn_eval"], result["harness"]
+    for name in ("cairn", "cairn_fp32", "cairn_untrained", "hflm_export_fp32"):
+        ppl, ending = runs[name]["results"][PPL], runs[name]["results"][ENDING]
+        assert (f"| {ppl['bits_per_byte']:.4f} | {ppl['word_perplexity']:.1f} | {ending['acc']:.3f} | "
+                f"{ending['acc_norm']:.3f} | {ending['acc_mutual_info']:.3f} ± "
+                f"{ending['acc_mutual_info_stderr']:.3f} | {runs[name]['seconds']:.0f} |") in text, name
+    lower = 1 - runs["cairn"]["results"][PPL]["bits_per_byte"] / own["bits_per_byte"]
+    assert f"{lower:.2%} on the run below" in text and f"gives {own['bits_per_byte']:.4f} bits per byte" in text
+    assert f"test split of {runs['cairn']['samples'][PPL]} stories" in text
+    bpb = {name: r["results"][PPL]["bits_per_byte"] for name, r in runs.items()}
+    hflm = bpb["hflm_export_fp32"] - bpb["cairn_fp32"]
+    assert f"costs it {hflm:.4f} bits per byte" in text

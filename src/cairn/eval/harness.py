@@ -4,7 +4,7 @@ The run's model scores through `CairnLM` (harness_lm.py says why not HFLM over a
 story tasks (`cairn_story_ppl`, `cairn_story_ending`, both as `cairn_stories`) are built from the
 stories `cairn eval` would score (the run's test split, or --data) in a temporary folder that
 lm-eval indexes alone; any other name is lm-eval's own task, passed through (lm-eval's index of
-its thousands of task files is built only then: about 20 s)."""
+its thousands of task files, slower to build than a small run's story tasks, is built only then)."""
 
 from __future__ import annotations
 
