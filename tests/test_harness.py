@@ -120,6 +120,18 @@ def test_an_unknown_task_name_is_one_line(tmp_path):
         _load_tasks(manager, [PPL, "no_such_task"])
 
 
+def test_the_story_tasks_refuse_a_run_of_instruction_records():
+    from pathlib import Path
+
+    from cairn.checkpoint.load import Loaded
+    from cairn.config.presets import preset
+    from cairn.eval.story_tasks import held_out_stories
+
+    loaded = Loaded(torch.nn.Linear(1, 1), preset("cpu-instruct"), None, Path("run"), {}, torch.device("cpu"))
+    with pytest.raises(CairnError, match="trained on sft records: give lm-eval's own tasks"):
+        held_out_stories(loaded, None, "test")
+
+
 def test_without_lm_eval_the_error_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is not installed
     with pytest.raises(CairnError, match=r"pip install 'cairn-lm\[harness\]'"):  # before the run is read

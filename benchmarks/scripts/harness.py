@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from cairn.bench import record  # noqa: E402
 from cairn.checkpoint.load import load  # noqa: E402
-from cairn.eval.harness import run_harness  # noqa: E402
+from cairn.eval.harness import SEED, run_harness  # noqa: E402
 from cairn.eval.run import evaluate_run  # noqa: E402
 from cairn.eval.story_tasks import LOCAL_TASKS  # noqa: E402
 from cairn.model.transformer import build_model  # noqa: E402
@@ -42,7 +42,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="a trained run directory (or checkpoint)")
     p.add_argument("--json", default="", help="write the benchmark record here")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=SEED, help=f"the story endings' and lm-eval's seed (default {SEED}, "
+                   "cairn eval's)")
     p.add_argument("--limit", type=int, default=0, help="documents per task (default all)")
     args = p.parse_args()
     recording = record.start()

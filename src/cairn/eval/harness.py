@@ -26,7 +26,8 @@ INSTALL_HINT = "pip install 'cairn-lm[harness]'"
 # lm-eval's bootstrap for the standard error of metrics with no closed form (a median, a corpus
 # BLEU): its default of 100,000 resamples takes minutes on a few cores; accuracies need none
 BOOTSTRAP_ITERS = 1000
-NOT_METRICS = ("alias", "name", "sample_len")  # what lm-eval's results hold beside the metrics
+NOT_METRICS = ("alias", "name", "sample_len")
+SEED = 0  # `cairn eval --seed`'s default  # what lm-eval's results hold beside the metrics
 
 
 def task_names(spec: str) -> list[str]:
@@ -92,7 +93,7 @@ def _load_tasks(manager: Any, names: list[str], offline: bool = False) -> list[A
 
 
 def evaluate_harness(path: str | Path, tasks: str, data: Optional[str] = None, split: str = "test",
-                     device: str = "auto", limit: int = 0, seed: int = 1234,
+                     device: str = "auto", limit: int = 0, seed: int = SEED,
                      precision: Optional[str] = None) -> dict[str, Any]:
     """Run lm-eval's `tasks` (comma-separated names) on the model at `path`: see `run_harness`."""
     names = task_names(tasks)
@@ -113,7 +114,7 @@ def _require_lm_eval() -> None:
 
 
 def run_harness(loaded: Loaded, names: list[str], data: Optional[str] = None, split: str = "test", limit: int = 0,
-                seed: int = 1234, precision: Optional[str] = None, lm: Any = None) -> dict[str, Any]:
+                seed: int = SEED, precision: Optional[str] = None, lm: Any = None) -> dict[str, Any]:
     """lm-eval's tasks `names` on a loaded run, scored by `CairnLM` (or by `lm`, another lm-eval
     model, given the same story tasks). Returns lm-eval's results per task ("results": {task:
     {metric: value}}, stderr as "<metric>_stderr"), the documents per task ("samples"), what the
