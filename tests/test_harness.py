@@ -263,4 +263,7 @@ def test_the_use_elsewhere_page_quotes_the_harness_record():
     assert f"test split of {runs['cairn']['samples'][PPL]} stories" in text
     bpb = {name: r["results"][PPL]["bits_per_byte"] for name, r in runs.items()}
     hflm = bpb["hflm_export_fp32"] - bpb["cairn_fp32"]
-    assert f"costs it {hflm:.4f} bits per byte" in text
+    assert f"costs it {hflm:.4f} bits per\nbyte here" in text
+    mutual = {name: r["results"][ENDING]["acc_mutual_info"] for name, r in runs.items()}
+    assert f"{mutual['cairn']:.2f} against the untrained model's\n{mutual['cairn_untrained']:.2f}" in text
+    assert 0.4 < runs["cairn"]["seconds"] / runs["hflm_export_fp32"]["seconds"] < 0.6  # "about half the time"

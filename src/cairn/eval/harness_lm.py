@@ -118,27 +118,27 @@ class CairnLM(LM):
         return [self.eot_id, *whole[:n_context]], whole[n_context:]
 
     @torch.no_grad()
-    def _score(self, windows: Sequence[Window]) -> list[tuple[float, bool]]:
+    def _score(self, items: Sequence[Window]) -> list[tuple[float, bool]]:
         """Each window's summed log-probability of its scored targets, and whether every one of
         them is the model's most likely token. Windows are read longest first, in batches of
         similar length that pad little; the results come back in the order given."""
-        order = sorted(range(len(windows)), key=lambda i: -len(windows[i].tokens))
-        out: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
+        order = sorted(range(len(items)), key=lambda i: -len(items[i].tokens))
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(items)
         vocab = self.model.cfg.vocab_size
         start = 0
         while start < len(order):
-            width = len(windows[order[start]].tokens) - 1  # the longest row of this batch
+            width = len(items[order[start]].tokens) - 1  # the longest row of this batch
             rows = max(1, min(self.batch_tokens // width, LOGIT_VALUES // (width * vocab)))
             batch = order[start:start + rows]
             start += len(batch)
             x = torch.full((len(batch), width), self.eot_id, dtype=torch.long)
             for r, i in enumerate(batch):
-                row = windows[i].tokens[:-1]
+                row = items[i].tokens[:-1]
                 x[r, :len(row)] = torch.tensor(row)
             with autocast(self._device, self.precision):
                 logits = self.model(x.to(self._device))
             for r, i in enumerate(batch):
-                w = windows[i]
+                w = items[i]
                 n = len(w.tokens) - 1
                 target = torch.tensor(w.tokens[n - w.scored + 1:], device=logits.device)
                 # only the scored positions: a choice's few tokens after a context of hundreds
