@@ -20,14 +20,19 @@ from cairn.eval.story_tasks import LOCAL_TASKS, TAG
 from cairn.util.errors import CairnError
 
 if TYPE_CHECKING:
+    from lm_eval.api.group import Group
+    from lm_eval.api.model import LM
+    from lm_eval.api.task import Task
+    from lm_eval.tasks import TaskManager
+
     from cairn.checkpoint.load import Loaded
 
 INSTALL_HINT = "pip install 'cairn-lm[harness]'"
 # lm-eval's bootstrap for the standard error of metrics with no closed form (a median, a corpus
 # BLEU): its default of 100,000 resamples takes minutes on a few cores; accuracies need none
 BOOTSTRAP_ITERS = 1000
-NOT_METRICS = ("alias", "name", "sample_len")
-SEED = 0  # `cairn eval --seed`'s default  # what lm-eval's results hold beside the metrics
+NOT_METRICS = ("alias", "name", "sample_len")  # what lm-eval's results hold beside the metrics
+SEED = 0  # `cairn eval --seed`'s default
 
 
 def task_names(spec: str) -> list[str]:
@@ -74,9 +79,9 @@ def _hub_offline(needed: bool) -> Iterator[bool]:
         hub.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
 
 
-def _load_tasks(manager: Any, names: list[str], offline: bool = False) -> list[Any]:
+def _load_tasks(manager: TaskManager, names: list[str], offline: bool = False) -> list[Task | Group]:
     """Each name as lm-eval builds it (a task, a group, or a tag's tasks); its failures in one line."""
-    built: list[Any] = []
+    built: list[Task | Group] = []
     for name in names:
         try:
             got = manager.load([name])
@@ -114,7 +119,7 @@ def _require_lm_eval() -> None:
 
 
 def run_harness(loaded: Loaded, names: list[str], data: Optional[str] = None, split: str = "test", limit: int = 0,
-                seed: int = SEED, precision: Optional[str] = None, lm: Any = None) -> dict[str, Any]:
+                seed: int = SEED, precision: Optional[str] = None, lm: Optional[LM] = None) -> dict[str, Any]:
     """lm-eval's tasks `names` on a loaded run, scored by `CairnLM` (or by `lm`, another lm-eval
     model, given the same story tasks). Returns lm-eval's results per task ("results": {task:
     {metric: value}}, stderr as "<metric>_stderr"), the documents per task ("samples"), what the
