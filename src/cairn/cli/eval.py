@@ -1,4 +1,5 @@
-"""`cairn eval`: a trained model's held-out loss, perplexity and bits per byte, or the words task's score."""
+"""`cairn eval`: a trained model's held-out loss, perplexity and bits per byte, the words task's score, or
+lm-evaluation-harness tasks."""
 
 from __future__ import annotations
 
@@ -29,20 +30,44 @@ def add_parser(sub: Subcommands) -> None:
     p.add_argument("--task", choices=("loss", "words"), default="loss",
                    help="loss: held-out loss (default); words: one story per prompt of --data (JSONL with "
                         "\"prompt\" and \"words\"), the fraction that use all their words")
+    p.add_argument("--harness", metavar="TASKS",
+                   help="run lm-evaluation-harness tasks (comma-separated): cairn_story_ppl (perplexity and bits "
+                        "per byte of the held-out stories), cairn_story_ending (pick each story's last sentence "
+                        "among 4), cairn_stories (both; built from --split or --data), or lm-eval's own task names")
     p.add_argument("--seed", type=int, default=WORDS.seed,
-                   help=f"words: the first prompt's sampling seed, + 1 for each next (default {WORDS.seed})")
-    p.add_argument("--limit", type=int, default=0, help="words: only the first N prompts (default all)")
+                   help=f"words: the first prompt's sampling seed, + 1 for each next; harness: the seed of the "
+                        f"story endings' choices and of lm-eval (default {WORDS.seed})")
+    p.add_argument("--limit", type=int, default=0,
+                   help="words: only the first N prompts; harness: the first N documents of each task (default all)")
 
 
 def run(args: argparse.Namespace) -> int:
     from cairn.runtime.device import set_threads
 
-    not_empty(args, "eval", "data")
+    not_empty(args, "eval", "data", "harness")
     setup_logging(stream=sys.stderr)
     set_threads(0)
+    if args.harness is not None:
+        if args.task != "loss":
+            raise CairnError("--harness runs lm-eval's tasks: leave out --task")
+        return _harness(args)
     if args.task == "words":
         return _words(args)
     return _loss(args)
+
+
+def _harness(args: argparse.Namespace) -> int:
+    from cairn.eval.harness import evaluate_harness, table
+
+    r = evaluate_harness(args.path, args.harness, data=args.data, split=args.split, device=args.device,
+                         limit=args.limit, seed=args.seed)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['checkpoint']}" + (f", story tasks on {r['what']}" if r["what"] else "")
+              + f" (lm-eval {r['lm_eval']})")
+        print(table(r))
+    return 0
 
 
 def _loss(args: argparse.Namespace) -> int:
