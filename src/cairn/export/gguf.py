@@ -54,7 +54,7 @@ GGUF_TYPES: tuple[str, ...] = get_args(GgufType)
 # that halving the file buys little (cpu-10min: 6.7 MB at f32, 3.4 MB at f16, 1.9 MB at q8_0, whose
 # held-out bits per byte are f32's within 1e-5; benchmarks/records/gguf-cpu-10min.json)
 DEFAULT_GGUF_TYPE: GgufType = "f32"
-INSTALL_HINT = "GGUF export needs the `gguf` package: pip install 'cairn[gguf]' (or pip install gguf)"
+INSTALL_HINT = "GGUF export needs the `gguf` package: pip install 'cairn-lm[gguf]' (or pip install gguf)"
 
 # Hugging Face Llama name (inside model.layers.N.) -> llama.cpp's (inside blk.N.)
 _LAYER_NAMES = {
