@@ -1,5 +1,8 @@
 import re
 import shlex
+import statistics
+
+import platform
 
 import pytest
 import torch
@@ -27,7 +30,14 @@ def test_bench_times_every_variant_and_checks_cached_decoding(tmp_path, capsys):
     assert rows["tutorial"]["useful_tokens_per_s"] < rows["tutorial"]["tokens_per_s"]
     assert rows["cairn"]["useful_tokens_per_s"] == rows["cairn"]["tokens_per_s"]
     assert set(result["generation_tokens_per_s"]) == {"kv_cache", "recompute"}
-    assert "generation of 12 tokens" in capsys.readouterr().out
+    # beside each training step, a forward-only scoring pass of the same batch, alternating as well
+    assert all(len(r["score_steps"]) == 2 and r["score_tokens_per_s"] > 0 for r in rows.values())
+    assert rows["tutorial"]["score_useful_tokens_per_s"] < rows["tutorial"]["score_tokens_per_s"]
+    assert rows["nanogpt"]["score_speedup"] == 1.0 and rows["nanogpt"]["score_round_speedup"] == 1.0
+    assert rows["cairn"]["score_round_speedup"] == pytest.approx(statistics.median(
+        nano / own for nano, own in zip(rows["nanogpt"]["score_steps"], rows["cairn"]["score_steps"])))
+    out = capsys.readouterr().out
+    assert "generation of 12 tokens" in out and "scoring, forward only" in out
 
 
 def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
@@ -44,6 +54,9 @@ def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
     n_params = 64 * 50000 * 2 + 2 * (4 * 64 * 64 + 2 * 64 * 256)
     assert 4 * 4 * n_params * 0.9 <= row["peak_memory_mb"] * 2**20 <= 4 * 4 * n_params * 3
     assert 0 < row["mfu"] < 1
+    # the scoring pass goes through `cairn eval`'s kernel: it does no backward, so it is the faster
+    assert row["score_over_train"] > 1 and row["score_tokens_per_s"] == pytest.approx(64 / row["score_s"])
+    assert result["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
     assert "(tiny)" in capsys.readouterr().out
 
 
@@ -55,7 +68,8 @@ def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tm
     out = tmp_path / "bench.json"
     assert main(["--d-model", "32", "--n-heads", "4", "--n-layers", "1", "--seq-len", "32", "--batch-size", "2",
                  "--vocab-size", "300", "--rounds", "1", "--generate", "0", "--device", "cpu", "--precision", "bf16",
-                 "--reference-precision", "bf16", "--variants", "nanogpt,cairn,cairn-fp32", "--json", str(out)]) == 0
+                 "--reference-precision", "bf16", "--variants", "nanogpt,cairn,cairn-fp32", "--no-score",
+                 "--json", str(out)]) == 0
     result = record.read_result(out)
     rows = {r["variant"]: r for r in result["training"]}
     assert {k: r["precision"] for k, r in rows.items()} == {"nanogpt": "fp32", "nanogpt-bf16": "bf16", "cairn": "bf16",
@@ -64,6 +78,7 @@ def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tm
         assert r["peak_flops"] == (400e9 if r["precision"] == "bf16" else 160e9)
         assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["peak_flops"])
     assert result["peaks"]["bf16"]["source"] == "measured bf16 matmul"
+    assert not any("score_s" in r for r in rows.values())  # --no-score
 
 
 def test_bench_rejects_unknown_variants_in_one_line(capsys):
