@@ -57,6 +57,7 @@ def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
     # the scoring pass goes through `cairn eval`'s kernel: it does no backward, so it is the faster
     assert row["score_over_train"] > 1 and row["score_tokens_per_s"] == pytest.approx(64 / row["score_s"])
     assert result["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert "(tiny)" in capsys.readouterr().out
 
 

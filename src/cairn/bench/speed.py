@@ -422,6 +422,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
         "device": where, "precision": precision, "precision_choice": choice.reason,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "keep_freed_memory": kept,
+        # the vector kernels ATen dispatched to: ATEN_CPU_CAPABILITY=avx2 holds an AVX-512 CPU to AVX2's
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
         "peak_flops": peaks[precision][0], "peak_source": peaks[precision][1],
         "peaks": {p: {"flops": pk, "source": src} for p, (pk, src) in peaks.items()}, "training": rows}
     if a.generate:
