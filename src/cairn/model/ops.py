@@ -33,17 +33,18 @@ class _Workspace(threading.local):
     blocks, and under torch.compile the compiler plans its buffers, so both allocate afresh."""
 
     def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
+        # by name and dtype: a process that runs float32 and bf16 heads in turn keeps both
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
 
     def take(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
              reuse: bool) -> torch.Tensor:
         if not reuse:
             return torch.empty(rows, cols, dtype=dtype, device=device)
-        buf = self.buffers.pop(name, None)
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype or buf.device != device:
+        buf = self.buffers.pop((name, dtype), None)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != device:
             del buf  # the old buffer is freed before its replacement is made: one at a time at the peak
             buf = torch.empty(rows, cols, dtype=dtype, device=device)
-        self.buffers[name] = buf
+        self.buffers[name, dtype] = buf
         return buf[:rows]
 
 
