@@ -91,9 +91,10 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk:
             grad_h[s:s + chunk] = ((g @ w) * mask).to(h.dtype)
             if compute_dtype == acc:
                 grad_w.addmm_(g.t(), hc * mask)
-            else:  # the bf16 product, rounded as bf16, summed in float32
-                grad_w.add_(torch.mm(g.t(), hc * mask, out=space.take("grad_w", vocab, d, compute_dtype, h.device,
-                                                                       reuse)))
+            else:  # the bf16 product, rounded as bf16, summed in float32 (widened first: an in-place
+                # add of a bf16 tensor to a float32 one was measured slower than the copy and the add)
+                part = torch.mm(g.t(), hc * mask, out=space.take("grad_w", vocab, d, compute_dtype, h.device, reuse))
+                grad_w += space.take("grad_w", vocab, d, acc, h.device, reuse).copy_(part)
     return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
 
 
