@@ -53,6 +53,8 @@ from cairn.util.errors import CairnError, option
 if TYPE_CHECKING:
     from cairn.training.optim import Optimizer
 
+# what caps the instruction set each CPU library uses (ATen's kernels, MKL's and oneDNN's matmuls)
+ISA_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 Step = Callable[[], None]
 # what building a variant gives: its training step, its scoring pass (forward only, as `cairn eval`
 # scores), tokens per step, useful tokens per step, model FLOPs per step
@@ -423,7 +425,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         "device": where, "precision": precision, "precision_choice": choice.reason,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "keep_freed_memory": kept,
         # the vector kernels ATen dispatched to: ATEN_CPU_CAPABILITY=avx2 holds an AVX-512 CPU to AVX2's
+        # for ATen's own kernels; the matmul libraries have their own switches, recorded beside it
         "cpu_capability": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
+        "isa_environment": {k: os.environ[k] for k in ISA_ENVIRONMENT if k in os.environ},
         "peak_flops": peaks[precision][0], "peak_source": peaks[precision][1],
         "peaks": {p: {"flops": pk, "source": src} for p, (pk, src) in peaks.items()}, "training": rows}
     if a.generate:
