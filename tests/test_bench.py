@@ -115,3 +115,44 @@ def test_every_record_under_benchmarks_is_in_the_one_shape():
         assert isinstance(rec["result"], dict) and rec["result"], path.name
         assert rec["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", rec["commit"]), path.name
         assert set(rec["cpu"]) == {"model", "flags", "cores"} and set(rec["load"]) == {"start", "end"}, path.name
+
+
+def _shape(result: dict, d: int, vocab: int, precision: str, mode: str) -> dict:
+    (row,) = [s for s in result["shapes"] if (s["d_model"], s["vocab"], s["precision"], s["mode"]) ==
+              (d, vocab, precision, mode)]
+    return row
+
+
+def test_the_speed_page_quotes_the_head_allocator_and_scoring_records():
+    from conftest import REPO
+
+    text = (REPO / "docs" / "speed.md").read_text(encoding="utf-8")
+    head = record.read_result(REPO / "benchmarks" / "records" / "head-alloc.json")
+    assert head["keep_freed_memory"] and head["rounds"] == 5
+    for s in head["shapes"]:
+        assert s["after_equals_before"], s  # the kept buffers change no bit of the loss or gradients
+        v = s["variants"]
+        cells = (f"| d{s['d_model']} V{s['vocab']} {s['precision']} {s['mode']} | "
+                 f"{v['before']['median_s'] * 1e3:,.0f} | "
+                 f"{v['after']['median_s'] * 1e3:,.0f} ({v['after']['speedup_vs_before']:.2f}x) | "
+                 f"{v['before-c128']['median_s'] * 1e3:,.0f} ({v['before-c128']['speedup_vs_before']:.2f}x) |")
+        assert cells in text, cells
+    bench = {r["variant"]: r for r in record.read_result(
+        REPO / "benchmarks" / "records" / "bench-d256-v50257-fp32.json")["training"]}
+    cairn, nanogpt = bench["cairn"], bench["nanogpt"]
+    assert (f"{cairn['tokens_per_s']:.0f} against {nanogpt['tokens_per_s']:.0f} tokens/s, "
+            f"{cairn['round_speedup']:.2f}x") in text
+    assert (f"{cairn['score_tokens_per_s']:.0f} against {nanogpt['score_tokens_per_s']:.0f} tokens/s, "
+            f"{cairn['score_round_speedup']:.2f}x") in text
+    keep = record.read_result(REPO / "benchmarks" / "records" / "keep-memory-d256.json")["summary"]
+    assert f"{keep['score_tokens_per_s']['on_over_off']:.2f}x" in text
+    assert f"{keep['score_faults_per_batch']['off']:,.0f}" in text
+    for name, caps in (("bench-d256-v50257-fp32-aten-avx2.json", {"ATEN_CPU_CAPABILITY": "avx2"}),
+                       ("bench-d256-v50257-fp32-avx2-caps.json", {"ATEN_CPU_CAPABILITY": "avx2",
+                                                                  "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                                                                  "ONEDNN_MAX_CPU_ISA": "AVX2"})):
+        result = record.read_result(REPO / "benchmarks" / "records" / name)
+        assert result["isa_environment"] == caps and result["cpu_capability"] == "AVX2", name
+        rows = {r["variant"]: r for r in result["training"]}
+        assert (f"training {rows['cairn']['tokens_per_s']:.0f} against {rows['nanogpt']['tokens_per_s']:.0f} "
+                f"tokens/s, {rows['cairn']['round_speedup']:.2f}x by rounds") in text, name

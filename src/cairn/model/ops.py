@@ -25,8 +25,8 @@ class _Workspace(threading.local):
     A chunk's [rows, V] logits are larger than glibc's largest mmap threshold (32 MB: 1,024 rows
     of a 50257-token vocabulary are 206 MB in float32), so glibc serves each with its own mmap and
     unmaps it when freed, however the heap is tuned; the next chunk, and every next step, then
-    page-faults all of it in again, zero-filled by the kernel. Measured on a 2-core EPYC: the head's
-    matmul ran at 51-56 GFLOP/s into a fresh tensor and 82 GFLOP/s into a reused one. These buffers
+    page-faults all of it in again, zero-filled by the kernel (docs/speed.md has the head's time
+    before and after, 1.2x to 2.3x faster with that vocabulary on a 2-core EPYC). These buffers
     never leave a call (the loss and the gradients handed to autograd are their own tensors), so
     sharing them between calls, models and autograd graphs is safe; threads get their own, and a
     buffer only grows (rows up to the chunk size). On CUDA the caching allocator already reuses
