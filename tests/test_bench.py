@@ -1,5 +1,8 @@
 import re
 import shlex
+import statistics
+
+import platform
 
 import pytest
 import torch
@@ -27,7 +30,14 @@ def test_bench_times_every_variant_and_checks_cached_decoding(tmp_path, capsys):
     assert rows["tutorial"]["useful_tokens_per_s"] < rows["tutorial"]["tokens_per_s"]
     assert rows["cairn"]["useful_tokens_per_s"] == rows["cairn"]["tokens_per_s"]
     assert set(result["generation_tokens_per_s"]) == {"kv_cache", "recompute"}
-    assert "generation of 12 tokens" in capsys.readouterr().out
+    # beside each training step, a forward-only scoring pass of the same batch, alternating as well
+    assert all(len(r["score_steps"]) == 2 and r["score_tokens_per_s"] > 0 for r in rows.values())
+    assert rows["tutorial"]["score_useful_tokens_per_s"] < rows["tutorial"]["score_tokens_per_s"]
+    assert rows["nanogpt"]["score_speedup"] == 1.0 and rows["nanogpt"]["score_round_speedup"] == 1.0
+    assert rows["cairn"]["score_round_speedup"] == pytest.approx(statistics.median(
+        nano / own for nano, own in zip(rows["nanogpt"]["score_steps"], rows["cairn"]["score_steps"])))
+    out = capsys.readouterr().out
+    assert "generation of 12 tokens" in out and "scoring, forward only" in out
 
 
 def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
@@ -44,6 +54,10 @@ def test_bench_takes_a_presets_shape_and_reports_peak_memory(tmp_path, capsys):
     n_params = 64 * 50000 * 2 + 2 * (4 * 64 * 64 + 2 * 64 * 256)
     assert 4 * 4 * n_params * 0.9 <= row["peak_memory_mb"] * 2**20 <= 4 * 4 * n_params * 3
     assert 0 < row["mfu"] < 1
+    # the scoring pass goes through `cairn eval`'s kernel: it does no backward, so it is the faster
+    assert row["score_over_train"] > 1 and row["score_tokens_per_s"] == pytest.approx(64 / row["score_s"])
+    assert result["keep_freed_memory"] is (platform.libc_ver()[0] == "glibc")
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert "(tiny)" in capsys.readouterr().out
 
 
@@ -55,7 +69,8 @@ def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tm
     out = tmp_path / "bench.json"
     assert main(["--d-model", "32", "--n-heads", "4", "--n-layers", "1", "--seq-len", "32", "--batch-size", "2",
                  "--vocab-size", "300", "--rounds", "1", "--generate", "0", "--device", "cpu", "--precision", "bf16",
-                 "--reference-precision", "bf16", "--variants", "nanogpt,cairn,cairn-fp32", "--json", str(out)]) == 0
+                 "--reference-precision", "bf16", "--variants", "nanogpt,cairn,cairn-fp32", "--no-score",
+                 "--json", str(out)]) == 0
     result = record.read_result(out)
     rows = {r["variant"]: r for r in result["training"]}
     assert {k: r["precision"] for k, r in rows.items()} == {"nanogpt": "fp32", "nanogpt-bf16": "bf16", "cairn": "bf16",
@@ -64,6 +79,7 @@ def test_bench_reference_stays_float32_and_mfu_is_against_each_rows_precision(tm
         assert r["peak_flops"] == (400e9 if r["precision"] == "bf16" else 160e9)
         assert r["mfu"] == pytest.approx(r["model_flops_per_s"] / r["peak_flops"])
     assert result["peaks"]["bf16"]["source"] == "measured bf16 matmul"
+    assert not any("score_s" in r for r in rows.values())  # --no-score
 
 
 def test_bench_rejects_unknown_variants_in_one_line(capsys):
@@ -99,3 +115,44 @@ def test_every_record_under_benchmarks_is_in_the_one_shape():
         assert isinstance(rec["result"], dict) and rec["result"], path.name
         assert rec["commit"] is None or re.fullmatch(r"[0-9a-f]{40}(-dirty)?", rec["commit"]), path.name
         assert set(rec["cpu"]) == {"model", "flags", "cores"} and set(rec["load"]) == {"start", "end"}, path.name
+
+
+def _shape(result: dict, d: int, vocab: int, precision: str, mode: str) -> dict:
+    (row,) = [s for s in result["shapes"] if (s["d_model"], s["vocab"], s["precision"], s["mode"]) ==
+              (d, vocab, precision, mode)]
+    return row
+
+
+def test_the_speed_page_quotes_the_head_allocator_and_scoring_records():
+    from conftest import REPO
+
+    text = (REPO / "docs" / "speed.md").read_text(encoding="utf-8")
+    head = record.read_result(REPO / "benchmarks" / "records" / "head-alloc.json")
+    assert head["keep_freed_memory"] and head["rounds"] == 5
+    for s in head["shapes"]:
+        assert s["after_equals_before"], s  # the kept buffers change no bit of the loss or gradients
+        v = s["variants"]
+        cells = (f"| d{s['d_model']} V{s['vocab']} {s['precision']} {s['mode']} | "
+                 f"{v['before']['median_s'] * 1e3:,.0f} | "
+                 f"{v['after']['median_s'] * 1e3:,.0f} ({v['after']['speedup_vs_before']:.2f}x) | "
+                 f"{v['before-c128']['median_s'] * 1e3:,.0f} ({v['before-c128']['speedup_vs_before']:.2f}x) |")
+        assert cells in text, cells
+    bench = {r["variant"]: r for r in record.read_result(
+        REPO / "benchmarks" / "records" / "bench-d256-v50257-fp32.json")["training"]}
+    cairn, nanogpt = bench["cairn"], bench["nanogpt"]
+    assert (f"{cairn['tokens_per_s']:.0f} against {nanogpt['tokens_per_s']:.0f} tokens/s, "
+            f"{cairn['round_speedup']:.2f}x") in text
+    assert (f"{cairn['score_tokens_per_s']:.0f} against {nanogpt['score_tokens_per_s']:.0f} tokens/s, "
+            f"{cairn['score_round_speedup']:.2f}x") in text
+    keep = record.read_result(REPO / "benchmarks" / "records" / "keep-memory-d256.json")["summary"]
+    assert f"{keep['score_tokens_per_s']['on_over_off']:.2f}x" in text
+    assert f"{keep['score_faults_per_batch']['off']:,.0f}" in text
+    for name, caps in (("bench-d256-v50257-fp32-aten-avx2.json", {"ATEN_CPU_CAPABILITY": "avx2"}),
+                       ("bench-d256-v50257-fp32-avx2-caps.json", {"ATEN_CPU_CAPABILITY": "avx2",
+                                                                  "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                                                                  "ONEDNN_MAX_CPU_ISA": "AVX2"})):
+        result = record.read_result(REPO / "benchmarks" / "records" / name)
+        assert result["isa_environment"] == caps and result["cpu_capability"] == "AVX2", name
+        rows = {r["variant"]: r for r in result["training"]}
+        assert (f"training {rows['cairn']['tokens_per_s']:.0f} against {rows['nanogpt']['tokens_per_s']:.0f} "
+                f"tokens/s, {rows['cairn']['round_speedup']:.2f}x by rounds") in text, name

@@ -126,3 +126,78 @@ def test_bf16_log_sum_exp_accumulates_in_float32():
     torch.testing.assert_close(gw, expected_gw)
     torch.testing.assert_close(gh, ((torch.full((8, 50257), 1 / 50257).scatter_add_(
         1, y[:, None], -torch.ones(8, 1))).bfloat16().float() @ w.bfloat16().float()), rtol=2e-2, atol=1e-3)
+
+
+class _Made(torch.utils._python_dispatch.TorchDispatchMode):
+    """The ops that return new tensors, with their shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[object, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            self.made.append((func, [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+
+def _head_outputs(h, w, y, chunk, backward=True):
+    if not backward:
+        with torch.no_grad():
+            return (linear_cross_entropy(h, w, y, chunk=chunk),)
+    hg, wg = h.detach().requires_grad_(), w.detach().requires_grad_()
+    out = linear_cross_entropy(hg, wg, y, chunk=chunk)
+    return (out.detach(), *torch.autograd.grad(out, (hg, wg)))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_head_keeps_its_chunk_buffers_from_one_call_to_the_next(autocast):
+    """On CPUs a [chunk, V] buffer is made once, not for every chunk of every step (glibc maps
+    each such block afresh and the kernel zero-fills every page of it again), and reusing it
+    changes no bit of the loss or the gradients."""
+    torch.manual_seed(0)
+    h, w, y = torch.randn(40, 8), torch.randn(50, 8), torch.randint(0, 50, (40,))
+    y[[1, 30]] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        first = _head_outputs(h, w, y, chunk=16)
+        with _Made() as ops:
+            again = _head_outputs(h, w, y, chunk=16)
+        scored = _head_outputs(h[:8], w, y[:8], chunk=16, backward=False)  # fewer rows: a view of the buffer
+    # a fresh tensor is what an op returns that neither writes into its arguments (mm with out=,
+    # copy_, log_softmax with out=, exp_) nor views them (a buffer's first rows)
+    fresh = [(str(func), shape) for func, shapes in ops.made for shape in shapes if shape[1:] == (50,)]
+    assert fresh == []
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    want = F.cross_entropy(h[:8] @ w.t(), y[:8], ignore_index=-100, reduction="sum")
+    assert scored[0].item() == pytest.approx(want.item(), rel=1e-2 if autocast else 1e-5)
+
+
+def test_the_kept_buffers_follow_the_vocabulary_dtype_and_thread():
+    """A head of another vocabulary or precision gets buffers of its own shape, and threads
+    scoring at once each their own: every answer is the reference's."""
+    import threading
+
+    torch.manual_seed(0)
+    cases = [(torch.randn(30, 8, dtype=dt), torch.randn(v, 8, dtype=dt), torch.randint(0, v, (30,)))
+             for v, dt in ((50, torch.float32), (70, torch.float32), (50, torch.float64), (90, torch.float32))]
+    wants = [F.cross_entropy(h @ w.t(), y, reduction="sum") for h, w, y in cases]
+    for (h, w, y), want in zip(cases, wants):
+        torch.testing.assert_close(_head_outputs(h, w, y, chunk=16)[0], want.detach())
+    errors: list[str] = []
+
+    def score(i: int) -> None:
+        for _ in range(30):
+            h, w, y = cases[i]
+            got = _head_outputs(h, w, y, chunk=7, backward=False)[0]
+            if not torch.allclose(got, wants[i]):
+                errors.append(f"case {i}: {got.item()} != {wants[i].item()}")
+
+    threads = [threading.Thread(target=score, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

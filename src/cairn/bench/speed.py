@@ -12,6 +12,12 @@ first reference. The two references are plain-PyTorch models (reference_models.p
   bmm + softmax without a mask, separate heads concatenated), fed as it feeds it: one story per
   row, every row padded to 1000 tokens, in float32. Only the real story tokens are "useful".
 
+Each step is followed by a scoring pass of the same batch, forward only, as `cairn eval` scores
+(cairn's through eval/metrics.py's evaluate; the references' forward under no_grad): the second
+table gives its tokens/s beside training's (--no-score skips it). The process's allocator is set as
+cairn's own processes set it (runtime/device.py: keep_freed_memory; CAIRN_KEEP_FREED_MEMORY=0
+leaves glibc's default), for every row alike.
+
 MFU is each row's against the matmul peak of the precision that row computes in (on CPUs the
 measured float32 or bf16 matmul peak, see precision.py). --json writes a benchmark record
 (record.py): the command, commit, machine and load, and this table under "result".
@@ -30,6 +36,7 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -38,7 +45,7 @@ from cairn.bench.reference_models import NanoGPT, Tutorial, linear_weights, stor
 from cairn.config.presets import preset
 from cairn.config.sections import ModelConfig, OptimConfig
 from cairn.model.transformer import Transformer
-from cairn.runtime.device import autocast, pick_device, set_threads
+from cairn.runtime.device import autocast, keep_freed_memory, pick_device, set_threads
 from cairn.runtime.precision import peak_flops
 from cairn.runtime.precision import resolve as precision_choice
 from cairn.util.errors import CairnError, option
@@ -46,9 +53,12 @@ from cairn.util.errors import CairnError, option
 if TYPE_CHECKING:
     from cairn.training.optim import Optimizer
 
+# what caps the instruction set each CPU library uses (ATen's kernels, MKL's and oneDNN's matmuls)
+ISA_ENVIRONMENT = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 Step = Callable[[], None]
-# what building a variant gives: its step, tokens per step, useful tokens per step, model FLOPs per step
-Built = tuple[Step, int, int, float]
+# what building a variant gives: its training step, its scoring pass (forward only, as `cairn eval`
+# scores), tokens per step, useful tokens per step, model FLOPs per step
+Built = tuple[Step, Step, int, int, float]
 Peak = tuple[float, str] | tuple[None, str]  # a precision's matmul peak (FLOP/s, or None) and its source
 
 
@@ -63,6 +73,8 @@ class Variant:
     peak_bytes: int = 0  # the variant's own peak memory: weights, gradients, optimizer state, activations
     first_step_s: float = 0.0  # the untimed first step (includes compiling, with --compile)
     precision: str = "fp32"  # what the step computes in: fp32, or bf16 autocast
+    score: Optional[Step] = None  # the forward-only scoring pass of the same batch (None: not timed)
+    score_times: list[float] = field(default_factory=list)
 
 
 class PeakMemory:
@@ -127,6 +139,32 @@ def make_step(model: nn.Module, opt: Optimizer, loss_fn: Callable[[], torch.Tens
     return step
 
 
+def make_score(model: nn.Module, loss_fn: Callable[[], torch.Tensor],
+               ctx: Callable[[], AbstractContextManager[Any]]) -> Step:
+    """A reference model's scoring pass as an evaluation takes it: eval mode, no gradients, the
+    loss read back (which waits for the device)."""
+    def score() -> None:
+        was = model.training
+        model.eval()
+        with torch.no_grad(), ctx():
+            float(loss_fn())
+        model.train(was)
+    return score
+
+
+def cairn_score(model: Transformer, x: torch.Tensor, y: torch.Tensor, device: torch.device, precision: str) -> Step:
+    """cairn's scoring pass through `cairn eval`'s own kernel (eval/metrics.py: evaluate), on one
+    batch; every token counts as one byte (bits per byte do not change the speed)."""
+    from cairn.eval.metrics import evaluate
+
+    batch = [{"input_ids": x, "labels": y}]
+    table = np.ones(model.cfg.vocab_size, dtype=np.int64)
+
+    def score() -> None:
+        evaluate(model, batch, device, precision, table)
+    return score
+
+
 def mean_loss(model: Callable[..., Any], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """cairn's model with labels returns (summed loss, target count): their mean."""
     total, count = model(x, labels=y)
@@ -146,11 +184,12 @@ def _adamw(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
 
 
 def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batch: int, device: torch.device,
-                   precision: str, compile_: bool = False, reference_precisions: tuple[str, ...] = ("fp32",)
-                   ) -> list[Variant]:
+                   precision: str, compile_: bool = False, reference_precisions: tuple[str, ...] = ("fp32",),
+                   scoring: bool = True) -> list[Variant]:
     """Build each variant (and, with compile_, a torch.compile'd copy of nanogpt and cairn), take
-    one untimed step each, then time `rounds` steps of each, alternating. cairn computes in
-    `precision`; the nanogpt reference in each of `reference_precisions`, the tutorial in float32."""
+    one untimed step each, then time `rounds` steps of each, alternating, each step followed by a
+    forward-only scoring pass of the same batch when `scoring`. cairn computes in `precision`; the
+    nanogpt reference in each of `reference_precisions`, the tutorial in float32."""
     from cairn.training.optim import make_optimizer
 
     mc, seq, batch = shape.model, shape.seq, shape.batch
@@ -166,16 +205,16 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
     def nanogpt(compiled: bool, p: str) -> Built:
         m = NanoGPT(vocab, d, layers, heads, seq).to(device)
         f: Callable[..., torch.Tensor] = torch.compile(m) if compiled else m
-        return make_step(m, _adamw(m, device), lambda: f(x, y), ctx_of(p)), batch * seq, batch * seq, \
-            (6 * linear_weights(m) + 12 * layers * d * seq) * batch * seq
+        return make_step(m, _adamw(m, device), lambda: f(x, y), ctx_of(p)), make_score(m, lambda: m(x, y), ctx_of(p)), \
+            batch * seq, batch * seq, (6 * linear_weights(m) + 12 * layers * d * seq) * batch * seq
 
     def cairn(compiled: bool, p: str) -> Built:
         m = Transformer(mc).to(device)
         # cairn's own optimizer set-up: decay on matrices only, fused AdamW
         opt = make_optimizer(m, OptimConfig(), 1e-4, device)
         f: Callable[..., Any] = torch.compile(m) if compiled else m
-        return make_step(m, opt, lambda: mean_loss(f, x, y), ctx_of(p)), batch * seq, batch * seq, \
-            m.flops_per_token(seq) * batch * seq
+        return make_step(m, opt, lambda: mean_loss(f, x, y), ctx_of(p)), cairn_score(m, x, y, device, p), \
+            batch * seq, batch * seq, m.flops_per_token(seq) * batch * seq
 
     def tutorial(compiled: bool, p: str) -> Built:
         width = 1000
@@ -185,8 +224,10 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
         for i, n_real in enumerate(lengths):
             xt[i, n_real:] = 0
         xt = xt.to(device)
-        return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx_of(p)), tutorial_batch * width, \
-            int((lengths - 1).sum()), (6 * linear_weights(m) + 12 * layers * d * width) * tutorial_batch * width
+        return make_step(m, _adamw(m, device), lambda: m(xt, xt), ctx_of(p)), \
+            make_score(m, lambda: m(xt, xt), ctx_of(p)), \
+            tutorial_batch * width, int((lengths - 1).sum()), \
+            (6 * linear_weights(m) + 12 * layers * d * width) * tutorial_batch * width
 
     builders: list[tuple[str, Callable[[bool, str], Built], str]] = []
     if "nanogpt" in variants:
@@ -207,12 +248,16 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
     for name, build, p in builders:
         for compiled in ((False, True) if compile_ and name != "tutorial" else (False,)):
             with PeakMemory(device) as mem:  # built and stepped once inside: its whole footprint
-                step, tokens, useful, flops = build(compiled, p)
+                step, score, tokens, useful, flops = build(compiled, p)
                 t = time.perf_counter()
                 step()
                 sync()
+            # scoring runs eager, as `cairn eval` does: a compiled row's scoring is its eager row's
             v = Variant(name + ("+compile" if compiled else ""), step, tokens, useful, flops,
-                        peak_bytes=mem.bytes, first_step_s=time.perf_counter() - t, precision=p)
+                        peak_bytes=mem.bytes, first_step_s=time.perf_counter() - t, precision=p,
+                        score=score if scoring and not compiled else None)
+            if v.score is not None:
+                v.score()  # untimed: the first pass allocates what the next ones reuse
             if compiled:
                 for _ in range(2):  # compiled code may still recompile on its second call
                     step()
@@ -224,6 +269,10 @@ def bench_training(shape: Shape, rounds: int, variants: list[str], tutorial_batc
             v.step()
             sync()
             v.times.append(time.perf_counter() - t)
+            if v.score is not None:
+                t = time.perf_counter()
+                v.score()
+                v.score_times.append(time.perf_counter() - t)
     return out
 
 
@@ -249,6 +298,11 @@ def bench_generation(mc: ModelConfig, new_tokens: int, device: torch.device, pre
     if precision == "fp32":  # in bf16 a near-tie between two tokens may legitimately flip
         assert outs["kv_cache"] == outs["recompute"], "cached and recomputed decoding disagree"
     return {k: new_tokens / min(v) for k, v in res.items()}
+
+
+def round_ratio(base: list[float], times: list[float], base_tokens: int, tokens: int) -> float:
+    """The median over rounds of a row's tokens/s over the first row's in the same round."""
+    return statistics.median((tokens / t) / (base_tokens / b) for b, t in zip(base, times))
 
 
 def resolve_shape(a: argparse.Namespace) -> Shape:
@@ -295,6 +349,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--variants", default="nanogpt,cairn",
                    help="comma list of nanogpt, cairn, cairn-fp32 (cairn in float32 whatever --precision), tutorial")
     p.add_argument("--tutorial-batch", type=int, default=2, help="rows of 1000 tokens for the tutorial step")
+    p.add_argument("--no-score", action="store_true",
+                   help="skip the scoring row (a forward-only pass of each step's batch, as `cairn eval` scores)")
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -310,6 +366,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     rounds = a.rounds or (20 if device.type == "cuda" else 3)
     if device.type == "cpu":
         set_threads(0)
+    # the allocator as cairn's own training and scoring processes set it; every variant shares it
+    kept = keep_freed_memory(device)
     choice = precision_choice(a.precision, device, shape.model, shape.batch * shape.seq)
     precision = choice.precision
     references = ("fp32",) if a.reference_precision == "fp32" else ("fp32", "bf16")
@@ -321,11 +379,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"# shape d{mc.d_model} L{mc.n_layers} H{mc.n_heads} T{shape.seq} B{shape.batch} V{mc.vocab_size}"
           f"{' (' + a.preset + ')' if a.preset else ''}; {where}; torch {torch.__version__}; "
           f"cairn {choice.describe()}; MFU against {peak_text}")
-    runs = bench_training(shape, rounds, variants, a.tutorial_batch, device, precision, a.compile, references)
+    runs = bench_training(shape, rounds, variants, a.tutorial_batch, device, precision, a.compile, references,
+                          scoring=not a.no_score)
     rows: list[dict[str, Any]] = []
     base: Optional[dict[str, Any]] = None
     print(f"{'variant':<16} {'prec':>5} {'s/step':>8} {'tok/s':>9} {'useful tok/s':>13} {'MFU':>6} {'peak MB':>8} "
-          f"{'vs first':>9} {'useful vs first':>16} {'first step s':>13}")
+          f"{'vs first':>9} {'rounds vs first':>16} {'useful vs first':>16} {'first step s':>13}")
     for v in runs:
         t = statistics.median(v.times)
         peak = peaks[v.precision][0]
@@ -333,18 +392,42 @@ def main(argv: Optional[list[str]] = None) -> int:
             "variant": v.name, "precision": v.precision, "s_per_step": t, "tokens_per_s": v.tokens / t,
             "useful_tokens_per_s": v.useful / t, "model_flops_per_s": v.flops / t,
             "mfu": v.flops / t / peak if peak else None, "peak_flops": peak, "peak_memory_mb": v.peak_bytes / 2**20,
-            "first_step_s": v.first_step_s, "steps": v.times}
+            "first_step_s": v.first_step_s, "steps": v.times, "tokens": v.tokens}
         base = base or r
         r["speedup"] = r["tokens_per_s"] / base["tokens_per_s"]
         r["useful_speedup"] = r["useful_tokens_per_s"] / base["useful_tokens_per_s"]
+        # the ratio of each round's steps, then their median: load that comes and goes between
+        # rounds slows both steps of a round alike
+        r["round_speedup"] = round_ratio(base["steps"], v.times, base["tokens"], v.tokens)
+        if v.score is not None:
+            ts = statistics.median(v.score_times)
+            r.update({"score_s": ts, "score_tokens_per_s": v.tokens / ts, "score_useful_tokens_per_s": v.useful / ts,
+                      "score_over_train": t / ts, "score_steps": v.score_times})
         rows.append(r)
         mfu = f"{r['mfu']:6.1%}" if peak else f"{'-':>6}"
         print(f"{v.name:<16} {v.precision:>5} {t:8.3f} {r['tokens_per_s']:9.0f} {r['useful_tokens_per_s']:13.0f} {mfu} "
-              f"{r['peak_memory_mb']:8.0f} {r['speedup']:8.2f}x {r['useful_speedup']:15.2f}x {v.first_step_s:13.1f}")
+              f"{r['peak_memory_mb']:8.0f} {r['speedup']:8.2f}x {r['round_speedup']:15.2f}x "
+              f"{r['useful_speedup']:15.2f}x {v.first_step_s:13.1f}")
+    scored = [r for r in rows if "score_s" in r]
+    if scored:
+        first = scored[0]
+        print("scoring, forward only as `cairn eval` scores, the same batch:")
+        print(f"{'variant':<16} {'prec':>5} {'s/pass':>8} {'tok/s':>9} {'useful tok/s':>13} {'vs first':>9} "
+              f"{'rounds vs first':>16} {'score/train tok/s':>18}")
+        for r in scored:
+            r["score_speedup"] = r["score_tokens_per_s"] / first["score_tokens_per_s"]
+            r["score_round_speedup"] = round_ratio(first["score_steps"], r["score_steps"], first["tokens"], r["tokens"])
+            print(f"{r['variant']:<16} {r['precision']:>5} {r['score_s']:8.3f} {r['score_tokens_per_s']:9.0f} "
+                  f"{r['score_useful_tokens_per_s']:13.0f} {r['score_speedup']:8.2f}x "
+                  f"{r['score_round_speedup']:15.2f}x {r['score_over_train']:17.2f}x")
     result: dict[str, Any] = {
         "shape": {**vars(a), "model": asdict(mc), "seq_len": shape.seq, "batch_size": shape.batch},
         "device": where, "precision": precision, "precision_choice": choice.reason,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "keep_freed_memory": kept,
+        # the vector kernels ATen dispatched to: ATEN_CPU_CAPABILITY=avx2 holds an AVX-512 CPU to AVX2's
+        # for ATen's own kernels; the matmul libraries have their own switches, recorded beside it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None,
+        "isa_environment": {k: os.environ[k] for k in ISA_ENVIRONMENT if k in os.environ},
         "peak_flops": peaks[precision][0], "peak_source": peaks[precision][1],
         "peaks": {p: {"flops": pk, "source": src} for p, (pk, src) in peaks.items()}, "training": rows}
     if a.generate:

@@ -19,7 +19,7 @@ from cairn.config.sections import RunConfig, validate
 from cairn.config.io import from_dict
 from cairn.util.errors import CairnError
 from cairn.model.transformer import Transformer, build_model
-from cairn.runtime.device import pick_device
+from cairn.runtime.device import keep_freed_memory, pick_device
 from cairn.tokenizer.base import Tokenizer
 
 
@@ -44,6 +44,7 @@ def load(path: str | Path, device: str = "auto", merge: bool = False) -> Loaded:
     else:
         tokenizer = run_tokenizer.for_checkpoint(c.path, cfg.tokenizer, c.meta.get("tokenizer"))
     dev = pick_device(device)
+    keep_freed_memory(dev)  # scoring and generating on CPUs allocate the same large blocks again and again
     model = build_model(cfg.model, torch.device("cpu"))
     t = cfg.lora
     if t.lora_rank:

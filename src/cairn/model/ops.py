@@ -11,6 +11,7 @@ Liger-Kernel's fused linear cross-entropy does; when no gradient is needed nothi
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 
 import torch
@@ -18,26 +19,64 @@ import torch
 from cairn.util.labels import IGNORE_INDEX
 
 
+class _Workspace(threading.local):
+    """The chunk temporaries of the head, kept from one call to the next, one set per thread.
+
+    A chunk's [rows, V] logits are larger than glibc's largest mmap threshold (32 MB: 1,024 rows
+    of a 50257-token vocabulary are 206 MB in float32), so glibc serves each with its own mmap and
+    unmaps it when freed, however the heap is tuned; the next chunk, and every next step, then
+    page-faults all of it in again, zero-filled by the kernel (docs/speed.md has the head's time
+    before and after, 1.2x to 2.3x faster with that vocabulary on a 2-core EPYC). These buffers
+    never leave a call (the loss and the gradients handed to autograd are their own tensors), so
+    sharing them between calls, models and autograd graphs is safe; threads get their own, and a
+    buffer only grows (rows up to the chunk size). On CUDA the caching allocator already reuses
+    blocks, and under torch.compile the compiler plans its buffers, so both allocate afresh."""
+
+    def __init__(self) -> None:
+        # by name and dtype: a process that runs float32 and bf16 heads in turn keeps both
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def take(self, name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device,
+             reuse: bool) -> torch.Tensor:
+        if not reuse:
+            return torch.empty(rows, cols, dtype=dtype, device=device)
+        buf = self.buffers.pop((name, dtype), None)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.device != device:
+            del buf  # the old buffer is freed before its replacement is made: one at a time at the peak
+            buf = torch.empty(rows, cols, dtype=dtype, device=device)
+        self.buffers[name, dtype] = buf
+        return buf[:rows]
+
+
+_WORKSPACE = _Workspace()
+
+
 def _chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int, compute_dtype: torch.dtype,
              need_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(summed loss, d loss / d h, d loss / d weight) a chunk of rows at a time; the gradients only
     when `need_grad` (scoring does one matmul per chunk and allocates no gradient)."""
     n = h.shape[0]
+    vocab, d = weight.shape
     w = weight.to(compute_dtype)
+    wide = torch.promote_types(compute_dtype, torch.float32)
+    reuse = h.device.type == "cpu" and not torch.compiler.is_compiling()
+    space = _WORKSPACE
     loss = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
     grad_h = torch.empty_like(h) if need_grad else None
     acc = torch.promote_types(weight.dtype, torch.float32)
     grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_grad else None
     for s in range(0, n, chunk):
         hc = h[s:s + chunk].to(compute_dtype)
+        rows = hc.shape[0]
         yc = labels[s:s + chunk]
         valid = (yc != IGNORE_INDEX).unsqueeze(1)
         safe = yc.clamp(min=0).unsqueeze(1)
-        logits = hc @ w.t()  # [c, V], in compute_dtype
-        # one log-softmax pass, its max, sum of exp and log in float32 (or wider): bf16 logits
-        # are widened first (CPU kernels are faster on float32 than on bf16 read as float32)
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        del logits
+        logits = torch.mm(hc, w.t(), out=space.take("logits", rows, vocab, compute_dtype, h.device, reuse))
+        # one log-softmax pass, its max, sum of exp and log in float32 (or wider), in place: bf16
+        # logits are widened first (CPU kernels are faster on float32 than on bf16 read as float32)
+        logp = logits if wide == compute_dtype else \
+            space.take("wide", rows, vocab, wide, h.device, reuse).copy_(logits)
+        torch.log_softmax(logp, dim=-1, out=logp)
         target = logp.gather(1, safe)
         loss -= (target * valid).sum()
         if grad_h is not None and grad_w is not None:
@@ -46,13 +85,16 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk:
             # data-dependent branch, so torch.compile traces it whole
             g = logp.exp_()
             g.scatter_add_(1, safe, torch.full_like(target, -1.0))
-            g = g.to(compute_dtype)
+            if g.dtype != compute_dtype:
+                g = logits.copy_(g)  # the narrow logits are spent: their buffer takes the narrowed gradient
             mask = valid.to(compute_dtype)
             grad_h[s:s + chunk] = ((g @ w) * mask).to(h.dtype)
             if compute_dtype == acc:
                 grad_w.addmm_(g.t(), hc * mask)
-            else:
-                grad_w += (g.t() @ (hc * mask)).to(acc)
+            else:  # the bf16 product, rounded as bf16, summed in float32 (widened first: an in-place
+                # add of a bf16 tensor to a float32 one was measured slower than the copy and the add)
+                part = torch.mm(g.t(), hc * mask, out=space.take("grad_w", vocab, d, compute_dtype, h.device, reuse))
+                grad_w += space.take("grad_w", vocab, d, acc, h.device, reuse).copy_(part)
     return loss, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
 
 

@@ -52,16 +52,28 @@ def set_threads(n: int = 0) -> int:
     return n
 
 
-def keep_freed_memory() -> bool:
-    """Stop glibc from handing the step's large tensors back to the kernel when they are freed.
+# the off switch of keep_freed_memory, for every cairn process at once (docs/speed.md)
+KEEP_FREED_MEMORY_ENV = "CAIRN_KEEP_FREED_MEMORY"
 
-    By default glibc serves blocks above a (moving) threshold with their own mmap, and trims the
-    heap's free top back to the kernel; the next step then allocates the same sizes again and
-    page-faults every page in, zero-filled by the kernel. On the cpu-10min preset that was 18M
-    page faults and 77 s of system time in a 10-minute run. Serving blocks up to 32 MB (glibc's
-    largest threshold) from the heap and never trimming it keeps those pages mapped between steps:
-    the process keeps its peak heap, as jemalloc or tcmalloc (the allocators PyTorch's CPU tuning
-    guide recommends) would. Returns False where the C library is not glibc (nothing is changed)."""
+
+def keep_freed_memory(device: Optional[torch.device] = None) -> bool:
+    """Stop glibc from handing a CPU process's large tensors back to the kernel when they are freed.
+
+    The one decision for every process that computes on CPUs: training (training/build.py),
+    everything that loads a trained run (checkpoint/load.py: eval, generate, chat, serve, export)
+    and `cairn bench`. By default glibc serves blocks above a (moving) threshold with their own
+    mmap, and trims the heap's free top back to the kernel; the next step then allocates the same
+    sizes again and page-faults every page in, zero-filled by the kernel. On the cpu-10min preset
+    that was 18M page faults and 77 s of system time in a 10-minute run. Serving blocks up to 32 MB
+    (glibc's largest threshold) from the heap and never trimming it keeps those pages mapped between
+    steps: the process keeps its peak heap, as jemalloc or tcmalloc (the allocators PyTorch's CPU
+    tuning guide recommends) would. Blocks above 32 MB are still mapped afresh: the fused head keeps
+    its own (model/ops.py). Changes nothing and returns False for a device other than the CPU,
+    where the C library is not glibc, or when CAIRN_KEEP_FREED_MEMORY=0 turns it off."""
+    if device is not None and device.type != "cpu":
+        return False
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
     if not sys.platform.startswith("linux"):
         return False
     try:

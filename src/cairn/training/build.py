@@ -74,8 +74,7 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     cfg = copy.deepcopy(cfg)
     main = dist.is_main
     threads = set_threads(dist.cpu_threads(cfg.system.num_threads))
-    if dist.device.type == "cpu":
-        keep_freed_memory()  # a CPU step's large tensors would otherwise be page-faulted in anew each step
+    keep_freed_memory(dist.device)  # a CPU step's large tensors would otherwise be page-faulted in anew each step
     run = RunDir(out_dir, writer=main)
     checkpointer = Checkpointer(run, dist, cfg.name, cfg.checkpoint.keep_checkpoints)
     start_from = dist.on_main(lambda: resume.starting_point(run, checkpointer, resume_run, restart))
