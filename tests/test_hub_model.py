@@ -349,7 +349,7 @@ def test_push_uploads_exactly_the_export_in_one_commit(tmp_path, small_tokenizer
     assert card_data(reference).data.license == "apache-2.0"
     assert f'from_pretrained("{REPO_ID}")' in (reference / "README.md").read_text()
     # the temporary export is gone
-    assert not up["folder"].exists() and list((tmp_path / "tmp").iterdir()) == []
+    assert not up["folder"].exists() and _left_in(tmp_path / "tmp") == []
 
     # by default: public (for a new repo), main, a message naming the run
     RecordingHfApi.calls = []
@@ -382,3 +382,9 @@ def test_push_without_the_network_ends_in_one_line_and_leaves_nothing(tmp_path, 
         assert not [q for q in (home / "tmp").iterdir() if q.name.startswith("cairn-push-")], name
         assert not (home / "hub").exists() and sorted(q.name for q in tmp_path.iterdir()) == ["home", "run"]
     assert _tree(run) == before
+
+
+def _left_in(tmp: Path) -> list[Path]:
+    """What is left in a temporary directory, but torch's compile cache: the first model a process
+    builds imports torch._dynamo, which makes TMPDIR/torchinductor_USER whatever cairn does."""
+    return [p for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]
