@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
 
 from props_harness import assert_clean, cli, count, snapshot  # noqa: E402
 
@@ -184,7 +184,6 @@ def source(draw: st.DrawFn) -> Maker:
 
 # ---------------------------------------------------------------- the properties
 
-@settings(max_examples=2 * settings().max_examples)  # the boundary with the most kinds of input
 @given(make=source())
 def test_prepare_and_tokenizer_train_take_any_data_source_or_refuse_it_in_one_line(tmp_path, small_tokenizer, make):
     count("data: cairn prepare + cairn tokenizer train")

@@ -28,7 +28,7 @@ import sys
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 import torch
 import torch.nn as nn
@@ -271,9 +271,13 @@ def resolve_shape(a: argparse.Namespace) -> Shape:
     return Shape(mc, seq, a.batch_size or batch)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="cairn bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line and exit code 2, as every cairn command says it
+        raise CairnError(f"{message} (see `cairn bench --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cairn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="take the model, sequence length and batch from this preset "
                                      "(e.g. reference-105m, cpu-10min); shape flags override it")
     p.add_argument("--d-model", type=int)
@@ -297,8 +301,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--tutorial-batch", type=int, default=2, help="rows of 1000 tokens for the tutorial step")
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - {"nanogpt", "cairn", "cairn-fp32", "tutorial"})
     if unknown or not variants:
