@@ -33,7 +33,8 @@ class Outcome:
     err: str
 
     def __str__(self) -> str:
-        return f"cairn {' '.join(map(repr, self.argv))} -> exit {self.code}\nstderr: {self.err!r}\nstdout: {self.out[-400:]!r}"
+        return (f"cairn {' '.join(map(repr, self.argv))} -> exit {self.code}\nstderr: {self.err!r}\n"
+                f"stdout: {self.out[-400:]!r}")
 
 
 class Reached(Exception):

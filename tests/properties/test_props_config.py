@@ -87,6 +87,7 @@ def test_a_config_nested_too_deeply_is_refused_in_one_line(tmp_path, stories_fil
     path.write_text("lr = " + "[" * 100_000 + "]" * 100_000 + "\n")
     before = snapshot(tmp_path)
     o = cli(["train", "--config", str(path), "--data", str(stories_file), "--out", str(tmp_path / "run")])
-    assert o.code == 2 and o.err == f"error: config file {str(path)!r} nests arrays or tables too deeply to read: fix the file\n", str(o)
+    assert o.code == 2, str(o)
+    assert o.err == f"error: config file {str(path)!r} nests arrays or tables too deeply to read: fix the file\n"
     assert_clean(o, before, snapshot(tmp_path))
     assert not trained_with

@@ -139,8 +139,9 @@ Maker = Callable[[Path], str]
 @st.composite
 def source(draw: st.DrawFn) -> Maker:
     """A function that lays the source out under a folder and returns what to pass as --data."""
-    kind = draw(st.sampled_from(["jsonl", "jsonl", "jsonl", "jsonl", "jsonl", "txt", "txt", "parquet", "parquet", "dir", "fifo", "devnull", "dir_as_file",
-                                 "empty_dir", "missing", "glob"]))
+    # JSON Lines, the format with the most ways to be wrong, is drawn most often
+    kind = draw(st.sampled_from(["jsonl"] * 5 + ["txt", "txt", "parquet", "parquet", "dir", "fifo", "devnull",
+                                                "dir_as_file", "empty_dir", "missing", "glob"]))
     if kind in ("jsonl", "txt", "parquet"):
         content = draw({"jsonl": jsonl_file(), "txt": txt_file(), "parquet": parquet_file()}[kind])
         ext = draw(st.sampled_from([f".{kind}", f".{kind.upper()}"]))
@@ -203,7 +204,8 @@ def test_an_escaped_lone_surrogate_is_refused_by_its_line_before_anything_is_wri
     # found by the property above: json.loads gives "\ud800" as a str that no UTF-8 codec encodes, and
     # tokenizer training and prepare's byte count both raised UnicodeEncodeError from deep inside
     data = tmp_path / "d.jsonl"
-    data.write_text('{"text": "a fine story"}\n{"text": "half a pair \\ud83d here"}\n{"text": "\\ud83d\\ude00 ok"}\n')
+    data.write_text('{"text": "a fine story"}\n{"text": "half a pair \\ud83d here"}\n'
+                    '{"text": "\\ud83d\\ude00 ok"}\n')
     before = snapshot(tmp_path)
     for argv in (["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(tmp_path / "tok")],
                  ["prepare", "--data", str(data), "--tokenizer", str(small_tokenizer), "--cache-dir",

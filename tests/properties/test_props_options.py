@@ -78,7 +78,8 @@ def value_for(draw: st.DrawFn, action: argparse.Action) -> list[str]:
 def bases(words: tuple[str, ...], root: Path, run: Path, data: Path, tokenizer: Path) -> list[str]:
     """What `words` needs to get as far as doing its work, before the drawn options (which override it)."""
     return {
-        ("train",): ["--preset", "tiny", "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(root / "run")],
+        ("train",): ["--preset", "tiny", "--data", str(data), "--tokenizer", str(tokenizer),
+                     "--out", str(root / "run")],
         ("prepare",): ["--data", str(data), "--tokenizer", str(tokenizer), "--cache-dir", str(root / "cache"),
                        "--workers", "1", "--no-progress"],
         ("eval",): [str(run), "--device", "cpu"],

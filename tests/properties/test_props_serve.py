@@ -19,7 +19,8 @@ from props_harness import count  # noqa: E402
 
 field_values = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.integers(-2, 40), st.floats(),
                          st.text(max_size=20), st.lists(st.text(max_size=5), max_size=3),
-                         st.lists(st.integers(-5, 2**40), max_size=4), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+                         st.lists(st.integers(-5, 2**40), max_size=4),
+                         st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
 json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=10)),
                            lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                    st.dictionaries(st.text(max_size=8), inner, max_size=3)),

@@ -1,0 +1,96 @@
+"""The property tests' long run: many generated cases per input boundary, drawn from a given seed.
+
+    python benchmarks/scripts/properties.py [--examples 2000] [--seed 20261207] \
+        [--json benchmarks/records/properties.json]
+
+Runs tests/properties with CAIRN_PROPERTY_EXAMPLES cases per boundary (the suite's own run uses 25,
+derandomized) drawn from --seed instead, in one pytest process, and counts the cases each boundary
+really ran (hypothesis also counts those it rejects or replays while shrinking; the counts here are
+the cases that reached the command). The record holds, per boundary, the cases tried; the seed; the
+failures pytest reported (each a defect still open); the wall time; and the defects the properties
+found and the fixes that closed them, each with its regression test. The machine is shared: its load
+is in the record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "src"))
+
+from cairn.bench import record  # noqa: E402
+
+# what the properties found, each closed by the fix named and held by its regression test
+FOUND = [
+    {"boundary": "data files (cairn tokenizer train, cairn prepare)",
+     "defect": "a .jsonl story with an escaped unpaired surrogate (\"\\ud800\") raised UnicodeEncodeError "
+               "from tokenizer training and from prepare's byte count: a traceback",
+     "fix": "src/cairn/data/sources.py: the line is refused by number, in one line, before anything is written",
+     "test": "tests/properties/test_props_data.py::"
+             "test_an_escaped_lone_surrogate_is_refused_by_its_line_before_anything_is_written"},
+    {"boundary": "config files (cairn train --config)",
+     "defect": "TOML nesting arrays or inline tables deeply (100,000 levels) raised RecursionError from tomllib: "
+               "a traceback",
+     "fix": "src/cairn/config/io.py: refused in one line naming the file",
+     "test": "tests/properties/test_props_config.py::test_a_config_nested_too_deeply_is_refused_in_one_line"},
+    {"boundary": "command-line values (cairn bench)",
+     "defect": "a bad value for a cairn bench option printed argparse's usage block before the error: "
+               "eleven lines, not one",
+     "fix": "src/cairn/bench/speed.py: its parser's errors are CairnError, one line and exit code 2",
+     "test": "tests/properties/test_props_options.py::test_bench_refuses_a_bad_value_in_one_line"},
+]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=2000, help="cases per boundary (the suite runs 25)")
+    p.add_argument("--seed", type=int, default=20261207)
+    p.add_argument("--json", help="write the benchmark record here")
+    a = p.parse_args()
+    recording = record.start()
+    with tempfile.TemporaryDirectory() as d:
+        counts = Path(d) / "counts.json"
+        report = Path(d) / "report.xml"
+        env = {**os.environ, "CAIRN_PROPERTY_EXAMPLES": str(a.examples), "CAIRN_PROPERTY_SEED": str(a.seed),
+               "CAIRN_PROPERTY_COUNTS": str(counts), "PYTHONPATH": str(REPO / "src")}
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/properties",
+                               f"--hypothesis-seed={a.seed}", f"--junitxml={report}"],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        tried = json.loads(counts.read_text()) if counts.exists() else {}
+        failures = _failures(report)
+    print(done.stdout[-3000:])
+    result = {"examples_asked": a.examples, "seed": a.seed, "cases_tried": tried,
+              "cases_total": sum(tried.values()), "seconds": round(seconds, 1), "pytest_exit": done.returncode,
+              "open_failures": failures, "defects_found_and_fixed": FOUND}
+    print(json.dumps({k: v for k, v in result.items() if k != "defects_found_and_fixed"}, indent=1))
+    if a.json:
+        recording.write(a.json, result, threads=None)
+    return 0 if done.returncode == 0 else 1
+
+
+def _failures(report: Path) -> list[dict[str, str]]:
+    """The failed tests in pytest's JUnit XML, each with the first line of its message."""
+    import xml.etree.ElementTree as ET
+
+    if not report.exists():
+        return []
+    out = []
+    for case in ET.parse(report).iter("testcase"):
+        for bad in list(case.iter("failure")) + list(case.iter("error")):
+            out.append({"test": f"{case.get('classname')}::{case.get('name')}",
+                        "message": (bad.get("message") or "").splitlines()[0][:300] if bad.get("message") else ""})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
