@@ -46,6 +46,17 @@ FOUND = [
                "eleven lines, not one",
      "fix": "src/cairn/bench/speed.py: its parser's errors are CairnError, one line and exit code 2",
      "test": "tests/properties/test_props_options.py::test_bench_refuses_a_bad_value_in_one_line"},
+    {"boundary": "command-line values (every command)",
+     "defect": "`--out=--` (any option given `--` after `=`) reached the command as an empty list: cairn export "
+               "raised AttributeError, int options TypeError",
+     "fix": "src/cairn/cli/options.py (and cairn bench's parser): refused as an option without its value",
+     "test": "tests/properties/test_props_options.py::"
+             "test_a_double_dash_given_as_an_options_value_is_refused_in_one_line"},
+    {"boundary": "command-line values (cairn bench)",
+     "defect": "--n-heads 0 raised ZeroDivisionError while the shape was checked; negative sizes, batches and "
+               "rounds were not checked",
+     "fix": "src/cairn/bench/speed.py: the model's own checks and a range for each count, in one line",
+     "test": "tests/properties/test_props_options.py::test_bench_refuses_a_shape_it_cannot_build_in_one_line"},
 ]
 
 

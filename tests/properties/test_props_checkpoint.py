@@ -1,7 +1,9 @@
 """Generated damage to a checkpoint directory (a copy of the shared run's final one): a file cut short
 at a drawn length, a drawn bit flipped, a file removed or replaced by drawn bytes, a weight of the
 wrong shape, state.json edited into other JSON. `cairn generate`, `cairn eval` and `cairn.load` then
-either work (a flipped bit in a weight is still a model) or refuse in one line, changing nothing."""
+either work (a flipped bit in a weight is still a model) or refuse in one line, changing nothing; so
+does `cairn train --resume` on a copy of the whole run with one of its checkpoints damaged, up to the
+first training step (it may resume from an older checkpoint)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from typing import Any, Callable
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from cairn.util.errors import CairnError  # noqa: E402
-from props_harness import assert_clean, cli, count, snapshot  # noqa: E402
+from props_harness import Reached, assert_clean, cli, count, snapshot  # noqa: E402
 
 FILES = ["model.safetensors", "state.json", "trainer.pt"]
 Damage = Callable[[Path], None]
@@ -79,3 +81,22 @@ def test_a_damaged_checkpoint_loads_or_is_refused_in_one_line(tmp_path, trained_
         except CairnError as e:
             assert str(e).strip() and "\n" not in str(e)
         assert not [p for p in snapshot(Path(d)) if p not in before]
+
+
+@settings(max_examples=max(3, settings().max_examples // 5))  # a resume builds the whole trainer (~1 s)
+@given(damaged=damage(), which=st.integers(0, 10))
+def test_resume_from_a_damaged_checkpoint_resumes_or_is_refused_in_one_line(tmp_path, trained_run, monkeypatch,
+                                                                           damaged, which):
+    def first_step(self: object) -> None:
+        raise Reached
+
+    monkeypatch.setattr("cairn.training.loop.Trainer.run", first_step)
+    count("checkpoint: cairn train --resume")
+    with tempfile.TemporaryDirectory(dir=tmp_path) as d:
+        run = Path(d) / "run"
+        shutil.copytree(trained_run.run, run)
+        checkpoints = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir())
+        damaged(checkpoints[which % len(checkpoints)])
+        before = snapshot(Path(d))
+        o = cli(["train", "--resume", str(run), "--no-progress", "--device", "cpu"])
+        assert_clean(o, before, snapshot(Path(d)))

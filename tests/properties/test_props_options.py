@@ -162,3 +162,21 @@ def test_bench_refuses_a_bad_value_in_one_line(tmp_path):
     # found by the property above: cairn bench's own parser printed argparse's usage block before the error
     o = cli(["bench", "--d-model", "x"])
     assert o.code == 2 and o.err == "error: argument --d-model: invalid int value: 'x' (see `cairn bench --help`)\n"
+
+
+@pytest.mark.parametrize("argv", [["export", "run", "--out=--"], ["prepare", "--workers=--"],
+                                  ["bench", "--json=--"]], ids=lambda a: a[0])
+def test_a_double_dash_given_as_an_options_value_is_refused_in_one_line(argv):
+    # found by the property above: argparse takes `--` for the end of options even after `=`, and
+    # handed the option an empty list; `cairn export --out=--` failed on it with an AttributeError
+    o = cli(argv)
+    flag = argv[-1].split("=")[0]
+    assert o.code == 2 and o.err.startswith(f"error: argument {flag}: expected one argument (see `cairn "), str(o)
+
+
+@pytest.mark.parametrize("flag,value", [("--n-heads", "0"), ("--d-model", "-8"), ("--seq-len", "-3"),
+                                        ("--batch-size", "-1"), ("--rounds", "-2"), ("--tutorial-batch", "0")])
+def test_bench_refuses_a_shape_it_cannot_build_in_one_line(flag, value):
+    # found by the property above: --n-heads 0 raised ZeroDivisionError while the shape was checked
+    o = cli(["bench", "--preset", "tiny", flag, value])
+    assert o.code == 2 and o.err.count("\n") == 1 and flag in o.err and value in o.err, str(o)

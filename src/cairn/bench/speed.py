@@ -265,15 +265,25 @@ def resolve_shape(a: argparse.Namespace) -> Shape:
         mc = replace(mc, d_mlp=4 * a.d_model)
     seq = a.seq_len or seq
     mc = replace(mc, context_len=max(mc.context_len, seq))
-    if mc.d_model % mc.n_heads:
-        raise CairnError(f"{option('model.d_model')} {mc.d_model} is not divisible by {option('model.n_heads')} "
-                         f"{mc.n_heads}")
+    mc.check()  # the model's own checks: sizes positive, heads dividing the width
+    for name, value, least in (("seq_len", seq, 1), ("batch_size", a.batch_size or batch, 1),
+                               ("tutorial_batch", a.tutorial_batch, 1), ("rounds", a.rounds, 0),
+                               ("generate", a.generate, 0)):
+        if value < least:
+            raise CairnError(f"{option(name)} must be {least} or more, got {value}: set {option(name)} to "
+                             f"{'a positive value' if least else '0 or more'}")
     return Shape(mc, seq, a.batch_size or batch)
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line and exit code 2, as every cairn command says it
         raise CairnError(f"{message} (see `cairn bench --help`)")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # as cairn.cli.options.Parser: `--json=--` would give the option an empty list
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
 
 
 def build_parser() -> argparse.ArgumentParser:
