@@ -57,6 +57,12 @@ FOUND = [
                "rounds were not checked",
      "fix": "src/cairn/bench/speed.py: the model's own checks and a range for each count, in one line",
      "test": "tests/properties/test_props_options.py::test_bench_refuses_a_shape_it_cannot_build_in_one_line"},
+    {"boundary": "command-line values (cairn tokenizer train)",
+     "defect": "--vocab-size 10^8 made the BPE trainer reserve memory until the kernel killed the process "
+               "(over 20 GB resident); --vocab-size or --min-frequency of 2^70 raised OverflowError",
+     "fix": "src/cairn/tokenizer/learn.py: at most 65,536 tokens (as bpe:N), --min-frequency from 1 to 2^32",
+     "test": "tests/properties/test_props_options.py::"
+             "test_tokenizer_train_refuses_sizes_it_cannot_learn_in_one_line"},
 ]
 
 

@@ -180,3 +180,19 @@ def test_bench_refuses_a_shape_it_cannot_build_in_one_line(flag, value):
     # found by the property above: --n-heads 0 raised ZeroDivisionError while the shape was checked
     o = cli(["bench", "--preset", "tiny", flag, value])
     assert o.code == 2 and o.err.count("\n") == 1 and flag in o.err and value in o.err, str(o)
+
+
+@pytest.mark.parametrize("flag,value,says", [
+    ("--vocab-size", "100000000", "--vocab-size must be at most 65536, got 100000000"),
+    ("--vocab-size", str(2**70), "--vocab-size must be at most 65536"),
+    ("--min-frequency", str(2**70), "--min-frequency must be from 1 to 4294967296")])
+def test_tokenizer_train_refuses_sizes_it_cannot_learn_in_one_line(tmp_path, stories_file, flag, value, says):
+    # found by the long run of the property above: --vocab-size 10^8 made the BPE trainer reserve
+    # memory until the kernel killed the process (over 20 GB); 2^70 and a --min-frequency of 2^70
+    # raised OverflowError from inside the trainer
+    argv = ["tokenizer", "train", "--data", str(stories_file), "--vocab-size", "300", "--out", str(tmp_path / "t"),
+            flag, value]
+    before = snapshot(tmp_path)
+    o = cli(argv)
+    assert o.code == 2 and says in o.err, str(o)
+    assert_clean(o, before, snapshot(tmp_path))
