@@ -63,6 +63,12 @@ FOUND = [
      "fix": "src/cairn/tokenizer/learn.py: at most 65,536 tokens (as bpe:N), --min-frequency from 1 to 2^32",
      "test": "tests/properties/test_props_options.py::"
              "test_tokenizer_train_refuses_sizes_it_cannot_learn_in_one_line"},
+    {"boundary": "command-line values (cairn generate)",
+     "defect": "--num-samples 10^11 built every sample's settings in a list before the model loaded: the "
+               "memory filled and nothing was written",
+     "fix": "src/cairn/cli/generate.py: the largest seed is checked (the seeds are all that differ) and each "
+            "sample's settings are made when it is drawn",
+     "test": "tests/properties/test_props_options.py::test_generate_checks_many_samples_without_building_them_all"},
 ]
 
 

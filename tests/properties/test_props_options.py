@@ -196,3 +196,16 @@ def test_tokenizer_train_refuses_sizes_it_cannot_learn_in_one_line(tmp_path, sto
     o = cli(argv)
     assert o.code == 2 and says in o.err, str(o)
     assert_clean(o, before, snapshot(tmp_path))
+
+
+def test_generate_checks_many_samples_without_building_them_all(small_run, monkeypatch):
+    # found by the property above: --num-samples 10^11 built every sample's settings in a list before
+    # the model loaded, filling the memory; the seeds (all that differs) are checked by the largest
+    o = cli(["generate", str(small_run), "--prompt", "x", "--num-samples", str(10**11), "--seed", str(2**64 - 5)])
+    assert o.code == 2 and o.err.startswith("error: --seed must be an integer from 0 to 2**64 - 1"), str(o)
+
+    def first_sample(*args: Any, **kwargs: Any) -> None:
+        raise Reached
+
+    monkeypatch.setattr("cairn.cli.generate._write", first_sample)
+    assert cli(["generate", str(small_run), "--prompt", "x", "--num-samples", str(10**11), "--device", "cpu"]).code == 0
