@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "src"))
@@ -69,6 +71,12 @@ FOUND = [
      "fix": "src/cairn/cli/generate.py: the largest seed is checked (the seeds are all that differ) and each "
             "sample's settings are made when it is drawn",
      "test": "tests/properties/test_props_options.py::test_generate_checks_many_samples_without_building_them_all"},
+    {"boundary": "command-line values (cairn serve)",
+     "defect": "--max-concurrency 2^40 made the engine allocate its KV cache for that many rows (a 36 PB "
+               "tensor): torch's RuntimeError as a traceback, or the kernel killing the process",
+     "fix": "src/cairn/serve/__init__.py: the cache's size is checked against the free memory after the "
+            "model loads, in one line",
+     "test": "tests/properties/test_props_options.py::test_serve_refuses_a_kv_cache_that_cannot_fit_in_one_line"},
 ]
 
 
@@ -77,6 +85,9 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=2000, help="cases per boundary (the suite runs 25)")
     p.add_argument("--seed", type=int, default=20261207)
     p.add_argument("--json", help="write the benchmark record here")
+    p.add_argument("--memory-gb", type=float, default=16,
+                   help="address-space limit of the test process: a case that asks for more fails with "
+                        "MemoryError (a reported failure) instead of the kernel killing the whole run")
     a = p.parse_args()
     recording = record.start()
     with tempfile.TemporaryDirectory() as d:
@@ -87,18 +98,25 @@ def main() -> int:
         start = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/properties",
                                f"--hypothesis-seed={a.seed}", f"--junitxml={report}"],
-                              cwd=REPO, env=env, capture_output=True, text=True)
+                              cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=_memory_limit(a.memory_gb))
         seconds = time.perf_counter() - start
         tried = json.loads(counts.read_text()) if counts.exists() else {}
         failures = _failures(report)
     print(done.stdout[-3000:])
-    result = {"examples_asked": a.examples, "seed": a.seed, "cases_tried": tried,
+    result = {"examples_asked": a.examples, "seed": a.seed, "memory_limit_gb": a.memory_gb, "cases_tried": tried,
               "cases_total": sum(tried.values()), "seconds": round(seconds, 1), "pytest_exit": done.returncode,
               "open_failures": failures, "defects_found_and_fixed": FOUND}
     print(json.dumps({k: v for k, v in result.items() if k != "defects_found_and_fixed"}, indent=1))
     if a.json:
         recording.write(a.json, result, threads=None)
     return 0 if done.returncode == 0 else 1
+
+
+def _memory_limit(gb: float) -> Callable[[], None]:
+    def limit() -> None:
+        size = int(gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+    return limit
 
 
 def _failures(report: Path) -> list[dict[str, str]]:

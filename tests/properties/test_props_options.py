@@ -209,3 +209,14 @@ def test_generate_checks_many_samples_without_building_them_all(small_run, monke
 
     monkeypatch.setattr("cairn.cli.generate._write", first_sample)
     assert cli(["generate", str(small_run), "--prompt", "x", "--num-samples", str(10**11), "--device", "cpu"]).code == 0
+
+
+def test_serve_refuses_a_kv_cache_that_cannot_fit_in_one_line(small_run, no_heavy_work):
+    # found by the long run of the property above: --max-concurrency 2^40 made the engine allocate
+    # its KV cache for that many rows: a 36 PB tensor, and torch's RuntimeError as a traceback
+    o = cli(["serve", str(small_run), "--port", "0", "--device", "cpu", "--max-concurrency", str(2**40)])
+    assert o.code == 2 and "KV cache, more than the" in o.err and "lower --max-batch" in o.err, str(o)
+    # the cache holds the rows decoded together: a small --max-batch serves as many requests in turn
+    o = cli(["serve", str(small_run), "--port", "0", "--device", "cpu", "--max-concurrency", str(2**40),
+             "--max-batch", "4"])
+    assert o.code == 0, str(o)
