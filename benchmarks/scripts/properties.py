@@ -77,6 +77,11 @@ FOUND = [
      "fix": "src/cairn/serve/__init__.py: the cache's size is checked against the free memory after the "
             "model loads, in one line",
      "test": "tests/properties/test_props_options.py::test_serve_refuses_a_kv_cache_that_cannot_fit_in_one_line"},
+    {"boundary": "command-line values (cairn serve)",
+     "defect": "a --host the IDNA codec cannot encode (a \\x80 byte, an empty label) raised UnicodeError from "
+               "getaddrinfo: a traceback",
+     "fix": "src/cairn/serve/__init__.py: refused in one line as no host name",
+     "test": "tests/properties/test_props_options.py::test_serve_refuses_a_host_that_is_no_host_name_in_one_line"},
 ]
 
 

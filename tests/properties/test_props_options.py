@@ -220,3 +220,10 @@ def test_serve_refuses_a_kv_cache_that_cannot_fit_in_one_line(small_run, no_heav
     o = cli(["serve", str(small_run), "--port", "0", "--device", "cpu", "--max-concurrency", str(2**40),
              "--max-batch", "4"])
     assert o.code == 0, str(o)
+
+
+@pytest.mark.parametrize("host", ["a\x80b", "a..b", "\udc80"])
+def test_serve_refuses_a_host_that_is_no_host_name_in_one_line(small_run, no_heavy_work, host):
+    # found by the long run of the property above: getaddrinfo's IDNA encoding raised UnicodeError
+    o = cli(["serve", str(small_run), "--host", host, "--port", "0", "--device", "cpu"])
+    assert o.code == 2 and o.err.startswith(f"error: --host {host!r} is not "), str(o)

@@ -52,6 +52,9 @@ def bind(host: str, port: int) -> socket.socket:
     except socket.gaierror as e:
         raise CairnError(f"--host {host!r} is not an address of this computer ({e.strerror}): "
                          "use 127.0.0.1, or 0.0.0.0 for every interface") from None
+    except UnicodeError:  # a name the IDNA codec cannot turn into a host name ("\x80", an empty label)
+        raise CairnError(f"--host {host!r} is not a host name or an address: "
+                         "use 127.0.0.1, or 0.0.0.0 for every interface") from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
