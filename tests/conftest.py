@@ -138,3 +138,25 @@ def logs():
     yield got
     logger.removeHandler(handler)
     logger.setLevel(level)
+
+
+# ---------------------------------------------------------------- hypothesis: the property tests' profiles
+
+def _hypothesis_profiles() -> None:
+    """`cairn` (the default): a few dozen generated cases per boundary, derandomized so a CI run is
+    the same every time; CAIRN_PROPERTY_EXAMPLES asks for more (benchmarks/scripts/properties.py), and
+    with CAIRN_PROPERTY_SEED they are drawn from that seed instead of derandomized."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the property tests skip themselves without it
+        return
+    seed = os.environ.get("CAIRN_PROPERTY_SEED")
+    settings.register_profile(
+        "cairn", max_examples=int(os.environ.get("CAIRN_PROPERTY_EXAMPLES", "25")), derandomize=seed is None,
+        deadline=None, database=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                               HealthCheck.data_too_large, HealthCheck.large_base_example])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cairn"))
+
+
+_hypothesis_profiles()

@@ -34,7 +34,7 @@ import sys
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -319,15 +319,29 @@ def resolve_shape(a: argparse.Namespace) -> Shape:
         mc = replace(mc, d_mlp=4 * a.d_model)
     seq = a.seq_len or seq
     mc = replace(mc, context_len=max(mc.context_len, seq))
-    if mc.d_model % mc.n_heads:
-        raise CairnError(f"{option('model.d_model')} {mc.d_model} is not divisible by {option('model.n_heads')} "
-                         f"{mc.n_heads}")
+    mc.check()  # the model's own checks: sizes positive, heads dividing the width
+    for name, value, least in (("seq_len", seq, 1), ("batch_size", a.batch_size or batch, 1),
+                               ("tutorial_batch", a.tutorial_batch, 1), ("rounds", a.rounds, 0),
+                               ("generate", a.generate, 0)):
+        if value < least:
+            raise CairnError(f"{option(name)} must be {least} or more, got {value}: set {option(name)} to "
+                             f"{'a positive value' if least else '0 or more'}")
     return Shape(mc, seq, a.batch_size or batch)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="cairn bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line and exit code 2, as every cairn command says it
+        raise CairnError(f"{message} (see `cairn bench --help`)")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # as cairn.cli.options.Parser: `--json=--` would give the option an empty list
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cairn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="take the model, sequence length and batch from this preset "
                                      "(e.g. reference-105m, cpu-10min); shape flags override it")
     p.add_argument("--d-model", type=int)
@@ -353,8 +367,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="skip the scoring row (a forward-only pass of each step's batch, as `cairn eval` scores)")
     p.add_argument("--generate", type=int, default=256, help="tokens to generate in the decoding benchmark (0 = skip)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = p.parse_args(argv)
+    a = build_parser().parse_args(argv)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - {"nanogpt", "cairn", "cairn-fp32", "tutorial"})
     if unknown or not variants:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING, Optional
 
 from cairn.cli.options import Subcommands, add_device, add_sampling, checked, sampling
@@ -52,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     if args.num_samples < 1:
         raise CairnError(f"--num-samples must be 1 or more, got {args.num_samples}")
-    # each sample of a prompt with its own seed (--seed + i), every one checked before the model loads
-    samples = [checked(s) for s in sampling(args, SamplingConfig(), SAMPLING).seeds(args.num_samples)]
+    # each sample of a prompt with its own seed (--seed + i), every one checked before the model loads:
+    # the seeds are all that differ and the last is the largest, so checking it checks them all (a list
+    # of every sample's settings made --num-samples 10^11 fill the memory before anything was written)
+    base = sampling(args, SamplingConfig(), SAMPLING)
+    checked(replace(base, seed=base.seed + args.num_samples - 1))
     set_threads(0)
     loaded = load(args.path, args.device)
     template = _template(loaded, args.no_template)
@@ -63,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if template is not None:
             ids = instruction(template, loaded.tokenizer, prompt)
             prompt = render(template, [{"role": "user", "content": prompt}], answer=True)
-        for s in samples:
+        for i in range(args.num_samples):
+            s = replace(base, seed=base.seed + i)
             sample = TextStream(loaded.model, loaded.tokenizer, prompt, s, use_cache=not args.no_cache,
                                 prompt_ids=ids)
             if not (args.json or first):

@@ -23,6 +23,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit code 2, instead of usage + message
         raise CairnError(f"{message} (see `{self.prog} --help`)")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        # argparse drops a `--` value as the end of options, so `--out=--` gave --out an empty list
+        # (not text) that the command then failed on; it is an option without its value
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
+
 
 # the list of subcommands that each command module adds its parser to
 Subcommands: TypeAlias = "argparse._SubParsersAction[Parser]"

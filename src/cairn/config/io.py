@@ -153,6 +153,8 @@ def _read_toml(path: Path) -> dict:
         raise CairnError(f"{where} is not UTF-8 text: save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise CairnError(f"{where} is not valid TOML ({_one_line(e)}): fix the file") from None
+    except RecursionError:  # tomllib reads nested arrays and inline tables by recursion
+        raise CairnError(f"{where} nests arrays or tables too deeply to read: fix the file") from None
     except OSError as e:
         raise CairnError(f"cannot read {where} ({e.strerror or e}): check its permissions") from None
 

@@ -311,6 +311,7 @@ def _parse_txt(text: str, separator: str) -> list[str]:
 
 
 _JSON = json.JSONDecoder()
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_SPACE = " \t\r\n"
 
 
@@ -350,6 +351,11 @@ def _parse_jsonl(text: str, chunk: FileChunk) -> list[Optional[str]]:
         if value is not None and not isinstance(value, str):
             raise problem(lineno, f"field {field!r} is a {type(value).__name__}, not text: "
                                   "set --text-field to the field that holds the text")
+        lone = _SURROGATE.search(value) if value and not value.isascii() else None
+        if lone:  # JSON may escape half of a UTF-16 pair on its own ("\ud800"); no UTF-8 text holds one
+            raise problem(lineno, f"field {field!r} holds an unpaired surrogate escape ({lone.group()!a}), "
+                                  "which is not text: "
+                                  "fix the file's writer (pair it or drop it)")
         out.append(value)  # a null story is an empty one; cleaning drops it
     return out
 

@@ -11,11 +11,29 @@ import logging
 import os
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from cairn.util.errors import CairnError
 
+if TYPE_CHECKING:
+    from cairn.model.transformer import Transformer
+
 log = logging.getLogger("cairn.serve")
+
+
+def _check_cache_fits(model: Transformer, rows: int) -> None:
+    """The engine's KV cache holds every sequence decoded together, allocated when the app is built:
+    one that cannot fit is refused here (--max-concurrency 2^40 asked for 36 PB, and torch's
+    allocation failure was a traceback)."""
+    from cairn.runtime.device import available_memory
+
+    p = next(model.parameters())
+    cfg = model.cfg
+    need = 2 * cfg.n_layers * rows * cfg.context_len * cfg.d_model * p.element_size()
+    free = available_memory(p.device)
+    if free is not None and need > free:
+        raise CairnError(f"decoding {rows:,} sequences together needs a {need / 1e9:,.1f} GB KV cache, more than "
+                         f"the {free / 1e9:.1f} GB free: lower --max-batch (or --max-concurrency)")
 
 
 def is_loopback(host: str) -> bool:
@@ -33,6 +51,9 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise CairnError(f"--host {host!r} is not an address of this computer ({e.strerror}): "
+                         "use 127.0.0.1, or 0.0.0.0 for every interface") from None
+    except UnicodeError:  # a name the IDNA codec cannot turn into a host name ("\x80", an empty label)
+        raise CairnError(f"--host {host!r} is not a host name or an address: "
                          "use 127.0.0.1, or 0.0.0.0 for every interface") from None
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -78,6 +99,7 @@ def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, api_key: 
     sock = bind(host, port)
     try:
         loaded = load(path, device, merge=True)  # a LoRA run's adapters merged in: served without peft
+        _check_cache_fits(loaded.model, min(max_batch or max_concurrency, max_concurrency))
         name = model_name or Path(path).resolve().name
         settings = ServeSettings(model_name=name, api_key=api_key, max_concurrency=max_concurrency,
                                  max_batch=max_batch, max_body=max_body, max_tokens=max_tokens,

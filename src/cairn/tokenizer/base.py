@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 EOT = "<|endoftext|>"
 MIN_VOCAB = 257  # an own BPE holds the 256 bytes and <|endoftext|>
+MAX_VOCAB = 65536  # the most a bpe:N spec or `cairn tokenizer train` may ask for
 
 # sha256 of OpenAI's GPT-2 files, as pinned by tiktoken_ext.openai_public.gpt2
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -272,6 +273,6 @@ def parse_bpe_spec(spec: str) -> Optional[int]:
     if not spec.startswith(BPE_SPEC_PREFIX):
         return None
     size = spec[len(BPE_SPEC_PREFIX):]
-    if not size.isdigit() or int(size) < MIN_VOCAB or int(size) > 65536:
-        raise CairnError(f"tokenizer {spec!r} must be bpe:N with N from {MIN_VOCAB} to 65536 (e.g. bpe:4096)")
+    if not size.isdigit() or int(size) < MIN_VOCAB or int(size) > MAX_VOCAB:
+        raise CairnError(f"tokenizer {spec!r} must be bpe:N with N from {MIN_VOCAB} to {MAX_VOCAB} (e.g. bpe:4096)")
     return int(size)

@@ -23,7 +23,12 @@ from typing import Sequence
 
 from cairn.util import files
 from cairn.util.errors import CairnError, option
-from cairn.tokenizer.base import EOT, INFO_FILE, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, Tokenizer, content_name
+from cairn.tokenizer.base import (EOT, INFO_FILE, MAX_VOCAB, MIN_VOCAB, TOKENIZER_FILE, BPETokenizer, Tokenizer,
+                                  content_name)
+
+# a pair seen more often than this in any corpus cairn could read does not exist; the trainer takes a
+# 64-bit count, and a larger number raised OverflowError from inside it
+MAX_MIN_FREQUENCY = 2**32
 
 
 def train_bpe(texts: Sequence[str], vocab_size: int, out_dir: str | Path, min_frequency: int = 2) -> BPETokenizer:
@@ -36,8 +41,11 @@ def train_bpe(texts: Sequence[str], vocab_size: int, out_dir: str | Path, min_fr
     if vocab_size < MIN_VOCAB:
         raise CairnError(f"{option('model.vocab_size')} must be at least {MIN_VOCAB} (256 bytes + {EOT}), got "
                          f"{vocab_size}")
-    if min_frequency < 1:
-        raise CairnError(f"{option('min_frequency')} must be 1 or more, got {min_frequency}")
+    if vocab_size > MAX_VOCAB:  # the trainer reserves memory for the vocabulary asked: 10^8 took over 20 GB
+        raise CairnError(f"{option('model.vocab_size')} must be at most {MAX_VOCAB}, got {vocab_size}: "
+                         f"set {option('model.vocab_size')} lower")
+    if not 1 <= min_frequency <= MAX_MIN_FREQUENCY:
+        raise CairnError(f"{option('min_frequency')} must be from 1 to {MAX_MIN_FREQUENCY}, got {min_frequency}")
     if not texts:
         raise CairnError(f"no stories to train the tokenizer on: check {option('data.source')}")
     out = Path(out_dir)
