@@ -325,6 +325,9 @@ def test_push_uploads_exactly_the_export_in_one_commit(tmp_path, small_tokenizer
     save_run(tmp_path / "run", cfg, model)
     RecordingHfApi.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHfApi)
+    # other test modules set HF_HUB_OFFLINE=1 before huggingface_hub is imported, and the suite's
+    # workers import them all: the recorded hub stands for a reachable one
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_recorded")
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
