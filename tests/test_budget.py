@@ -348,3 +348,5 @@ def test_a_machine_that_slows_down_moves_the_last_step_earlier_by_the_ends_slowd
     for _ in range(SLOWDOWN_STEPS):
         b.after_step(0.05)  # faster than measured never moves the deadline later
     assert b.slowdown() == 1.0 and b.end_of_steps() == b.deadline
+    b.after_step(20.0)  # one step that compiles a new shape is not a slower machine
+    assert b.slowdown() == 1.0 and not b.past_deadline()

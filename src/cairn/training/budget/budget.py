@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from dataclasses import asdict, fields
@@ -115,11 +116,14 @@ class Budget:
         return True
 
     def slowdown(self) -> float:
-        """How many times slower than measured at the start the last steps ran (at least 1)."""
+        """How many times slower than measured at the start the last steps ran (at least 1): their
+        median, so that one slow step (torch.compile compiling the epoch's short last batch took
+        seconds) does not read as a slower machine, while a neighbour's load, which slows every
+        step, does."""
         if not self.pace or not self.plan.step_s:
             return 1.0
         recent = list(self.pace)[-arithmetic.SLOWDOWN_STEPS:]
-        return max(1.0, sum(recent) / len(recent) / self.plan.step_s)
+        return max(1.0, statistics.median(recent) / self.plan.step_s)
 
     def end_of_steps(self) -> float:
         """The monotonic time by which the last step must be done: the deadline, moved earlier by
