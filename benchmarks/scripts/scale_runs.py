@@ -115,7 +115,7 @@ def run_one(times: int, work: Path) -> dict:
         raise SystemExit(f"{times}x: cairn train exited {proc.returncode}; see {log_path}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     test = next(m for m in metrics if m["kind"] == "test")
-    steps = max(m["step"] for m in metrics if m["kind"] == "train")
+    steps = test["step"]  # the step the run ended at (its train records come every report_every steps)
     run_json = json.loads((out / "run.json").read_text())
     setup = SETUP.search(text)
     return {
