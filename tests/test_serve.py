@@ -172,6 +172,8 @@ BAD_REQUESTS = [  # (what, raw body or JSON, status, param named, words the mess
     ("seed negative", {"prompt": "a", "seed": -1}, 400, "seed", "integer from 0"),
     ("stream a string", {"prompt": "a", "stream": "yes"}, 400, "stream", "true or false"),
     ("unknown field", {"prompt": "a", "temprature": 1}, 400, "temprature", "unknown field"),
+    # found by the long property run: a field name holding a newline made a two-line message
+    ("unknown field holding a newline", {"prompt": "a", "x\ny": 1}, 400, "x\ny", "unknown field 'x\\ny'"),
     ("unsupported field", {"prompt": "a", "logprobs": 3}, 400, "logprobs", "not supported"),
     ("unknown model", {"prompt": "a", "model": "gpt-5"}, 404, "model", "tiny-run"),
     ("body too large", {"prompt": BIG}, 413, None, "--max-body"),

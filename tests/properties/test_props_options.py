@@ -237,3 +237,12 @@ def test_serve_refuses_a_host_that_is_no_host_name_in_one_line(small_run, no_hea
     # found by the long run of the property above: getaddrinfo's IDNA encoding raised UnicodeError
     o = cli(["serve", str(small_run), "--host", host, "--port", "0", "--device", "cpu"])
     assert o.code == 2 and o.err.startswith(f"error: --host {host!r} is not "), str(o)
+
+
+def test_prepare_refuses_more_workers_than_a_process_pool_can_hold_in_one_line(tmp_path, capsys):
+    """Found by the long property run: --workers 10^23 raised OverflowError from the process pool."""
+    from cairn.cli import main
+
+    assert main(["prepare", "--data", str(tmp_path / "none.jsonl"), "--workers", str(10**23)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --workers must be from 0") and "Traceback" not in err[0]

@@ -19,6 +19,9 @@ DATA_OPTIONS = ("seed", "tokenizer", "n_samples", "train_frac", "val_frac", "tex
                 "hub_split", "cache_dir")
 
 
+# more processes than this is never what a machine has (and a process pool cannot take 2^63 of them)
+MAX_WORKERS = 4096
+
 def add_parser(sub: Subcommands) -> None:
     p = sub.add_parser(
         "prepare", help="tokenize a data source into the token cache, on every core, without training",
@@ -55,8 +58,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
     from cairn.training.resolve import resolve_config
 
     not_empty(args, "prepare", "data", "preset", "config", "tokenizer", "cache_dir")
-    if args.workers < 0:
-        raise CairnError(f"--workers must be 0 (every usable core) or more, got {args.workers}")
+    if not 0 <= args.workers <= MAX_WORKERS:
+        raise CairnError(f"--workers must be from 0 (every usable core) to {MAX_WORKERS}, got {args.workers}")
     overrides: dict[str, Any] = {key: getattr(args, key) for key in DATA_OPTIONS if getattr(args, key) is not None}
     if args.data is not None:
         overrides["source"] = args.data

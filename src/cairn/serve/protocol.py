@@ -266,7 +266,7 @@ def _api_error(model: type[RequestFields], error: ErrorDetails) -> ApiError:
     name = str(loc[0])
     if error["type"] == "extra_forbidden" and len(loc) == 1:
         supported = [f for f in model.model_fields if f not in model.HIDDEN]
-        return bad(name, f"unknown field '{name}': supported fields are {', '.join(supported)}")
+        return bad(name, f"unknown field {name!r}: supported fields are {', '.join(supported)}")
     if name == "prompt":
         return bad(name, "'prompt' is required: a string, or a non-empty list of strings"
                    + ("" if error["type"] == "missing" else f", got {type(value).__name__}"))
