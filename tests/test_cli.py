@@ -49,7 +49,7 @@ def test_train_lowers_validation_loss_and_writes_its_run_directory(trained_run):
 def test_eval_json_on_the_test_split_matches_training_report(trained_run, capsys):
     run = trained_run.run
     out = json.loads(cairn(capsys, "eval", run, "--json"))
-    assert set(out) == {"loss", "perplexity", "bits_per_byte", "tokens"}
+    assert set(out) == {"loss", "perplexity", "bits_per_byte", "tokens", "positions", "seconds", "tokens_per_s"}
     test = next(m for m in records(run) if m["kind"] == "test")
     assert out["loss"] == pytest.approx(test["test_loss"], rel=1e-5)
     assert out["tokens"] == test["test_tokens"]

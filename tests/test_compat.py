@@ -151,10 +151,11 @@ def test_the_old_flat_config_file_loads_into_the_sections():
             assert getattr(cfg if section is None else getattr(cfg, section), field) == v, name
             stated.add(name)
     newer = {"tokenizer_sample_bytes": cfg.data.tokenizer_sample_bytes, "end_val_batches": cfg.eval.end_val_batches,
-             "end_test_batches": cfg.eval.end_test_batches, "trackers": cfg.report.trackers}
+             "end_test_batches": cfg.eval.end_test_batches, "trackers": cfg.report.trackers, "stride": cfg.eval.stride}
     assert stated == {k for k in index if "." not in k} - set(newer)
     assert newer == {"tokenizer_sample_bytes": RunConfig().data.tokenizer_sample_bytes,
                      "end_val_batches": RunConfig().eval.end_val_batches,
-                     "end_test_batches": RunConfig().eval.end_test_batches, "trackers": RunConfig().report.trackers}
+                     "end_test_batches": RunConfig().eval.end_test_batches, "trackers": RunConfig().report.trackers,
+                     "stride": RunConfig().eval.stride}
     # the checkpoints hold the same config as a dict in the same old layout
     assert from_dict(state(FIXTURE / "stopped" / STEP8)["config"]) == cfg

@@ -201,3 +201,39 @@ def test_the_kept_buffers_follow_the_vocabulary_dtype_and_thread():
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("backward", [True, False])
+def test_cache_blocking_changes_no_bit_of_the_head(monkeypatch, autocast, backward):
+    """float32 logits asked for LOGIT_BLOCK vocabulary columns at a time (a last block short),
+    bf16 logits widened WIDE_BYTES of rows at a time (a last part short): the loss and gradients
+    equal those of one block and one widening per chunk, bit for bit where rows are widened apart
+    (the same arithmetic), to float32 rounding where MKL is asked for narrow blocks (a GEMM may
+    pick another kernel for a 7-column block; at the record's 512-column blocks they were equal
+    bit for bit), and the reference's."""
+    from cairn.model import ops
+
+    torch.manual_seed(0)
+    h, w, y = torch.randn(45, 8), torch.randn(50, 8), torch.randint(0, 50, (45,))
+    y[[2, 30]] = -100
+
+    def outputs(block: int, wide_bytes: int) -> tuple:
+        monkeypatch.setattr(ops, "LOGIT_BLOCK", block)
+        monkeypatch.setattr(ops, "WIDE_BYTES", wide_bytes)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return _head_outputs(h, w, y, chunk=16, backward=backward)
+
+    whole = outputs(1 << 30, 1 << 62)
+    blocked = outputs(7, 3 * 50 * 4)  # 8 blocks of columns (the last of 1); 3 rows widened at a time
+    for a, b in zip(whole, blocked):
+        if autocast:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    want = F.cross_entropy(h @ w.t(), y, ignore_index=-100, reduction="sum")
+    assert blocked[0].item() == pytest.approx(want.item(), rel=1e-2 if autocast else 1e-5)
+    if ops.torch.backends.mkl.is_available() and not autocast:  # the blocked path did run: 8 matmuls a chunk
+        with _Ops() as seen:
+            outputs(7, 3 * 50 * 4)
+        assert sum(name == "aten.mm" for name, _ in seen.seen) >= 8 * 3

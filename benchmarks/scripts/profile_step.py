@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from cairn.bench import record
 from cairn.bench.speed import make_step, mean_loss, resolve_shape
-from cairn.config.sections import TrainConfig
+from cairn.config.sections import OptimConfig
 from cairn.model.transformer import Transformer
 from cairn.runtime.device import autocast, set_threads
 from cairn.training.optim import make_optimizer
@@ -42,6 +42,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = one per core, as training)")
     p.add_argument("--out", help="also write the record here (JSON)")
     a = p.parse_args()
+    a.tutorial_batch, a.rounds, a.generate = 1, 0, 0  # resolve_shape checks these `cairn bench` flags too
     recording = record.start()
     set_threads(a.threads)
     shape = resolve_shape(a)
@@ -51,7 +52,7 @@ def main() -> int:
     x = torch.randint(0, mc.vocab_size, (shape.batch, shape.seq))
     y = torch.randint(0, mc.vocab_size, (shape.batch, shape.seq))
     m = Transformer(mc)
-    opt = make_optimizer(m, TrainConfig(lr=1e-4), device)
+    opt = make_optimizer(m, OptimConfig(), 1e-4, device)
     step = make_step(m, opt, lambda: mean_loss(m, x, y), lambda: autocast(device, a.precision))
     step()
     step()

@@ -12,7 +12,8 @@ from cairn.inference.sampling import WORDS
 from cairn.util.errors import CairnError
 from cairn.util.log import setup as setup_logging
 
-LOSS_FIELDS = ("loss", "perplexity", "bits_per_byte", "tokens")  # what --json prints of the loss task
+# what --json prints of the loss task: the scores, then the scoring's own time (loading left out)
+LOSS_FIELDS = ("loss", "perplexity", "bits_per_byte", "tokens", "positions", "seconds", "tokens_per_s")
 
 
 def add_parser(sub: Subcommands) -> None:
@@ -25,8 +26,15 @@ def add_parser(sub: Subcommands) -> None:
                    help="split of the run's data (default test; train shows how far it overfits)")
     p.add_argument("--batch-size", type=int, default=0,
                    help="rows of up to seq_len tokens per batch (default: 8192 tokens, or the run's batch if larger)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="a story longer than the run's seq_len is read in windows of seq_len inputs, each scoring the "
+                        "next STRIDE targets after the ones before it, the rest of the window their context (default: "
+                        "the run's eval.stride, 0 = half of seq_len, each input run about twice; seq_len = no overlap, "
+                        "each input run once with less context)")
     add_device(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object: loss, perplexity, bits_per_byte, tokens")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: loss, perplexity, bits_per_byte, tokens (the targets scored), "
+                        "positions (the inputs run), seconds and tokens_per_s (of the scoring, loading left out)")
     p.add_argument("--task", choices=("loss", "words"), default="loss",
                    help="loss: held-out loss (default); words: one story per prompt of --data (JSONL with "
                         "\"prompt\" and \"words\"), the fraction that use all their words")
@@ -47,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     not_empty(args, "eval", "data", "harness")
     setup_logging(stream=sys.stderr)
     set_threads(0)
+    if args.stride is not None and (args.harness is not None or args.task != "loss"):
+        raise CairnError("--stride sets the windows of the loss task: leave it out with --harness or --task words")
     if args.harness is not None:
         if args.task != "loss":
             raise CairnError("--harness runs lm-eval's tasks: leave out --task")
@@ -73,12 +83,15 @@ def _harness(args: argparse.Namespace) -> int:
 def _loss(args: argparse.Namespace) -> int:
     from cairn.eval.run import evaluate_run
 
-    r = evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size, device=args.device)
+    r = evaluate_run(args.path, data=args.data, split=args.split, batch_size=args.batch_size, device=args.device,
+                     stride=args.stride)
     if args.json:
         print(json.dumps({k: r[k] for k in LOSS_FIELDS}))
     else:
         print(f"{r['checkpoint']} on {r['what']}: loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.2f}, "
               f"{r['bits_per_byte']:.4f} bits/byte, {r['tokens']:,} tokens")
+        print(f"scored in {r['seconds']:.2f} s, {r['tokens_per_s']:,.0f} tokens/s; {r['positions']:,} inputs run, "
+              f"{r['positions'] / max(r['tokens'], 1):.2f} per token scored")
     return 0
 
 

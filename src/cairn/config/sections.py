@@ -241,11 +241,16 @@ class EvalConfig:
                          "the test split (the same rows in every run with the same data and seed), so that the "
                          "run ends within its budget at any corpus size; 0 = the whole split, scored after the "
                          "budget's end when it does not fit. Without a budget the whole split is scored")
+    stride: int = opt(
+        0, "held-out scoring of a story longer than data.seq_len: windows of seq_len inputs, each scoring the next "
+           "`stride` targets with the inputs before them as context (0 = seq_len // 2: every target has at least "
+           "half a window of context and each input is run about twice; seq_len: no overlap, each input run once, "
+           "less context at each window's start)")
 
     def check(self) -> None:
         check_choices(self, "eval")
         positive(self, "eval", "end_story_tokens")
-        positive(self, "eval", "eval_every eval_batches patience end_stories end_val_batches end_test_batches",
+        positive(self, "eval", "eval_every eval_batches patience end_stories end_val_batches end_test_batches stride",
                  zero_ok=True)
 
 
@@ -383,6 +388,9 @@ class RunConfig:
                              "or a directory made by `cairn tokenizer train`")
         # only the spec's syntax: a directory is looked for when the run starts, so validating reads no disk
         parse_bpe_spec(self.tokenizer)
+        if self.eval.stride > self.data.seq_len:
+            raise CairnError(f"eval.stride ({self.eval.stride}) is longer than data.seq_len ({self.data.seq_len}): "
+                             f"set {option('eval.stride')} to at most seq_len, or 0 for half of it")
         if self.data.seq_len > self.model.context_len:
             raise CairnError(f"data.seq_len ({self.data.seq_len}) is longer than model.context_len "
                              f"({self.model.context_len}): lower seq_len or raise context_len")

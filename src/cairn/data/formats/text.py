@@ -26,7 +26,7 @@ class TextFormat:
         data = main_first(lambda: prepare_data(d, cfg.seed, tokenizer))
         train: Rows = PackedDataset(data.train, d.seq_len) if d.batching == "pack" else PaddedDataset(data.train,
                                                                                                      d.seq_len)
-        val, test = (StoryWindows(split, d.seq_len) or None for split in (data.val, data.test))
+        val, test = (StoryWindows(split, d.seq_len, cfg.eval.stride or None) or None for split in (data.val, data.test))
         unit = "windows" if d.batching == "pack" else "rows"
         if unit == "rows" and len(train) == data.train.n_stories:
             unit = "stories"  # every story fits in one row
@@ -46,7 +46,7 @@ class TextFormat:
             if stories.n_stories == 0:
                 raise CairnError(f"the run's {split} split is empty: score the val split, or other data")
             what = f"{split} split ({stories.n_stories} stories)"
-        return StoryWindows(stories, cfg.data.seq_len), what
+        return StoryWindows(stories, cfg.data.seq_len, cfg.eval.stride or None), what
 
 
 TEXT_FORMAT = TextFormat()
