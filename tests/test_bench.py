@@ -156,3 +156,27 @@ def test_the_speed_page_quotes_the_head_allocator_and_scoring_records():
         rows = {r["variant"]: r for r in result["training"]}
         assert (f"training {rows['cairn']['tokens_per_s']:.0f} against {rows['nanogpt']['tokens_per_s']:.0f} "
                 f"tokens/s, {rows['cairn']['round_speedup']:.2f}x by rounds") in text, name
+
+
+def test_speed_page_quotes_the_head_blocks_and_the_tiny_preset_records():
+    """docs/speed.md's cache-blocking table and tiny-preset figures are the records' own, and the
+    records hold what the page claims: blocking changed no bit at any shape; the tiny run's
+    scoring ran at 2.5x its training tokens/s or more, with bits per byte equal to a plain
+    computation's to 1e-6."""
+    from conftest import REPO
+
+    text = (REPO / "docs" / "speed.md").read_text(encoding="utf-8")
+    blocks = record.read_result(REPO / "benchmarks" / "records" / "head-logit-blocks.json")
+    assert blocks["rounds"] == 5 and len(blocks["shapes"]) == 16
+    for s in blocks["shapes"]:
+        assert s["bitwise_equal"], s
+        prec = "fp32" if s["dtype"] == "float32" else "bf16"
+        mode = "forward+backward" if s["mode"] == "train" else "forward"
+        cells = (f"| d{s['d_model']} V{s['vocab']} {prec} {mode} | {s['whole_ms']:,.0f} | "
+                 f"{s['blocked_ms']:,.0f} ({s['ratio']:.2f}x) |")
+        assert cells in text, cells
+    tiny = record.read_result(REPO / "benchmarks" / "records" / "tiny-eval.json")
+    assert tiny["median_eval_over_train"] >= 2.5 and tiny["bits_per_byte_relative_difference"] < 1e-6
+    assert f"(median {tiny['median_eval_over_train']:.2f}x)" in text
+    assert f"{tiny['median_train_command_s']:.1f} s |" in text and tiny["median_train_command_s"] < 30
+    assert f"to {tiny['bits_per_byte_relative_difference']:.1e} relative" in text

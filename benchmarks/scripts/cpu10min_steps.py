@@ -16,6 +16,11 @@ before, after ...) so that the machine's other work slows both alike. From each 
 the width the budget chose, the planned and taken steps, the wall time, the seconds the budget
 spent setting up and measuring, and the held-out bits per byte (the run's test record). The run
 directories stay under WORK.
+
+With --measure, each run stops after the budget has measured the d192 model the preset grows to
+on a 2-core avx512_bf16 EPYC (`--max-steps 30 --d-model 192 --n-heads 3 --d-mlp 512
+--grow-to-epochs 0`): the seconds per step and per evaluation batch it would plan with, a few
+seconds a run instead of ten minutes, so more rounds fit.
 """
 
 from __future__ import annotations
@@ -38,6 +43,26 @@ sys.path.insert(0, str(REPO / "src"))
 from cairn.bench.record import start  # noqa: E402
 
 SETUP = re.compile(r"time budget (\d+)s: ([\d.]+)s used by set-up")
+COSTS = re.compile(r"time budget \d+s: [\d.]+s used by set-up and measuring; ([\d.]+)s per step, ([\d.]+)s per "
+                   r"evaluation batch")
+# --measure: the budget's own measuring of the wider model the preset grows to on this CPU, without
+# the 10 minutes: the step and the evaluation batch it would plan with
+MEASURE = ["--max-steps", "30", "--d-model", "192", "--n-heads", "3", "--d-mlp", "512", "--grow-to-epochs", "0"]
+
+
+def measure_one(src: Path, data: str, out: Path) -> dict[str, Any]:
+    """The time budget's measured step and evaluation batch for the d192 model, in a fresh process."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=str(src), CAIRN_CACHE=str(out.parent / "measure-cache"))
+    cmd = [sys.executable, "-m", "cairn", "train", "--preset", "cpu-10min", "--data", data, "--out", str(out),
+           *MEASURE, "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{out.name}: cairn train exited {proc.returncode}: {proc.stderr[-500:]}")
+    m = COSTS.search(proc.stdout + proc.stderr)
+    assert m is not None, "no time budget line"
+    shutil.rmtree(out, ignore_errors=True)
+    return {"step_s": float(m.group(1)), "eval_batch_s": float(m.group(2))}
 
 
 def run_one(src: Path, data: str, out: Path) -> dict[str, Any]:
@@ -74,11 +99,23 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--json", default="")
+    p.add_argument("--measure", action="store_true",
+                   help="only the budget's measuring of the d192 model (--max-steps 30), not the 10-minute runs")
     a = p.parse_args()
     recording = start()
     a.work.mkdir(parents=True, exist_ok=True)
     codes: dict[str, Path] = {"before": a.before.resolve(), "after": REPO / "src"}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in codes}
+    if a.measure:
+        for i in range(a.rounds):
+            for name, src in codes.items():
+                runs[name].append(measure_one(src, a.data, a.work / f"measure-{name}"))
+                print(f"round {i + 1} {name}: {runs[name][-1]}", flush=True)
+        if a.json:
+            recording.write(a.json, {"command": "cairn train --preset cpu-10min --data DATA --out OUT "
+                                                + " ".join(MEASURE) + " --no-progress",
+                                     "before_src": str(a.before), "measured": runs}, threads=None)
+        return 0
     for i in range(a.rounds):
         for name, src in codes.items():
             r = run_one(src, a.data, a.work / f"{name}-{i + 1}")
