@@ -50,17 +50,19 @@ class _Workspace(threading.local):
 
 _WORKSPACE = _Workspace()
 
-# MKL's float32 GEMM fills a [rows, V] output 1.3x-1.5x faster when it is asked for 512 columns
-# at a time (the output block then stays in cache) than for all V at once: on a 2-core EPYC, 1,024
-# rows of d 64, 256 and 768 against 50,257 columns, with AVX-512 and with MKL held to AVX2
-# (benchmarks/records/head-logit-blocks.json). The sums are the same, bit for bit. oneDNN's bf16
-# matmul and cuBLAS gain nothing from it, and a vocabulary of one block is one call as before.
+# MKL's float32 GEMM fills a [rows, V] output faster when it is asked for 512 columns at a time
+# (each block of the output then stays in cache while it is written) than for all V at once: the
+# float32 head on 2,048 rows against 50,257 columns, d 64 to 768, was 1.20x-1.56x faster scoring
+# and 1.12x-1.18x faster training on a 2-core EPYC, with the same sums, bit for bit, at every
+# shape (benchmarks/records/head-logit-blocks.json; -mkl-avx2.json with MKL held to AVX2).
+# oneDNN's bf16 matmul gained nothing from it, and GPUs (not measured) keep one call, as does a
+# vocabulary of one block.
 LOGIT_BLOCK = 512
 
 # bf16 logits are widened to float32 for the log-softmax (and its gradient) this many bytes of
 # rows at a time (16 rows of a 50257-token vocabulary): the float32 copy is then read and written
-# in cache rather than in memory, 1.04x-1.26x faster for the head (bit for bit the same) than
-# widening a whole [chunk, V] at once, and the widened buffer is 4 MB rather than 206 MB
+# in cache rather than in memory. The bf16 head was 1.01x-1.17x faster than when it widened a
+# whole [chunk, V] at once, bit for bit the same, and the widened buffer is 4 MB, not 206 MB
 # (benchmarks/records/head-logit-blocks.json)
 WIDE_BYTES = 4 << 20
 
