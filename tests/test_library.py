@@ -49,6 +49,8 @@ def test_eval_stride_reads_every_target_once_with_more_or_less_context(trained_r
     assert last.startswith("error: eval.stride") and "set --stride to at most seq_len" in last
     with pytest.raises(CairnError, match=r"eval.stride \(\d+\) is longer than data.seq_len"):
         evaluate_run(trained_run.run, split="val", stride=seq_len + 1)
+    with pytest.raises(CairnError, match=r"eval.stride must be zero or more, got -1"):
+        evaluate_run(trained_run.run, split="val", stride=-1)
 
 
 def test_prepare_reports_the_splits_the_run_trained_on(trained_run):

@@ -233,7 +233,7 @@ def test_cache_blocking_changes_no_bit_of_the_head(monkeypatch, autocast, backwa
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     want = F.cross_entropy(h @ w.t(), y, ignore_index=-100, reduction="sum")
     assert blocked[0].item() == pytest.approx(want.item(), rel=1e-2 if autocast else 1e-5)
-    if ops.torch.backends.mkl.is_available() and not autocast:  # the blocked path did run: 8 matmuls a chunk
+    if torch.backends.mkl.is_available() and not autocast:  # the blocked path did run: 8 matmuls a chunk
         with _Ops() as seen:
             outputs(7, 3 * 50 * 4)
         assert sum(name == "aten.mm" for name, _ in seen.seen) >= 8 * 3

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -52,7 +53,6 @@ def training_tokens_per_s(run: Path) -> list[float]:
 
 def plain_bits_per_byte(run: Path) -> float:
     """`cairn eval`'s windows and batches, scored through the full logits of every position."""
-    sys.path.insert(0, str(SRC))
     from cairn.checkpoint.load import load
     from cairn.data.batching import SCORE_TOKENS, ScoreBatches
     from cairn.data.formats import get_format
@@ -75,7 +75,7 @@ def plain_bits_per_byte(run: Path) -> float:
             nats += float(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
                                           reduction="sum"))
             n_bytes += int(table[y[y != IGNORE_INDEX]].sum())
-    return nats / torch.log(torch.tensor(2.0)).item() / n_bytes
+    return nats / math.log(2) / n_bytes
 
 
 def one_round(src: Path, data: str, work: Path, steps: int, name: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cairn.checkpoint.load import load
+from cairn.config.sections import validate
 from cairn.data.batching import SCORE_TOKENS, ScoreBatches, row_lengths
 from cairn.data.formats import get_format
 from cairn.eval.metrics import evaluate
@@ -27,12 +28,8 @@ def evaluate_run(path: str | Path, data: Optional[str] = None, split: str = "tes
         raise CairnError(f"{option('train.batch_size')} must be positive (or 0 for the run's), got {batch_size}")
     loaded = load(path, device)
     cfg, tok = loaded.config, loaded.tokenizer
-    if stride is not None:
-        if stride < 0:
-            raise CairnError(f"{option('eval.stride')} must be zero or more, got {stride}: set it to 0 (half of "
-                             f"seq_len, the default) or up to seq_len ({cfg.data.seq_len})")
-        cfg = replace(cfg, eval=replace(cfg.eval, stride=stride))
-        cfg.check()
+    if stride is not None:  # the config's own checks hold it: zero or more, at most seq_len
+        cfg = validate(replace(cfg, eval=replace(cfg.eval, stride=stride)))
     ds, what = get_format(cfg.data.format).held_out(cfg, tok, data, split)
     # rows sorted by length in batches of up to SCORE_TOKENS positions (or batch_size rows' worth):
     # what is scored, and so the metrics, do not depend on the batching

@@ -130,11 +130,8 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk:
             g = logits
             mask = valid.to(compute_dtype)
             grad_h[s:s + chunk] = ((g @ w) * mask).to(h.dtype)
-            if compute_dtype == acc:
-                if s == 0:
-                    torch.mm(g.t(), hc * mask, out=grad_w)
-                else:
-                    grad_w.addmm_(g.t(), hc * mask)
+            if compute_dtype == acc:  # beta 0: the first chunk ignores what the empty buffer held
+                grad_w.addmm_(g.t(), hc * mask, beta=0 if s == 0 else 1)
             else:  # the bf16 product, rounded as bf16, summed in float32 (widened first: an in-place
                 # add of a bf16 tensor to a float32 one was measured slower than the copy and the add)
                 narrow = torch.mm(g.t(), hc * mask, out=space.take("grad_w", vocab, d, compute_dtype, h.device, reuse))
