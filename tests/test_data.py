@@ -656,3 +656,31 @@ def test_tinystories_sample(tmp_path, tok):
     assert sum(int((np.asarray(s.tokens) == tok.eot_id).sum()) for s in splits) == 4709
     assert sum(s.n_bytes for s in splits) == sum(len(t.encode()) for t in texts)
     assert len(PackedDataset(data.train, 256)) == (data.train.n_tokens - 1) // 256
+
+
+def test_an_epochs_short_last_batch_steps_eager_and_full_ones_compiled(tmp_path, stories_file, small_tokenizer):
+    """torch.compile would compile the short last batch's shape again (seconds, once an epoch):
+    the step runs that one batch on the eager model, every full one on the compiled forward, and
+    trains on both."""
+    from cairn.training.build import build_trainer
+    from cairn.training.distributed import Dist
+    from helpers import config
+
+    cfg = config(stories_file, tokenizer=small_tokenizer, end_stories=0, batch_size=3)
+    trainer = build_trainer(cfg, tmp_path / "run", Dist())
+    stepper = trainer.stepper
+    assert stepper.rows == 3
+    batches = list(trainer.batches.epoch(0))
+    assert len(batches) > 2 and batches[-1]["input_ids"].shape[0] < 3, "the split needs a short last batch"
+    compiled_rows: list[int] = []
+
+    def compiled(x, **kw):  # stands in for torch.compile(wrapped): the routing is under test
+        compiled_rows.append(x.shape[0])
+        return stepper.wrapped(x, **kw)
+
+    stepper.forward = compiled
+    for b in batches:
+        result = stepper([b], 1e-3, trainer.state)
+        assert result.tokens == int((b["labels"] != -100).sum())
+    assert compiled_rows == [3] * (len(batches) - 1)
+    assert trainer.state.step == len(batches)

@@ -61,3 +61,53 @@ def test_a_negative_grow_to_epochs_is_refused(value, tmp_path, stories_file, cap
     assert main(["train", "--preset", "tiny", "--data", str(stories_file), "--out", str(tmp_path / "r"),
                  "--grow-to-epochs", value]) == 2
     assert "grow" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grow_to, trained", [(2, "wider"), (10_000, "configured")])
+def test_a_compiling_run_measures_the_configured_model_eagerly_first(grow_to, trained, monkeypatch, tmp_path,
+                                                                     stories_file, small_tokenizer):
+    """Under a budget that may grow the model, the configured one is first measured without
+    torch.compile: when its eager plan already has too many epochs, only the wider model that
+    trains is compiled; when the eager plan fits, the configured model is measured again compiled
+    (its faster steps may not fit) and trains so."""
+    from cairn.training import build
+    from cairn.training.distributed import Dist
+
+    asked: list[tuple[int, bool]] = []
+    real = build.assemble
+
+    def spy(model, inputs, *, compiled, **kw):
+        asked.append((model.cfg.d_model, compiled))
+        return real(model, inputs, compiled=False, **kw)  # the choice is under test, not the compiler
+
+    monkeypatch.setattr(build, "assemble", spy)
+    monkeypatch.setattr(build, "_can_compile", lambda asked_for, device: asked_for)
+    cfg = config(stories_file, tokenizer=small_tokenizer, time_budget="12s", grow_to_epochs=grow_to,
+                 end_stories=0, compile=True)
+    trainer = build.build_trainer(cfg, tmp_path / "run", Dist())
+    d = cfg.model.d_model
+    if trained == "wider":
+        assert asked[0] == (d, False) and len(asked) == 2 and asked[1][0] > d and asked[1][1] is True, asked
+        assert trainer.model.cfg.d_model > d
+    else:
+        assert asked == [(d, False), (d, True)]
+        assert trainer.model.cfg.d_model == d
+
+
+def test_without_growth_the_configured_model_is_measured_compiled_once(monkeypatch, tmp_path, stories_file,
+                                                                       small_tokenizer):
+    from cairn.training import build
+    from cairn.training.distributed import Dist
+
+    asked: list[bool] = []
+    real = build.assemble
+
+    def spy(model, inputs, *, compiled, **kw):
+        asked.append(compiled)
+        return real(model, inputs, compiled=False, **kw)
+
+    monkeypatch.setattr(build, "assemble", spy)
+    monkeypatch.setattr(build, "_can_compile", lambda asked_for, device: asked_for)
+    cfg = config(stories_file, tokenizer=small_tokenizer, time_budget="12s", end_stories=0, compile=True)
+    build.build_trainer(cfg, tmp_path / "run", Dist())
+    assert asked == [True]

@@ -93,16 +93,29 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     log.info(choice.describe())
     inputs = RunInputs(cfg, dist, run, checkpointer, tokenizer, data, choice, threads, start_from,
                        time.monotonic() if started is None else started)
-    trainer = assemble(model, inputs, stop_after=stop_after, progress=progress and main)
     b = cfg.budget
+    compiled = _can_compile(cfg.system.compile, dist.device)
     # a fine-tune keeps its base's shape: only a run from scratch grows
-    if trainer.budget.active and b.grow_to_epochs and start_from is None and not cfg.init_from:
-        shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.budget.plan, b.grow_to_epochs)
+    grows = bool(cfg.budget.seconds is not None and b.grow_to_epochs and start_from is None and not cfg.init_from)
+    # The configured model is first measured without torch.compile when it may be swapped for a
+    # wider one: compiling it costs more than its measuring (about 20 s of a 600 s budget on a
+    # 2-core EPYC with an empty compile cache), spent on a model that is then thrown away. Its
+    # compiled steps would be faster, so an eager plan that has too many epochs already is one the
+    # compiled model has too; the width is then chosen from the eager plan, erring narrower.
+    eager_probe = compiled and grows
+    trainer = assemble(model, inputs, stop_after=stop_after, progress=progress and main,
+                       compiled=compiled and not eager_probe)
+    if grows:
+        shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.budget.plan, b.grow_to_epochs,
+                                        eager=eager_probe)
+        if shape is None and eager_probe:  # the eager plan fits: the compiled model's faster steps may not
+            trainer = assemble(model, inputs, stop_after=stop_after, progress=progress and main, compiled=True)
+            shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.budget.plan, b.grow_to_epochs)
         if shape is not None:
             cfg.model = shape
             torch.set_rng_state(initial_rng)  # the wider model starts from the same seeded state
             trainer = assemble(build_model(shape, dist.device, bytes_per_param=16), inputs, stop_after=stop_after,
-                               progress=progress and main)
+                               progress=progress and main, compiled=compiled)
             growth.report(trainer.budget.plan, b.grow_to_epochs)
     dist.on_main(trainer.write_run_files)
     if cfg.report.tracker_names() and main:
@@ -112,9 +125,9 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     return trainer
 
 
-def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress: bool) -> Trainer:
-    """The trainer of `model`: its initial or resumed weights and state, the wrapped and compiled
-    model, the optimizer, and under a time budget the measured plan."""
+def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress: bool, compiled: bool) -> Trainer:
+    """The trainer of `model`: its initial or resumed weights and state, the wrapped (and, if
+    `compiled`, torch.compile'd) model, the optimizer, and under a time budget the measured plan."""
     cfg, dist, data = inputs.cfg, inputs.dist, inputs.data
     if cfg.init_from and inputs.start_from is None:
         init_from.load_initial_weights(model, cfg, inputs.tokenizer)
@@ -138,10 +151,10 @@ def assemble(model: Transformer, inputs: RunInputs, *, stop_after: int, progress
                                   "counters": state, "plan": budget, "python_rng": PythonRng()}
     if inputs.start_from is not None:
         restore(inputs, model, parts, state, torch_rng)
-    forward = torch.compile(wrapped) if _can_compile(cfg.system.compile, dist.device) else wrapped
+    forward = torch.compile(wrapped) if compiled else wrapped
     story_start = inputs.tokenizer.eot_id if cfg.data.story_mask else None
     stepper = Stepper(model, wrapped, forward, optimizer, dist, precision, cfg.optim, story_start,
-                      inputs.checkpointer.newest)
+                      inputs.checkpointer.newest, cfg.train.batch_size)
     batches = RunBatches(data.train, cfg.train.batch_size, cfg.data, cfg.seed, cfg.system.num_workers,
                          inputs.tokenizer.eot_id, dist)
     score = Scorer(model, batches, precision, inputs.tokenizer.token_bytes, dist)

@@ -9,7 +9,10 @@ heads of the same size, the MLP in proportion, rounded to 64) whose estimated ep
 time scaled by its FLOPs per token, stay within `grow_to_epochs`; the build then measures that
 model and plans it as any other (`training/build.py`). A small model's step costs more than its FLOPs say
 (per-operator overheads), so the estimate errs towards a narrower model and more epochs, never
-towards one that fits fewer steps than planned.
+towards one that fits fewer steps than planned. A run that compiles measures the configured model
+without compiling it first (build.py): its eager plan, if it already has too many epochs, chooses
+the width (narrower, if anything, than its compiled plan would), and the compiling is spent on the
+model that trains.
 """
 
 from __future__ import annotations
@@ -54,18 +57,22 @@ def choose(epochs: list[float], max_epochs: float) -> int:
     return next((i for i, e in enumerate(epochs) if e <= max_epochs), len(epochs) - 1)
 
 
-def wider_for_budget(cfg: ModelConfig, seq_len: int, plan: Plan, max_epochs: float) -> Optional[ModelConfig]:
-    """The shape to train instead of `cfg`, whose measured budget plan is `plan`; None to keep it."""
+def wider_for_budget(cfg: ModelConfig, seq_len: int, plan: Plan, max_epochs: float,
+                     eager: bool = False) -> Optional[ModelConfig]:
+    """The shape to train instead of `cfg`, whose measured budget plan is `plan`; None to keep it.
+    `eager`: the plan was measured without torch.compile, for a run that compiles."""
     epochs = plan.total_steps / plan.steps_per_epoch
     if epochs <= max_epochs:
-        log.info(f"time budget: {epochs:.1f} epochs fit, within grow_to_epochs {max_epochs:g}: the configured model")
+        then = "measuring it compiled" if eager else "the configured model"
+        log.info(f"time budget: {epochs:.1f} epochs fit, within grow_to_epochs {max_epochs:g}: {then}")
         return None
     shapes = wider(cfg)
     base = flops_per_token(cfg, seq_len)
     estimates = [epochs * base / flops_per_token(s, seq_len) for s in shapes]
     i = choose(estimates, max_epochs)
     chosen = shapes[i]
-    log.info(f"time budget: {epochs:.1f} epochs of the configured model would fit, more than grow_to_epochs "
+    how = " without torch.compile" if eager else ""
+    log.info(f"time budget: {epochs:.1f} epochs of the configured model{how} would fit, more than grow_to_epochs "
              f"{max_epochs:g}: measuring a wider one, d_model {chosen.d_model} / {chosen.n_heads} heads / MLP "
              f"{chosen.d_mlp} (about {estimates[i]:.1f} epochs by its FLOPs per token)")
     return chosen
