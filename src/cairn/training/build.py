@@ -109,7 +109,10 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
         shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.budget.plan, b.grow_to_epochs,
                                         eager=eager_probe)
         if shape is None and eager_probe:  # the eager plan fits: the compiled model's faster steps may not
-            trainer = assemble(model, inputs, stop_after=stop_after, progress=progress and main, compiled=True)
+            # a new model from the same seed: the probe's is wrapped (DDP, FSDP, LoRA) already
+            torch.set_rng_state(initial_rng)
+            trainer = assemble(build_model(cfg.model, dist.device, bytes_per_param=16), inputs,
+                               stop_after=stop_after, progress=progress and main, compiled=True)
             shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.budget.plan, b.grow_to_epochs)
         if shape is not None:
             cfg.model = shape
