@@ -199,3 +199,25 @@ def test_the_serving_page_quotes_the_load_record():
     growth = result["tokens_per_s_growth_1_to_16_clients"]
     assert f"{result['batched_over_unbatched_at_16_clients']:.2f}x the tokens/s of one sequence at a time" in text
     assert f"grows {growth['batched']:.2f}x batched, {growth['unbatched']:.2f}x one at a time" in text
+
+
+def test_the_training_and_presets_pages_quote_the_compile_once_records():
+    """The 10-minute steps before and after compiling only the model that trains, and the compile
+    costs behind them, as their records hold them."""
+    training = (REPO / "docs" / "training.md").read_text(encoding="utf-8")
+    presets = (REPO / "docs" / "presets.md").read_text(encoding="utf-8")
+    runs = _record("cpu-10min-steps-compile-once.json")["runs"]
+    for code, label in (("before", "before (04bf875)"), ("after", "after (659b554)")):
+        a, b = runs[code]
+        assert (f"| {label} | {a['steps']:,} and {b['steps']:,} | {a['setup_and_measuring_s']:.1f} and "
+                f"{b['setup_and_measuring_s']:.1f} s | {a['test_bits_per_byte']:.4f} and "
+                f"{b['test_bits_per_byte']:.4f} |") in training
+    ratio = sum(r["steps"] for r in runs["after"]) / sum(r["steps"] for r in runs["before"])
+    assert f"{ratio:.3f}x the steps in all" in training
+    widths = {w["d_model"]: w for w in _record("compile-shapes-cpu-10min.json")["widths"]}
+    d128, d192 = widths[128], widths[192]
+    assert (f"compiling d128 from an empty cache took\n{d128['first_compiled_s']:.1f} s, and its compiled step was "
+            f"{d128['eager_over_compiled']:.2f}x faster") in training
+    assert f"compiling that shape took {d192['short_compiled_s']:.1f} s" in training
+    assert (f"took {d192['short_compiled_s']:.1f} s with an empty cache against {d192['short_eager_s']:.3f} s"
+            ) in presets

@@ -53,9 +53,9 @@ class Stepper:
 
     def forward_for(self, x: torch.Tensor) -> Forward:
         """The compiled forward for full micro-batches; the eager one for an epoch's short last batch
-        (or a rank's short share of it). Compiling that one shape again cost 14 s with an empty compile
-        cache (cpu-10min's d192 on a 2-core EPYC, torch 2.13), against 0.03 s for its eager step, once
-        an epoch."""
+        (or a rank's short share of it). Compiling that one shape again cost 14.6 s with an empty
+        compile cache (cpu-10min's d192 on a 2-core EPYC, torch 2.13), against 0.026 s for its eager
+        step, once an epoch (benchmarks/records/compile-shapes-cpu-10min.json)."""
         return self.wrapped if self.rows and x.shape[0] < self.rows else self.forward
 
     def __call__(self, micro: list[Batch], lr: float, s: TrainState) -> StepResult:
