@@ -96,16 +96,16 @@ def build_trainer(cfg: RunConfig, out_dir: Path, dist: Dist, *, resume_run: bool
     b = cfg.budget
     compiled = _can_compile(cfg.system.compile, dist.device)
     # a fine-tune keeps its base's shape: only a run from scratch grows
-    grows = bool(cfg.budget.seconds is not None and b.grow_to_epochs and start_from is None and not cfg.init_from)
+    grows = bool(b.seconds is not None and b.grow_to_epochs and start_from is None and not cfg.init_from)
     # The configured model is first measured without torch.compile when it may be swapped for a
     # wider one: compiling it costs more than its measuring (cpu-10min's d128: 24.7 s of a 600 s
-    # budget on a 2-core EPYC with an empty compile cache, benchmarks/records/compile-shapes-cpu-10min.json),
-    # spent on a model that is then thrown away. Its
-    # compiled steps would be faster, so an eager plan that has too many epochs already is one the
-    # compiled model has too; the width is then chosen from the eager plan, erring narrower.
+    # budget on a 2-core EPYC with an empty compile cache; benchmarks/records/compile-shapes-cpu-10min.json),
+    # spent on a model that is then thrown away. Its compiled steps would be faster, so an eager plan
+    # that has too many epochs already is one the compiled model has too; the width is then chosen
+    # from the eager plan, erring narrower.
     eager_probe = compiled and grows
     trainer = assemble(model, inputs, stop_after=stop_after, progress=progress and main,
-                       compiled=compiled and not eager_probe)
+                       compiled=compiled and not grows)
     if grows:
         shape = growth.wider_for_budget(cfg.model, cfg.data.seq_len, trainer.budget.plan, b.grow_to_epochs,
                                         eager=eager_probe)

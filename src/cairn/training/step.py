@@ -43,10 +43,10 @@ class StepResult:
 class Stepper:
     def __init__(self, model: Transformer, wrapped: nn.Module, forward: Forward, optimizer: Optimizer, dist: Dist,
                  precision: str, optim: OptimConfig, story_start: Optional[int],
-                 newest_checkpoint: Callable[[], Optional[Path]], rows: int = 0):
+                 newest_checkpoint: Callable[[], Optional[Path]], rows: int):
         """`forward` is the wrapped model, compiled or not; `story_start` the token that starts a
         story when rows attend only within their own stories (the story mask), else None; `rows`
-        the rows of a full micro-batch (0: any)."""
+        the rows of a full micro-batch (0: run every batch on `forward`)."""
         self.model, self.wrapped, self.forward, self.optimizer = model, wrapped, forward, optimizer
         self.dist, self.precision, self.optim = dist, precision, optim
         self.story_start, self.newest_checkpoint, self.rows = story_start, newest_checkpoint, rows
